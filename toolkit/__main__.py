@@ -1,0 +1,7 @@
+"""``python -m toolkit`` runs the ``codec`` command."""
+
+import sys
+
+from toolkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,185 @@
+"""Codec registry: ``@register_codec("name")`` on a :class:`Codec` subclass.
+
+A codec turns chunks of raw bytes into payloads and back. The container
+(:mod:`toolkit.codecs.container`) owns framing, checksums, per-chunk fallback
+to stored bytes and streaming; a codec only sees lists of chunks, so a codec
+that codes many segments in parallel (one stream each) gets them together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from toolkit.errors import ConfigError, UnknownCodecError
+
+__all__ = ["Codec", "register_codec", "get_codec", "list_codecs", "parse_settings"]
+
+
+@dataclasses.dataclass
+class NoConfig:
+    """Codecs without settings use this empty config."""
+
+
+class Codec:
+    """Base class of every codec.
+
+    Subclasses set ``name`` (by the decorator), ``version``, ``Config`` (a
+    dataclass whose fields are all JSON-serializable) and implement
+    :meth:`encode_chunks` and :meth:`decode_chunks`. Everything the decoder
+    needs must be in :meth:`header_fields` or derivable from the config.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    description: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+    #: raw bytes per chunk; the container never passes a longer chunk.
+    chunk_size: int = 1 << 20
+    #: how many chunks the container hands over at once (parallel streams).
+    batch_chunks: int = 1
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.Config()
+
+    # --- construction -------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: dict[str, str] | None = None) -> Codec:
+        """Build from ``--set key=value`` strings, converted to the config's field types."""
+        return cls(parse_settings(cls.Config, settings or {}))
+
+    @classmethod
+    def from_header(cls, header: dict) -> Codec:
+        """Rebuild the codec that wrote ``header``; check models and versions here."""
+        return cls(config_from_dict(cls.Config, header.get("config", {})))
+
+    def header_fields(self) -> dict:
+        """Extra JSON fields for the file header (model name, weights hash, ...)."""
+        return {}
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    # --- coding -----------------------------------------------------------
+    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
+        """Code a batch; a None (or a payload not smaller than the chunk) makes the
+        container store that chunk with zstd or raw instead."""
+        raise NotImplementedError
+
+    def decode_chunks(
+        self, payloads: list[bytes | None], sizes: list[int], known: list[bytes | None]
+    ) -> list[bytes]:
+        """Decode a batch. ``payloads[i]`` is None where the container stored chunk
+        ``i`` another way; its bytes are then in ``known[i]``, so a codec that
+        coded the batch as parallel streams can replay it exactly."""
+        raise NotImplementedError
+
+    # --- auto selection -------------------------------------------------
+    @classmethod
+    def estimate_bpb(cls, sample: bytes) -> float | None:
+        """Estimated bits per byte on ``sample`` for ``--codec auto``; None opts out."""
+        return None
+
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+def register_codec(name: str) -> Callable[[type[Codec]], type[Codec]]:
+    """Class decorator that registers a codec under ``name`` (a duplicate is an error)."""
+
+    def deco(cls: type[Codec]) -> type[Codec]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"codec {name!r} is already registered")
+        if not dataclasses.is_dataclass(cls.Config):
+            raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Importing the modules runs their decorators; kept lazy so `import toolkit` stays quick.
+    import importlib
+
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+#: modules that register the built-in codecs; later codecs append themselves here.
+_BUILTIN_MODULES: list[str] = ["toolkit.codecs.classic"]
+
+
+def get_codec(name: str) -> type[Codec]:
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UnknownCodecError(f"unknown codec {name!r} (known: {known})") from None
+
+
+def list_codecs() -> dict[str, type[Codec]]:
+    _load_builtin()
+    return dict(sorted(_REGISTRY.items()))
+
+
+# --- config helpers -------------------------------------------------------
+def _convert(value: str, typ: Any, key: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value.lower() in ("none", "null", ""):
+            return None
+        typ = args[0] if args else str
+    try:
+        if typ is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            return int(value, 0)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return value
+        return json.loads(value)
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"setting {key}={value!r} is not a valid {typ}") from None
+
+
+def parse_settings(config_cls: type, settings: dict[str, str]) -> Any:
+    """Build ``config_cls`` from string settings, rejecting unknown keys."""
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs = {}
+    for key, value in settings.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(f"unknown setting {key!r} (allowed: {allowed})")
+        kwargs[key] = _convert(str(value), hints[key], key)
+    return _construct(config_cls, kwargs)
+
+
+def config_from_dict(config_cls: type, data: dict) -> Any:
+    """Build ``config_cls`` from a header's JSON dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError("codec config in header is not an object")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise ConfigError(f"unknown config keys in header: {sorted(unknown)}")
+    return _construct(config_cls, dict(data))
+
+
+def _construct(config_cls: type, kwargs: dict) -> Any:
+    try:
+        return config_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid {config_cls.__name__}: {e}") from None
