@@ -1,0 +1,37 @@
+"""Every registered codec round-trips arbitrary bytes, and never grows beyond store."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import toolkit
+from toolkit.codecs.registry import list_codecs
+
+# Learned codecs are slow per call; they get fewer examples (and their own tests).
+FAST = {"store", "zstd", "xz"}
+blobs = st.one_of(
+    st.binary(max_size=3000),
+    st.text(max_size=2000).map(lambda s: s.encode("utf-8")),
+    st.lists(st.sampled_from([b"ab", b"the ", b"\x00", b"\xff\xfe", b"\n"]), max_size=400).map(b"".join),
+)
+
+
+@pytest.mark.parametrize("name", sorted(list_codecs()))
+def test_roundtrip_random_bytes(name):
+    n = 60 if name in FAST else 8
+
+    @settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=blobs)
+    def run(data):
+        blob = toolkit.compress(data, codec=name)
+        assert toolkit.decompress(blob) == data
+        store = toolkit.compress(data, codec="store")
+        assert len(blob) <= len(store) + 256
+
+    run()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=blobs)
+def test_auto_roundtrip(data):
+    assert toolkit.decompress(toolkit.compress(data)) == data

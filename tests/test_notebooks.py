@@ -1,0 +1,60 @@
+"""Notebooks are integration tests: papermill runs them in smoke mode and we check what they record."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs_and_one_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: a cell carries outputs"
+            assert cell.execution_count is None, f"{path.name}: a cell carries an execution count"
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+
+
+def test_notebooks_use_only_public_api():
+    import re
+
+    private = re.compile(r"toolkit(\.\w+)*\._[a-z]|from toolkit[\w.]* import .*\b_[a-z]")
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not private.search(cell.source), f"{path.name}: private name in {cell.source[:80]!r}"
+
+
+def run_notebook(name: str, tmp_path, monkeypatch, parameters: dict | None = None) -> dict:
+    import papermill
+
+    record = tmp_path / "record.json"
+    monkeypatch.setenv("TOOLKIT_SMOKE", "1")
+    monkeypatch.setenv("TOOLKIT_RECORD", str(record))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    src = Path(__file__).parent.parent / "notebooks" / name
+    papermill.execute_notebook(str(src), str(tmp_path / name), parameters=parameters or {},
+                               kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
+    return json.loads(record.read_text())
+
+
+@pytest.mark.notebook
+def test_quickstart(tmp_path, monkeypatch):
+    rec = run_notebook("00_quickstart.ipynb", tmp_path, monkeypatch)
+    bpb = rec["bpb"]
+    assert rec["roundtrips"] == len(bpb) >= 20
+    assert rec["damage_caught"] is True
+    assert rec["header_codec"] == "xz"
+    # random bytes cost ~8 bits per byte and are never blown up beyond a header
+    assert 7.9 < bpb["noise.bin/zstd"] < 8.6
+    # text compresses, and auto is never much worse than the best classical codec
+    assert bpb["prose.txt/xz"] < 5.0 and bpb["weather.csv/xz"] < 2.5
+    for f in ["prose.txt", "weather.csv", "toolkit-sources.py"]:
+        best = min(bpb[f"{f}/zstd"], bpb[f"{f}/xz"])
+        assert bpb[f"{f}/auto"] <= best * 1.1 + 0.1
