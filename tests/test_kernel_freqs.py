@@ -8,7 +8,9 @@ import torch
 from toolkit.kernels.testing import check_kernel
 
 
-@pytest.mark.parametrize("args", [[7, 300, 0, "float32"], [3, 5000, 1, "bfloat16"], [2, 2, 2, "float32"], [1, 4097, 4, "float32"]])
+@pytest.mark.parametrize(
+    "args", [[7, 300, 0, "float32"], [3, 5000, 1, "bfloat16"], [2, 2, 2, "float32"], [1, 4097, 4, "float32"]]
+)
 def test_freqs_kernel_matches_reference_under_interpreter(args):
     report = check_kernel(
         "toolkit.kernels.freqs:logits_to_freqs_triton",

@@ -111,7 +111,7 @@ def _load_builtin() -> None:
 
 
 #: modules that register the built-in codecs; later codecs append themselves here.
-_BUILTIN_MODULES: list[str] = ["toolkit.codecs.classic"]
+_BUILTIN_MODULES: list[str] = ["toolkit.codecs.classic", "toolkit.codecs.lm"]
 
 
 def get_codec(name: str) -> type[Codec]:

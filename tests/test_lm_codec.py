@@ -1,0 +1,155 @@
+"""LM codec: exact round trips, engines that agree with transformers, model checks, fresh-process decode."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_CORPUS as CORPUS
+
+import toolkit
+from toolkit.errors import ModelMismatchError
+
+
+def _tiny_llama(tmp_path, seed=0, name="tiny"):
+    from conftest import make_tiny_lm
+
+    return make_tiny_lm(tmp_path / name, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_lm):
+    return tiny_lm
+
+
+SETTINGS = dict(segment=256, streams=3, window=24, keep=8)
+
+
+@pytest.mark.parametrize("data", [
+    b"",
+    b"x",
+    CORPUS,
+    CORPUS * 5 + bytes(range(256)) * 3 + CORPUS,  # text, then binary, then text: mixed chunks
+    "Grüße, 世界! ünïcödé text\n".encode() * 20,
+    os.urandom(700),
+])
+def test_roundtrip(tiny, data):
+    blob = toolkit.compress(data, codec="lm", model=str(tiny), **SETTINGS)
+    assert toolkit.decompress(blob) == data
+    store = toolkit.compress(data, codec="store")
+    assert len(blob) <= len(store) + 600  # the header carries the model record (path, two hashes)
+
+
+def test_header_records_everything(tiny):
+    h = toolkit.info(toolkit.compress(CORPUS, codec="lm", model=str(tiny), **SETTINGS))["header"]
+    assert h["codec"] == "lm" and h["config"]["window"] == 24 and h["config"]["threads"] >= 1
+    assert len(h["model"]["weights_sha256"]) == 64 and len(h["model"]["tokenizer_sha256"]) == 64
+    assert h["torch"] == torch.__version__ and h["cpu_capability"]
+
+
+def _drive(engine, seq):
+    engine.reset(seq.shape[0])
+    with torch.inference_mode():
+        return [engine.step(seq[:, p]) for p in range(seq.shape[1])]
+
+
+def test_lean_engine_matches_transformers(tiny):
+    """Lean and hf engines agree step by step, through several window restarts."""
+    from toolkit.codecs.lm import LMConfig, load_coding_model
+
+    cm = load_coding_model(str(tiny))
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, cm.tokenizer.alphabet, (3, 50), generator=g)
+    cfg = dict(model=str(tiny), window=16, keep=5)
+    lean = _drive(cm.engine(LMConfig(engine="lean", **cfg)), seq)
+    hf = _drive(cm.engine(LMConfig(engine="hf", **cfg)), seq)
+    for p, (a, b) in enumerate(zip(lean, hf, strict=True)):
+        assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), p
+    # and both equal a plain forward over the tokens since the last restart
+    with torch.inference_mode():
+        want = cm.model(input_ids=seq[:, 16 - 5 + 1 : 16 + 1]).logits[:, -1]
+    assert torch.allclose(lean[16], want, atol=2e-4)
+
+
+def test_ring_engine_is_exact_until_full_then_deterministic(tiny):
+    from toolkit.codecs.lm import LMConfig, load_coding_model
+
+    cm = load_coding_model(str(tiny))
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, cm.tokenizer.alphabet, (2, 40), generator=g)
+    ring = cm.engine(LMConfig(model=str(tiny), window=16, keep=0, engine="lean"))
+    first, second = _drive(ring, seq), _drive(ring, seq)
+    for p in range(16):
+        with torch.inference_mode():
+            want = cm.model(input_ids=seq[:, : p + 1]).logits[:, -1]
+        assert torch.allclose(first[p], want, atol=2e-4), p
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    blob = toolkit.compress(CORPUS * 3, codec="lm", model=str(tiny), segment=512, streams=2, window=16, keep=0)
+    assert toolkit.decompress(blob) == CORPUS * 3
+
+
+def test_hf_engine_roundtrip(tiny):
+    blob = toolkit.compress(CORPUS * 3, codec="lm", model=str(tiny), engine="hf", **SETTINGS)
+    assert toolkit.decompress(blob) == CORPUS * 3
+
+
+def test_model_mismatch_is_refused(tmp_path):
+    d = _tiny_llama(tmp_path, seed=1, name="m")
+    blob = toolkit.compress(CORPUS, codec="lm", model=str(d), **SETTINGS)
+    from toolkit.codecs.lm import load_coding_model
+
+    _tiny_llama(tmp_path, seed=2, name="m")  # same path, other weights
+    load_coding_model.cache_clear()
+    with pytest.raises(ModelMismatchError, match="weights"):
+        toolkit.decompress(blob)
+    import shutil
+
+    shutil.rmtree(d)
+    load_coding_model.cache_clear()
+    with pytest.raises(ModelMismatchError, match="cannot load"):
+        toolkit.decompress(blob)
+
+
+def test_decode_in_fresh_process(tiny, tmp_path):
+    data = CORPUS * 4 + b"\x00\x01binary\xff" + CORPUS
+    src = tmp_path / "in.txt"
+    src.write_bytes(data)
+    args = ["--set", f"model={tiny}", "--set", "segment=256", "--set", "streams=2"]
+    subprocess.run([sys.executable, "-m", "toolkit", "compress", str(src), "--codec", "lm", "-q", *args],
+                   check=True)
+    out = tmp_path / "out.txt"
+    subprocess.run([sys.executable, "-m", "toolkit", "decompress", str(src) + ".tkz", "-o", str(out), "-q"],
+                   check=True)
+    assert out.read_bytes() == data
+
+
+def test_hugging_face_tokenizer_and_model(tmp_path):
+    """A GPT-2 model with a Hugging Face byte-level BPE tokenizer, saved and loaded from a directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator([CORPUS.decode()] * 4, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    d = tmp_path / "gpt2"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    data = CORPUS + "naïve café\n".encode() + b"\xff\xfe not utf-8 " + CORPUS
+    blob = toolkit.compress(data, codec="lm", model=str(d), **SETTINGS)
+    assert toolkit.info(blob)["header"]["model"]["name"] == str(d)
+    assert toolkit.decompress(blob) == data
+
+
+def test_bad_settings(tiny):
+    from toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        toolkit.compress(CORPUS, codec="lm", model=str(tiny), window=3)
+    with pytest.raises(ConfigError):
+        toolkit.compress(CORPUS, codec="lm", model=str(tiny), engine="turbo")

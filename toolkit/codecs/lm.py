@@ -1,0 +1,649 @@
+"""LM codec: lossless coding of text and bytes with a causal language model.
+
+Each chunk (a segment of ``segment`` bytes) becomes one token stream. A batch
+of up to ``streams`` segments is coded in lockstep: at step ``t`` the model
+reads token ``t-1`` of every stream and predicts token ``t`` of every stream
+in one forward pass over a bounded window of ``window`` tokens, the logits
+become integer tables (:func:`toolkit.codecs.entropy.logits_to_freqs`) and
+each stream's token is range-coded with its own row. The decoder runs the
+very same loop, feeding the tokens it has just decoded, so both sides compute
+the same numbers with the same shapes in the same order.
+
+Chunks the model cannot help (binary data, text the tokenizer cannot
+reproduce, or where zstd wins) are declined and the container stores them
+with zstd or raw. The decoder recognises such chunks from their bytes and
+replays them as known streams, so the batch it runs is the encoder's batch.
+
+Two engines compute the logits:
+
+* ``lean`` (Llama-family models): the model's own weights in a short
+  forward written for lockstep decoding, with a ring-buffer KV cache: every
+  step attends to the last ``window`` tokens and nothing is ever recomputed.
+  RoPE makes attention depend on relative positions only, so a ring buffer
+  of absolute positions is the model's sliding window exactly.
+* ``hf`` (any ``transformers`` causal LM): the model's forward with its own
+  cache; when the cache is full the window slides by re-reading its last
+  ``window // 2`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import constriction
+import numpy as np
+import torch
+import zstandard
+
+from toolkit.codecs import entropy
+from toolkit.codecs.registry import Codec, register_codec
+from toolkit.errors import ConfigError, FormatError, ModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LMCodec", "LMConfig", "load_coding_model", "CodingModel"]
+
+DEFAULT_MODEL = "default"
+_VERSION = 1
+
+
+@dataclass
+class LMConfig:
+    model: str = DEFAULT_MODEL
+    window: int = 512
+    keep: int = 128
+    segment: int = 16384
+    streams: int = 64
+    threads: int = 0
+    engine: str = "auto"
+    dtype: str = "float32"
+    orders: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4, 6])
+    gamma: float = 2.0
+    contexts: int = 1 << 19
+
+    def __post_init__(self):
+        if not 16 <= self.window <= 1 << 16:
+            raise ConfigError(f"window must be in 16..65536 tokens, got {self.window}")
+        if not 0 <= self.keep < self.window:
+            raise ConfigError(f"keep must be in 0..window-1 tokens, got {self.keep}")
+        if not 256 <= self.segment <= 1 << 24:
+            raise ConfigError(f"segment must be in 256..16777216 bytes, got {self.segment}")
+        if not 1 <= self.streams <= 1024:
+            raise ConfigError(f"streams must be in 1..1024, got {self.streams}")
+        if not 0 <= self.threads <= 256:
+            raise ConfigError(f"threads must be in 0..256, got {self.threads}")
+        if self.engine not in ("auto", "lean", "hf"):
+            raise ConfigError(f"engine must be auto, lean or hf, got {self.engine!r}")
+        if not isinstance(self.orders, list) or not all(isinstance(k, int) and 1 <= k <= 32 for k in self.orders):
+            raise ConfigError(f"orders must be a list of context lengths in 1..32, got {self.orders!r}")
+        self.orders = sorted(set(self.orders))
+        if not 0.01 <= self.gamma <= 1000:
+            raise ConfigError(f"gamma must be in 0.01..1000, got {self.gamma}")
+        if not 0 <= self.contexts <= 1 << 24:
+            raise ConfigError(f"contexts must be in 0..16777216, got {self.contexts}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+# --------------------------------------------------------------------------- tokenizers
+class _ByteTok:
+    """The toolkit's ByteTokenizer: every byte string round-trips."""
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+        self.alphabet = tok.bos_id  # BOS is the last id and never coded
+        self.bos = tok.bos_id
+        self.digest = tok.sha256()
+
+    def encode_batch(self, chunks: list[bytes]) -> list[list[int]]:
+        return self.tok.encode_batch(chunks)
+
+    def decode(self, ids: list[int]) -> bytes:
+        return self.tok.decode(ids)
+
+
+class _HFTok:
+    """A Hugging Face tokenizer; a chunk is coded only if its text round-trips exactly."""
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+        self.alphabet = len(tok)
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        self.bos = int(bos) if bos is not None else 0
+        self.digest = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest() \
+            if getattr(tok, "backend_tokenizer", None) is not None else hashlib.sha256(
+                repr(sorted(tok.get_vocab().items())).encode()).hexdigest()
+
+    def encode_batch(self, chunks: list[bytes]) -> list[list[int] | None]:
+        out: list[list[int] | None] = []
+        for c in chunks:
+            try:
+                text = c.decode("utf-8")
+            except UnicodeDecodeError:
+                out.append(None)
+                continue
+            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            back = self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            out.append(list(ids) if back == text else None)
+        return out
+
+    def decode(self, ids: list[int]) -> bytes:
+        return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- engines
+class _LeanLlama:
+    """Lockstep forward of a Llama-family model over its own weights, with a KV cache.
+
+    ``keep > 0``: when ``window`` tokens are cached, the cache restarts from
+    the last ``keep`` tokens, re-read in one causal pass at positions
+    ``0..keep-1`` (the same computation as the ``hf`` engine). ``keep == 0``:
+    a ring buffer; every step attends to the last ``window`` cached keys and
+    nothing is re-read (a sliding-window attention, as in Mistral, whose
+    receptive field grows through the layers).
+    """
+
+    def __init__(self, model: Any, window: int, keep: int, dtype: torch.dtype):
+        cfg = model.config
+        self.h = cfg.num_attention_heads
+        self.kv = getattr(cfg, "num_key_value_heads", None) or self.h
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.h
+        self.eps = cfg.rms_norm_eps
+        self.window, self.keep = window, keep
+        self.dtype = dtype
+        theta = _rope_theta(cfg)
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.d, 2, dtype=torch.float64) / self.d))
+        m = model.model
+
+        def w(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dtype).contiguous()
+
+        self.embed = w(m.embed_tokens.weight)
+        self.layers = []
+        for layer in m.layers:
+            a, f = layer.self_attn, layer.mlp
+            self.layers.append((
+                w(layer.input_layernorm.weight),
+                w(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                w(a.o_proj.weight),
+                w(layer.post_attention_layernorm.weight),
+                w(torch.cat([f.gate_proj.weight, f.up_proj.weight])),
+                w(f.down_proj.weight),
+            ))
+        self.norm = w(m.norm.weight)
+        self.head = w(model.lm_head.weight)
+        self.inter = self.layers[0][4].shape[0] // 2 if self.layers else 0
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        cfg = model.config
+        return (cfg.model_type in ("llama",) and not getattr(cfg, "attention_bias", False)
+                and not getattr(cfg, "mlp_bias", False) and cfg.hidden_act == "silu"
+                and _rope_theta(cfg) is not None and not _has_rope_scaling(cfg))
+
+    def reset(self, streams: int) -> None:
+        shape = (streams, self.kv, self.window, self.d)
+        self.k = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype) for _ in self.layers]
+        self.pos = 0
+        self.history: list[torch.Tensor] = []
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * xf.to(self.dtype)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.keep == 0:
+            return self._forward(tokens[:, None], ring=True)
+        self.history.append(tokens)
+        if self.pos >= self.window:
+            self.history = self.history[-self.keep :]
+            self.pos = 0
+            return self._forward(torch.stack(self.history, dim=1), ring=False)
+        return self._forward(tokens[:, None], ring=False)
+
+    def _forward(self, tokens: torch.Tensor, ring: bool) -> torch.Tensor:
+        s, n_new = tokens.shape
+        h, kv, d = self.h, self.kv, self.d
+        pos0 = self.pos
+        ang = torch.arange(pos0, pos0 + n_new, dtype=torch.float64)[:, None] * self.inv_freq
+        cos = torch.cat([ang.cos(), ang.cos()], dim=-1).to(self.dtype)  # [L, d]
+        sin = torch.cat([ang.sin(), ang.sin()], dim=-1).to(self.dtype)
+        if ring:
+            slots = slice(pos0 % self.window, pos0 % self.window + 1)
+            n_keys, mask = min(pos0 + 1, self.window), None
+        else:
+            slots = slice(pos0, pos0 + n_new)
+            n_keys = pos0 + n_new
+            q_pos = torch.arange(pos0, pos0 + n_new)[:, None]
+            mask = torch.arange(n_keys)[None, :] > q_pos if n_new > 1 else None
+        x = self.embed[tokens]  # [S, L, H]
+        for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            qkv = self._rms(x, ln1) @ wqkv.T
+            q = qkv[..., : h * d].view(s, n_new, h, d).transpose(1, 2)
+            k = qkv[..., h * d : (h + kv) * d].view(s, n_new, kv, d).transpose(1, 2)
+            v = qkv[..., (h + kv) * d :].view(s, n_new, kv, d).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.k[i][:, :, slots] = k
+            self.v[i][:, :, slots] = v
+            keys, vals = self.k[i][:, :, :n_keys], self.v[i][:, :, :n_keys]
+            if kv != h:
+                keys = keys.repeat_interleave(h // kv, dim=1)
+                vals = vals.repeat_interleave(h // kv, dim=1)
+            att = (q @ keys.transpose(-1, -2)).float() / math.sqrt(d)
+            if mask is not None:
+                att = att.masked_fill(mask, float("-inf"))
+            att = torch.softmax(att, dim=-1).to(self.dtype)
+            o = (att @ vals).transpose(1, 2).reshape(s, n_new, h * d)
+            x = x + o @ wo.T
+            gu = self._rms(x, ln2) @ wgu.T
+            x = x + (torch.nn.functional.silu(gu[..., : self.inter]) * gu[..., self.inter :]) @ wd.T
+        self.pos += n_new
+        return (self._rms(x[:, -1], self.norm) @ self.head.T).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _rope_theta(cfg: Any) -> float | None:
+    theta = getattr(cfg, "rope_theta", None)
+    if theta is None:
+        params = getattr(cfg, "rope_parameters", None) or {}
+        theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta) if theta is not None else None
+
+
+def _has_rope_scaling(cfg: Any) -> bool:
+    scaling = getattr(cfg, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        return kind not in (None, "default")
+    params = getattr(cfg, "rope_parameters", None)
+    if isinstance(params, dict):
+        return params.get("rope_type", "default") not in (None, "default")
+    return scaling is not None
+
+
+class _HFEngine:
+    """Any causal LM through its own forward and KV cache; the window slides by re-reading."""
+
+    def __init__(self, model: Any, window: int, keep: int):
+        self.model = model
+        self.window = window
+        self.keep = keep or window // 2  # a ring buffer needs the lean engine
+
+    def reset(self, streams: int) -> None:
+        self.cache = None
+        self.history: list[torch.Tensor] = []
+        self.cached = 0
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.history.append(tokens)
+        if self.cached >= self.window:
+            ctx = torch.stack(self.history[-self.keep :], dim=1)
+            self.history = self.history[-self.keep :]
+            out = self.model(input_ids=ctx, use_cache=True)
+            self.cached = ctx.shape[1]
+        else:
+            out = self.model(input_ids=tokens[:, None], past_key_values=self.cache, use_cache=True)
+            self.cached += 1
+        self.cache = out.past_key_values
+        return out.logits[:, -1].float()
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class CodingModel:
+    """A model, its tokenizer and the identifiers the header records."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    weights_sha256: str
+
+    def engine(self, config: LMConfig) -> Any:
+        dtype = getattr(torch, config.dtype)
+        kind = config.engine
+        if kind == "auto":
+            kind = "lean" if _LeanLlama.supports(self.model) else "hf"
+        if kind == "lean":
+            if not _LeanLlama.supports(self.model):
+                raise ConfigError(f"engine=lean needs a Llama-family model, not {self.model.config.model_type}")
+            return _LeanLlama(self.model, config.window, config.keep, dtype)
+        self.model.to(dtype)
+        return _HFEngine(self.model, config.window, config.keep)
+
+    def header(self) -> dict:
+        return {"name": self.name, "weights_sha256": self.weights_sha256,
+                "tokenizer_sha256": self.tokenizer.digest, "alphabet": self.tokenizer.alphabet}
+
+
+@lru_cache(maxsize=4)
+def load_coding_model(name: str) -> CodingModel:
+    """Load the shipped default, a local directory, or a Hugging Face id (cached per process)."""
+    from toolkit.models.lm import DEFAULT_LM_DIR, weights_sha256
+
+    with torch.inference_mode():
+        if name == DEFAULT_MODEL:
+            if not (DEFAULT_LM_DIR / "model.safetensors").exists():
+                raise ModelMismatchError("the shipped LM (toolkit/assets/lm-default) is not installed")
+            model, tok = _load_dir(DEFAULT_LM_DIR)
+        else:
+            model, tok = _load_dir(name)
+        model.eval()
+        return CodingModel(name, model, tok, weights_sha256(model))
+
+
+def _load_dir(path: str | Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from toolkit.models.tokenizer import ByteTokenizer
+
+    hf_logging.disable_progress_bar()  # the codec command owns stderr
+
+    p = Path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        if p.is_dir() and (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
+            tok = _ByteTok(ByteTokenizer.load(p))
+        else:
+            tok = _HFTok(AutoTokenizer.from_pretrained(str(path)))
+    except (OSError, ValueError) as e:
+        raise ModelMismatchError(f"cannot load model {str(path)!r}: {str(e).splitlines()[0]}") from None
+    return model, tok
+
+
+# --------------------------------------------------------------------------- adaptive mixing
+class _NgramMixer:
+    """Token n-gram statistics of the file so far, mixed into the model's prediction.
+
+    A small pretrained model knows language in general but not this file;
+    counts of what followed each recent context in the file so far supply the
+    file's own habits (its vocabulary, its repeated phrases). Starting from the
+    model's distribution, each order ``k`` (ascending) interpolates
+    ``p <- (1 - l) p + l * counts / n`` with ``l = n / (n + gamma * u)``
+    (Witten-Bell weights, softened by ``gamma``), where ``n`` and ``u`` are the
+    context's total and distinct continuations. All streams of the file share
+    one table, read before and updated after each lockstep step, so encoder
+    and decoder see identical counts; the table stops taking new contexts at
+    ``contexts`` entries, which bounds memory whatever the file size.
+    """
+
+    def __init__(self, orders: list[int], gamma: float, max_contexts: int):
+        self.orders, self.gamma, self.max_contexts = orders, gamma, max_contexts
+        self.table: dict[tuple, list] = {}
+
+    def mix(self, probs: torch.Tensor, history: list[list[int]], active: list[bool]) -> torch.Tensor:
+        s, v = probs.shape
+        p = probs
+        for k in self.orders:
+            rows: list[int] = []
+            cols: list[int] = []
+            vals: list[float] = []
+            lam = [0.0] * s
+            for j in range(s):
+                h = history[j]
+                if not active[j] or len(h) < k:
+                    continue
+                entry = self.table.get((k, *h[-k:]))
+                if entry is None:
+                    continue
+                n, counts = entry
+                lam[j] = n / (n + self.gamma * len(counts))
+                rows.extend([j] * len(counts))
+                cols.extend(counts.keys())
+                vals.extend(c / n for c in counts.values())
+            if not rows:
+                continue
+            dense = torch.zeros(s, v, dtype=torch.float32)
+            dense[rows, cols] = torch.tensor(vals, dtype=torch.float32)
+            lt = torch.tensor(lam, dtype=torch.float32)[:, None]
+            p = p * (1 - lt) + lt * dense
+        return p
+
+    def update(self, history: list[list[int]], tokens: list[int], active: list[bool]) -> None:
+        table, room = self.table, len(self.table) < self.max_contexts
+        for j, tok in enumerate(tokens):
+            if not active[j]:
+                continue
+            h = history[j]
+            for k in self.orders:
+                if len(h) < k:
+                    break
+                key = (k, *h[-k:])
+                entry = table.get(key)
+                if entry is None:
+                    if not room:
+                        continue
+                    entry = table[key] = [0, {}]
+                entry[0] += 1
+                entry[1][tok] = entry[1].get(tok, 0) + 1
+            h.append(tok)
+            if len(h) > 64:
+                del h[:-32]
+        if room and len(table) >= self.max_contexts:
+            logger.info("n-gram table full at %d contexts", len(table))
+
+
+# --------------------------------------------------------------------------- text detection
+_TEXT_CONTROL = frozenset(b"\t\n\r\f\v\x1b")
+_CONTROL_TABLE = bytes(0 if (b >= 0x20 and b != 0x7F) or b in _TEXT_CONTROL else 1 for b in range(256))
+
+
+def looks_like_text(chunk: bytes) -> bool:
+    """True when at most 1% of the bytes are control codes and the chunk is (nearly) UTF-8."""
+    n = len(chunk)
+    if n == 0:
+        return False
+    controls = n - len(chunk.translate(None, delete=bytes(b for b in range(256) if _CONTROL_TABLE[b])))
+    if controls * 100 > n:
+        return False
+    bad = chunk.decode("utf-8", errors="replace").count("\ufffd")
+    return bad * 100 <= n
+
+
+# --------------------------------------------------------------------------- the codec
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes) -> tuple[int, int]:
+    n = shift = 0
+    for i, b in enumerate(buf[:10]):
+        n |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return n, i + 1
+    raise FormatError("bad token count in LM payload")
+
+
+_FAMILY = constriction.stream.model.Categorical(perfect=False)
+
+
+@register_codec("lm")
+class LMCodec(Codec):
+    """Range coding driven by a causal language model's next-token probabilities."""
+
+    version = _VERSION
+    description = "language-model coding of text (shipped model, or --set model=HF_ID_OR_PATH)"
+    Config = LMConfig
+
+    def __init__(self, config: LMConfig | None = None, threads: int | None = None):
+        super().__init__(config)
+        self.chunk_size = self.config.segment
+        self.batch_chunks = self.config.streams
+        self._cm: CodingModel | None = None
+        # one table per file: shared by every batch of this codec instance, in file order
+        self._mixer = _NgramMixer(self.config.orders, self.config.gamma, self.config.contexts)
+        self._threads = threads or self.config.threads or torch.get_num_threads()
+
+    @property
+    def coding_model(self) -> CodingModel:
+        if self._cm is None:
+            self._cm = load_coding_model(self.config.model)
+        return self._cm
+
+    def config_dict(self) -> dict:
+        d = dataclasses.asdict(self.config)
+        d["threads"] = self._threads  # the decoder must use the encoder's thread count
+        return d
+
+    def header_fields(self) -> dict:
+        return {"model": self.coding_model.header(), "torch": torch.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+    @classmethod
+    def from_header(cls, header: dict) -> LMCodec:
+        codec: LMCodec = super().from_header(header)  # type: ignore[assignment]
+        want = header.get("model")
+        if not isinstance(want, dict):
+            raise FormatError("LM header has no model record")
+        cm = codec.coding_model
+        have = cm.header()
+        if want.get("weights_sha256") != have["weights_sha256"] or \
+                want.get("tokenizer_sha256") != have["tokenizer_sha256"]:
+            raise ModelMismatchError(
+                f"file was coded with model {want.get('name')!r} (weights {str(want.get('weights_sha256'))[:12]}); "
+                f"the model found here has weights {have['weights_sha256'][:12]}"
+            )
+        if header.get("torch") != torch.__version__ or \
+                header.get("cpu_capability") != torch.backends.cpu.get_cpu_capability():
+            logger.warning("file was coded with torch %s on %s; decoding with torch %s on %s may not be exact "
+                           "(the SHA-256 check will tell)", header.get("torch"), header.get("cpu_capability"),
+                           torch.__version__, torch.backends.cpu.get_cpu_capability())
+        return codec
+
+    # -- auto ------------------------------------------------------------------
+    @classmethod
+    def estimate_bpb(cls, sample: bytes) -> float | None:
+        if not looks_like_text(sample[:4096]):
+            return None
+        codec = cls(LMConfig(streams=4, segment=1024))
+        try:
+            _ = codec.coding_model
+        except ModelMismatchError:
+            return None
+        part = sample[:4096]
+        segs = [part[i : i + 1024] for i in range(0, len(part), 1024)]
+        payloads = codec.encode_chunks(segs)
+        total = sum(len(p) if p is not None else len(s) for p, s in zip(payloads, segs, strict=True))
+        # the first tokens of each short segment have no context; longer segments do better
+        return 8 * total / max(1, len(part)) * 0.92
+
+    # -- tokens ----------------------------------------------------------------
+    def _tokens(self, chunks: list[bytes]) -> list[list[int] | None]:
+        tok = self.coding_model.tokenizer
+        texty = [looks_like_text(c) for c in chunks]
+        encoded = tok.encode_batch([c for c, t in zip(chunks, texty, strict=True) if t])
+        it = iter(encoded)
+        out = [next(it) if t else None for t in texty]
+        # a token the coder's alphabet lacks (a special token) makes the chunk uncodable
+        return [ids if ids is not None and all(0 <= x < tok.alphabet for x in ids) else None for ids in out]
+
+    # -- the lockstep loop shared by encoder and decoder -------------------------
+    def _run(self, tokens: list[list[int] | None], decoders: dict[int, tuple[Any, int]],
+             encoders: dict[int, Any]) -> dict[int, list[int]]:
+        """Step all streams together. ``tokens[i]`` known (encode or replay) or None (decode ``decoders[i]``)."""
+        streams = [i for i in range(len(tokens)) if tokens[i] is not None or i in decoders]
+        if not streams:
+            return {}
+        lengths = [len(tokens[i]) if tokens[i] is not None else decoders[i][1] for i in streams]
+        cm = self.coding_model
+        alphabet, bos = cm.tokenizer.alphabet, cm.tokenizer.bos
+        out: dict[int, list[int]] = {i: [] for i in streams if i in decoders}
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(self._threads)
+        try:
+            with torch.inference_mode():
+                engine = cm.engine(self.config)
+                engine.reset(len(streams))
+                cur = torch.full((len(streams),), bos, dtype=torch.long)
+                history: list[list[int]] = [[] for _ in streams]
+                mixing = bool(self.config.orders)
+                for t in range(max(lengths)):
+                    logits = engine.step(cur)[:, :alphabet]
+                    active = [t < n for n in lengths]
+                    if mixing:
+                        probs = self._mixer.mix(torch.softmax(logits, dim=-1), history, active)
+                        freqs = entropy.probs_to_freqs(probs)
+                    else:
+                        freqs = entropy.logits_to_freqs(logits)
+                    table = freqs.numpy().astype(np.float64) * (1.0 / (1 << entropy.DEFAULT_TOTAL_BITS))
+                    nxt = cur.clone()
+                    for j, i in enumerate(streams):
+                        if t >= lengths[j]:
+                            continue
+                        if i in decoders:
+                            sym = int(decoders[i][0].decode(_FAMILY, table[j : j + 1])[0])
+                            out[i].append(sym)
+                        else:
+                            sym = tokens[i][t]
+                            if i in encoders:
+                                encoders[i].encode(np.array([sym], dtype=np.int32), _FAMILY, table[j : j + 1])
+                        nxt[j] = sym
+                    if mixing:
+                        self._mixer.update(history, nxt.tolist(), active)
+                    cur = nxt
+        finally:
+            torch.set_num_threads(prev_threads)
+        return out
+
+    # -- codec interface -----------------------------------------------------------
+    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
+        tokens = self._tokens(chunks)
+        encoders = {i: constriction.stream.queue.RangeEncoder() for i, t in enumerate(tokens) if t is not None}
+        self._run(tokens, {}, encoders)
+        out: list[bytes | None] = []
+        for i, c in enumerate(chunks):
+            if tokens[i] is None:
+                out.append(None)
+                continue
+            payload = _varint(len(tokens[i])) + encoders[i].get_compressed().tobytes()
+            # the model lost to a quick zstd: let the container store it that way
+            if len(payload) >= len(zstandard.ZstdCompressor(level=3).compress(c)):
+                out.append(None)
+            else:
+                out.append(payload)
+        return out
+
+    def decode_chunks(self, payloads: list[bytes | None], sizes: list[int],
+                      known: list[bytes | None]) -> list[bytes]:
+        replay = self._tokens([k if k is not None else b"" for k in known])
+        tokens: list[list[int] | None] = [None] * len(payloads)
+        decoders: dict[int, tuple[Any, int]] = {}
+        for i, p in enumerate(payloads):
+            if p is None:
+                tokens[i] = replay[i]
+                continue
+            n, used = _read_varint(p)
+            if n > sizes[i]:
+                raise FormatError(f"LM payload claims {n} tokens for {sizes[i]} bytes")
+            words = p[used:]
+            if len(words) % 4:
+                raise FormatError("LM payload is not a whole number of 32-bit words")
+            decoders[i] = (constriction.stream.queue.RangeDecoder(np.frombuffer(words, dtype=np.uint32).copy()), n)
+        decoded = self._run(tokens, decoders, {})
+        tok = self.coding_model.tokenizer
+        out = []
+        for i, p in enumerate(payloads):
+            out.append(known[i] if p is None else tok.decode(decoded[i]))
+        return out
+

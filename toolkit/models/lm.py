@@ -1,0 +1,158 @@
+"""The LM codec's language model: a small ``transformers`` Llama over ByteTokenizer.
+
+The model is the stock ``LlamaForCausalLM`` (users can load it with plain
+``from_pretrained``); only its size is ours. ``lm_config`` builds the
+configuration in code, ``load_default_lm`` loads the shipped weights from
+``toolkit/assets/lm-default/`` and ``weights_sha256`` identifies a set of
+weights for codec headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from toolkit.models.registry import register_model
+from toolkit.models.tokenizer import ByteTokenizer
+
+logger = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_LM_NAME = "lm-default"
+DEFAULT_LM_DIR = ASSETS_DIR / DEFAULT_LM_NAME
+MANIFEST = ASSETS_DIR / "MANIFEST.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class LMShape:
+    """Size of the Llama; serialises to JSON for manifests and run logs."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 704
+    max_positions: int = 512
+    rope_theta: float = 10000.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lm_config(shape: LMShape | None = None, **overrides: object) -> LlamaConfig:
+    """A LlamaConfig for ``shape`` (defaults: the shipped model's size).
+
+    Tied input/output embeddings halve the embedding cost, which dominates at
+    this size; no dropout (the data is seen about once); ``bos_token_id`` is
+    the tokenizer's reserved last id.
+    """
+    s = shape or LMShape()
+    kwargs: dict = dict(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_heads,
+        max_position_embeddings=s.max_positions,
+        rope_theta=s.rope_theta,
+        tie_word_embeddings=True,
+        attention_dropout=0.0,
+        bos_token_id=s.vocab_size - 1,
+        eos_token_id=None,
+        pad_token_id=None,
+        rms_norm_eps=1e-5,
+        initializer_range=0.02,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def build_lm(shape: LMShape | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """A freshly initialised model (fp32), seeded so runs are repeatable."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(lm_config(shape))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Digest of the model's weights, independent of how they were stored.
+
+    Hashes the state-dict tensors in sorted name order; for each: its name,
+    dtype, shape, then its raw little-endian bytes. Tied weights appear under
+    both names, as the state dict lists them. The same weights give the same
+    digest whether loaded from safetensors, created in memory or moved
+    between devices; a dtype change gives a different digest on purpose
+    (the codec's probabilities change with it).
+    """
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode("utf-8") + b"\0")
+        h.update(str(t.dtype).encode() + b"\0")
+        h.update(repr(tuple(t.shape)).encode() + b"\0")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (the manifest records this for model.safetensors)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_lm(model: LlamaForCausalLM, tokenizer: ByteTokenizer, directory: str | Path) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save(directory)
+    return directory
+
+
+def load_lm(
+    directory: str | Path, dtype: torch.dtype = torch.float32
+) -> tuple[LlamaForCausalLM, ByteTokenizer]:
+    """Load a model directory written by ``save_lm`` (or a Hugging Face id/path).
+
+    The model comes back in eval mode; its vocabulary must match the
+    tokenizer's, or the ids would be misread.
+    """
+    model = LlamaForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    model.eval()
+    tokenizer = ByteTokenizer.load(directory)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"model vocab {model.config.vocab_size} != tokenizer vocab {tokenizer.vocab_size}"
+        )
+    return model, tokenizer
+
+
+@register_model(DEFAULT_LM_NAME)
+def load_default_lm(
+    dtype: torch.dtype = torch.float32,
+) -> tuple[LlamaForCausalLM, ByteTokenizer]:
+    """The shipped model and tokenizer from ``toolkit/assets/lm-default/``."""
+    if not (DEFAULT_LM_DIR / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"shipped LM missing: {DEFAULT_LM_DIR / WEIGHTS_FILE}")
+    return load_lm(DEFAULT_LM_DIR, dtype=dtype)
