@@ -58,3 +58,14 @@ def test_quickstart(tmp_path, monkeypatch):
     for f in ["prose.txt", "weather.csv", "toolkit-sources.py"]:
         best = min(bpb[f"{f}/zstd"], bpb[f"{f}/xz"])
         assert bpb[f"{f}/auto"] <= best * 1.1 + 0.1
+
+
+@pytest.mark.notebook
+def test_lm_lossless(tmp_path, monkeypatch):
+    rec = run_notebook("10_lm_lossless.ipynb", tmp_path, monkeypatch)
+    assert rec["loss_last"] < rec["loss_first"] - 1.0  # the small model learned something
+    assert 0 < rec["small_bpb_code"] < 8.5
+    assert 0 < rec["mean_cost_per_byte"] < 12
+    assert set(rec["lm_bpb"]) == set(rec["xz_bpb"]) == {"code-heldout.py", "prose.txt"}
+    for bpb in rec["lm_bpb"].values():
+        assert 0 < bpb < 9  # round trip verified inside; incompressible chunks are stored, never blown up

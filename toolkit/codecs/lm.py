@@ -386,32 +386,39 @@ class _NgramMixer:
         self.table: dict[tuple, list] = {}
 
     def mix(self, probs: torch.Tensor, history: list[list[int]], active: list[bool]) -> torch.Tensor:
+        # The chain p <- (1 - l_k) p + l_k c_k over ascending k unrolls to
+        # a * p_model + sum_k w_k c_k with a = prod(1 - l_k) and w_k = l_k prod_{k' > k}(1 - l_k'),
+        # so all orders land in one sparse scatter instead of one dense pass each.
         s, v = probs.shape
-        p = probs
-        for k in self.orders:
-            rows: list[int] = []
-            cols: list[int] = []
-            vals: list[float] = []
-            lam = [0.0] * s
-            for j in range(s):
-                h = history[j]
-                if not active[j] or len(h) < k:
+        scale = [1.0] * s
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        table, gamma = self.table, self.gamma
+        for j in range(s):
+            h = history[j]
+            if not active[j]:
+                continue
+            w = 1.0
+            for k in reversed(self.orders):  # highest order first: it keeps the most weight
+                if len(h) < k:
                     continue
-                entry = self.table.get((k, *h[-k:]))
+                entry = table.get((k, *h[-k:]))
                 if entry is None:
                     continue
                 n, counts = entry
-                lam[j] = n / (n + self.gamma * len(counts))
+                lam = n / (n + gamma * len(counts))
+                coef = w * lam / n
                 rows.extend([j] * len(counts))
                 cols.extend(counts.keys())
-                vals.extend(c / n for c in counts.values())
-            if not rows:
-                continue
-            dense = torch.zeros(s, v, dtype=torch.float32)
-            dense[rows, cols] = torch.tensor(vals, dtype=torch.float32)
-            lt = torch.tensor(lam, dtype=torch.float32)[:, None]
-            p = p * (1 - lt) + lt * dense
-        return p
+                vals.extend(coef * c for c in counts.values())
+                w *= 1.0 - lam
+            scale[j] = w
+        out = probs * torch.tensor(scale, dtype=torch.float32)[:, None]
+        if rows:
+            out.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=torch.float32),
+                           accumulate=True)
+        return out
 
     def update(self, history: list[list[int]], tokens: list[int], active: list[bool]) -> None:
         table, room = self.table, len(self.table) < self.max_contexts
@@ -534,19 +541,19 @@ class LMCodec(Codec):
     # -- auto ------------------------------------------------------------------
     @classmethod
     def estimate_bpb(cls, sample: bytes) -> float | None:
-        if not looks_like_text(sample[:4096]):
+        """Bits per byte on the first 4 KiB, coded as 4 streams (pessimistic: short contexts)."""
+        part = sample[:4096]
+        if len(part) < 512 or not looks_like_text(part):
             return None
         codec = cls(LMConfig(streams=4, segment=1024))
         try:
             _ = codec.coding_model
         except ModelMismatchError:
             return None
-        part = sample[:4096]
         segs = [part[i : i + 1024] for i in range(0, len(part), 1024)]
         payloads = codec.encode_chunks(segs)
         total = sum(len(p) if p is not None else len(s) for p, s in zip(payloads, segs, strict=True))
-        # the first tokens of each short segment have no context; longer segments do better
-        return 8 * total / max(1, len(part)) * 0.92
+        return 8 * total / len(part)
 
     # -- tokens ----------------------------------------------------------------
     def _tokens(self, chunks: list[bytes]) -> list[list[int] | None]:
@@ -560,7 +567,7 @@ class LMCodec(Codec):
 
     # -- the lockstep loop shared by encoder and decoder -------------------------
     def _run(self, tokens: list[list[int] | None], decoders: dict[int, tuple[Any, int]],
-             encoders: dict[int, Any]) -> dict[int, list[int]]:
+             encoders: dict[int, Any], costs: dict[int, list[float]] | None = None) -> dict[int, list[int]]:
         """Step all streams together. ``tokens[i]`` known (encode or replay) or None (decode ``decoders[i]``)."""
         streams = [i for i in range(len(tokens)) if tokens[i] is not None or i in decoders]
         if not streams:
@@ -599,11 +606,33 @@ class LMCodec(Codec):
                             if i in encoders:
                                 encoders[i].encode(np.array([sym], dtype=np.int32), _FAMILY, table[j : j + 1])
                         nxt[j] = sym
+                        if costs is not None:
+                            costs.setdefault(i, []).append(
+                                entropy.DEFAULT_TOTAL_BITS - math.log2(int(freqs[j, sym])))
                     if mixing:
                         self._mixer.update(history, nxt.tolist(), active)
                     cur = nxt
         finally:
             torch.set_num_threads(prev_threads)
+        return out
+
+    def token_costs(self, data: bytes) -> list[tuple[bytes, float]]:
+        """Each token of ``data`` with the bits the codec spends on it (exact table costs).
+
+        ``data`` is cut into segments and coded as the codec would code it;
+        binary segments (stored by the container) are left out.
+        """
+        chunks = [data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
+        out: list[tuple[bytes, float]] = []
+        tok = self.coding_model.tokenizer
+        for b in range(0, len(chunks), self.batch_chunks):
+            batch = chunks[b : b + self.batch_chunks]
+            tokens = self._tokens(batch)
+            costs: dict[int, list[float]] = {}
+            self._run(tokens, {}, {}, costs)
+            for i, ids in enumerate(tokens):
+                if ids is not None:
+                    out.extend((tok.decode([t]), c) for t, c in zip(ids, costs[i], strict=True))
         return out
 
     # -- codec interface -----------------------------------------------------------

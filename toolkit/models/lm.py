@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -156,3 +157,62 @@ def load_default_lm(
     if not (DEFAULT_LM_DIR / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"shipped LM missing: {DEFAULT_LM_DIR / WEIGHTS_FILE}")
     return load_lm(DEFAULT_LM_DIR, dtype=dtype)
+
+
+def train_small_lm(
+    texts: list[bytes],
+    directory: str | Path,
+    shape: LMShape | None = None,
+    steps: int = 200,
+    seq_len: int = 128,
+    batch: int = 8,
+    lr: float = 3e-3,
+    vocab_size: int = 512,
+    seed: int = 0,
+) -> list[float]:
+    """Train a small model and tokenizer in memory and save them to ``directory``.
+
+    For notebooks and tests: the whole corpus is tokenised at once, batches
+    are random windows, AdamW with a short warmup and cosine decay. Returns
+    the training loss (bits per token) of every step. The shipped model is
+    trained by ``python -m toolkit.models.train_lm`` instead.
+    """
+    from toolkit.models.tokenizer import train as train_tokenizer
+
+    tok = train_tokenizer(texts, vocab_size=vocab_size)
+    shape = shape or LMShape(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2, num_heads=4,
+                             intermediate_size=176, max_positions=max(seq_len, 64))
+    if shape.vocab_size != tok.vocab_size:
+        shape = LMShape(**{**shape.to_dict(), "vocab_size": tok.vocab_size})
+    ids: list[int] = []
+    for t in texts:
+        ids.append(tok.bos_id)
+        ids.extend(tok.encode(t))
+    data = torch.tensor(ids, dtype=torch.long)
+    if len(data) <= seq_len + 1:
+        raise ValueError(f"corpus of {len(data)} tokens is too short for windows of {seq_len}")
+    model = build_lm(shape, seed=seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    warmup = max(1, steps // 10)
+    for step in range(steps):
+        if step < warmup:
+            scale = (step + 1) / warmup
+        else:
+            scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen)
+        x = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item() / math.log(2))
+    model.eval()
+    save_lm(model, tok, directory)
+    return losses
