@@ -64,8 +64,8 @@ class LMConfig:
     threads: int = 0
     engine: str = "auto"
     dtype: str = "float32"
-    orders: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4, 6])
-    gamma: float = 2.0
+    orders: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 6])
+    gamma: float = 4.0
     contexts: int = 1 << 19
 
     def __post_init__(self):
