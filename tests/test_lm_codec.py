@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,26 @@ def test_bad_settings(tiny):
         toolkit.compress(CORPUS, codec="lm", model=str(tiny), window=3)
     with pytest.raises(ConfigError):
         toolkit.compress(CORPUS, codec="lm", model=str(tiny), engine="turbo")
+
+
+SHIPPED = (Path(__file__).parent.parent / "toolkit" / "assets" / "lm-default" / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(not SHIPPED, reason="shipped LM not built yet (python -m toolkit.models.train_lm)")
+def test_shipped_model_is_the_default_and_beats_xz_on_prose(capsys):
+    from toolkit.bench import sample_files
+    from toolkit.cli import main
+    from toolkit.models import list_models
+
+    prose = next(p for p in sample_files() if p.name == "prose.txt").read_bytes()
+    blob = toolkit.compress(prose, codec="lm")
+    assert toolkit.decompress(blob) == prose
+    header = toolkit.info(blob)["header"]
+    entry = list_models()["lm-default"]
+    assert header["model"]["name"] == "default"
+    assert entry["params"] == 4262144 and len(entry["sha256"]) == 64
+    xz = toolkit.compress(prose, codec="xz")
+    assert len(blob) < 0.8 * len(xz)
+    assert toolkit.info(toolkit.compress(prose))["header"]["codec"] == "lm"  # auto picks lm for text
+    assert main(["list"]) == 0
+    assert "lm-default" in capsys.readouterr().out
