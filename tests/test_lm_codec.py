@@ -171,7 +171,7 @@ def test_shipped_model_is_the_default_and_beats_xz_on_prose(capsys):
     header = toolkit.info(blob)["header"]
     entry = list_models()["lm-default"]
     assert header["model"]["name"] == "default"
-    assert entry["params"] == 4262144 and len(entry["sha256"]) == 64
+    assert entry["parameters"] == 4262144 and len(entry["sha256"]) == 64
     xz = toolkit.compress(prose, codec="xz")
     assert len(blob) < 0.8 * len(xz)
     assert toolkit.info(toolkit.compress(prose))["header"]["codec"] == "lm"  # auto picks lm for text

@@ -69,3 +69,16 @@ def test_lm_lossless(tmp_path, monkeypatch):
     assert set(rec["lm_bpb"]) == set(rec["xz_bpb"]) == {"code-heldout.py", "prose.txt"}
     for bpb in rec["lm_bpb"].values():
         assert 0 < bpb < 9  # round trip verified inside; incompressible chunks are stored, never blown up
+
+
+@pytest.mark.notebook
+def test_pc_lossless(tmp_path, monkeypatch):
+    rec = run_notebook("11_pc_lossless.ipynb", tmp_path, monkeypatch)
+    assert rec["roundtrip_exact"] is True and rec["photo_exact"] is True
+    # the circuit beats every classic coder on held-out digits, and its stream is near its ideal code length
+    assert rec["digits_pc_bpd"] < min(rec["digits_baseline_bpd"].values())
+    assert rec["digits_pc_bpd"] < rec["digits_ideal_bpd"] + 0.05
+    assert rec["valid_bpd"] < 2.6
+    assert rec["photo_bpd"]["pc"] < rec["photo_bpd"]["PNG (optimized)"]
+    speed = rec["speed_px_per_s"]
+    assert speed["context"] > speed["naive"] and speed["partial"] > speed["naive"]

@@ -176,9 +176,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     models = list_models()
     print("shipped models:" if models else "shipped models: none")
     for name, entry in models.items():
-        fig = entry.get("figures", {})
+        fig = dict(entry.get("figures", {}))
+        if isinstance(entry.get("validation"), dict) and "bpb" in entry["validation"]:
+            fig.setdefault("validation bpb", round(entry["validation"]["bpb"], 4))
         figs = ", ".join(f"{k} {v}" for k, v in fig.items())
-        print(f"  {name:<16} {entry.get('params', '?')} params  {figs}")
+        params = entry.get("parameters", entry.get("params", "?"))
+        print(f"  {name:<16} {params} params  {figs}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -111,7 +112,7 @@ def _load_builtin() -> None:
 
 
 #: modules that register the built-in codecs; later codecs append themselves here.
-_BUILTIN_MODULES: list[str] = ["toolkit.codecs.classic", "toolkit.codecs.lm"]
+_BUILTIN_MODULES: list[str] = ["toolkit.codecs.classic", "toolkit.codecs.lm", "toolkit.codecs.pc"]
 
 
 def get_codec(name: str) -> type[Codec]:
@@ -131,7 +132,7 @@ def list_codecs() -> dict[str, type[Codec]]:
 # --- config helpers -------------------------------------------------------
 def _convert(value: str, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if value.lower() in ("none", "null", ""):
             return None
