@@ -57,8 +57,8 @@ _VERSION = 1
 @dataclass
 class LMConfig:
     model: str = DEFAULT_MODEL
-    window: int = 512
-    keep: int = 128
+    window: int = 256
+    keep: int = 64
     segment: int = 16384
     streams: int = 64
     threads: int = 0
@@ -219,12 +219,15 @@ class _LeanLlama:
         sin = torch.cat([ang.sin(), ang.sin()], dim=-1).to(self.dtype)
         if ring:
             slots = slice(pos0 % self.window, pos0 % self.window + 1)
-            n_keys, mask = min(pos0 + 1, self.window), None
+            n_keys = min(pos0 + 1, self.window)
         else:
             slots = slice(pos0, pos0 + n_new)
             n_keys = pos0 + n_new
-            q_pos = torch.arange(pos0, pos0 + n_new)[:, None]
-            mask = torch.arange(n_keys)[None, :] > q_pos if n_new > 1 else None
+            # several new tokens only ever arrive after a restart (pos0 == 0), so queries and keys
+            # line up and a plain causal mask is the right one
+            if n_new > 1 and pos0 != 0:
+                raise RuntimeError("multi-token step must start at position 0")
+        causal = n_new > 1
         x = self.embed[tokens]  # [S, L, H]
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
             qkv = self._rms(x, ln1) @ wqkv.T
@@ -239,11 +242,9 @@ class _LeanLlama:
             if kv != h:
                 keys = keys.repeat_interleave(h // kv, dim=1)
                 vals = vals.repeat_interleave(h // kv, dim=1)
-            att = (q @ keys.transpose(-1, -2)).float() / math.sqrt(d)
-            if mask is not None:
-                att = att.masked_fill(mask, float("-inf"))
-            att = torch.softmax(att, dim=-1).to(self.dtype)
-            o = (att @ vals).transpose(1, 2).reshape(s, n_new, h * d)
+            # torch's fused CPU attention: much faster than a bmm of tiny matrices per head
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, is_causal=causal)
+            o = o.transpose(1, 2).reshape(s, n_new, h * d)
             x = x + o @ wo.T
             gu = self._rms(x, ln2) @ wgu.T
             x = x + (torch.nn.functional.silu(gu[..., : self.inter]) * gu[..., self.inter :]) @ wd.T
@@ -381,9 +382,19 @@ class _NgramMixer:
     ``contexts`` entries, which bounds memory whatever the file size.
     """
 
-    def __init__(self, orders: list[int], gamma: float, max_contexts: int):
-        self.orders, self.gamma, self.max_contexts = orders, gamma, max_contexts
+    #: order-1 counts live in a dense [V, V] table when the alphabet is this small: the
+    #: previous token alone has hundreds of continuations, too many for per-entry Python work.
+    DENSE_LIMIT = 8192
+
+    def __init__(self, orders: list[int], gamma: float, max_contexts: int, alphabet: int = 0):
+        self.gamma, self.max_contexts = gamma, max_contexts
+        self.dense1 = 1 in orders and 0 < alphabet <= self.DENSE_LIMIT
+        self.orders = [k for k in orders if not (k == 1 and self.dense1)]
         self.table: dict[tuple, list] = {}
+        if self.dense1:
+            self.c1 = torch.zeros(alphabet, alphabet, dtype=torch.int32)
+            self.n1 = torch.zeros(alphabet, dtype=torch.int64)
+            self.u1 = torch.zeros(alphabet, dtype=torch.int64)
 
     def mix(self, probs: torch.Tensor, history: list[list[int]], active: list[bool]) -> torch.Tensor:
         # The chain p <- (1 - l_k) p + l_k c_k over ascending k unrolls to
@@ -414,13 +425,41 @@ class _NgramMixer:
                 vals.extend(coef * c for c in counts.values())
                 w *= 1.0 - lam
             scale[j] = w
+        if self.dense1:
+            return self._mix_dense1(probs, history, active, scale, rows, cols, vals)
         out = probs * torch.tensor(scale, dtype=torch.float32)[:, None]
         if rows:
             out.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=torch.float32),
                            accumulate=True)
         return out
 
+    def _mix_dense1(self, probs, history, active, scale, rows, cols, vals) -> torch.Tensor:
+        s, v = probs.shape
+        ok = [active[j] and len(history[j]) >= 1 for j in range(s)]
+        prev = torch.tensor([history[j][-1] if ok[j] else 0 for j in range(s)], dtype=torch.long)
+        w = torch.tensor(scale, dtype=torch.float32)
+        n = self.n1[prev].to(torch.float32)
+        u = self.u1[prev].to(torch.float32)
+        use = torch.tensor(ok) & (n > 0)
+        lam = torch.where(use, n / (n + self.gamma * u).clamp_min(1e-30), torch.zeros_like(n))
+        coef = w * lam / n.clamp_min(1.0)
+        out = probs * (w * (1 - lam))[:, None]
+        if rows:
+            out.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=torch.float32),
+                           accumulate=True)
+        return out + coef[:, None] * self.c1[prev].to(torch.float32)
+
     def update(self, history: list[list[int]], tokens: list[int], active: list[bool]) -> None:
+        if self.dense1:
+            idx = [j for j in range(len(tokens)) if active[j] and history[j]]
+            if idx:
+                prev = torch.tensor([history[j][-1] for j in idx], dtype=torch.long)
+                nxt = torch.tensor([tokens[j] for j in idx], dtype=torch.long)
+                self.c1.index_put_((prev, nxt), torch.ones(len(idx), dtype=torch.int32), accumulate=True)
+                touched = torch.unique(prev)
+                rows_ = self.c1[touched]
+                self.n1[touched] = rows_.sum(-1, dtype=torch.int64)
+                self.u1[touched] = (rows_ > 0).sum(-1)
         table, room = self.table, len(self.table) < self.max_contexts
         for j, tok in enumerate(tokens):
             if not active[j]:
@@ -498,9 +537,16 @@ class LMCodec(Codec):
         self.chunk_size = self.config.segment
         self.batch_chunks = self.config.streams
         self._cm: CodingModel | None = None
-        # one table per file: shared by every batch of this codec instance, in file order
-        self._mixer = _NgramMixer(self.config.orders, self.config.gamma, self.config.contexts)
+        self._mixer_state: _NgramMixer | None = None
         self._threads = threads or self.config.threads or torch.get_num_threads()
+
+    @property
+    def _mixer(self) -> _NgramMixer:
+        # one table per file: shared by every batch of this codec instance, in file order
+        if self._mixer_state is None:
+            self._mixer_state = _NgramMixer(self.config.orders, self.config.gamma, self.config.contexts,
+                                            self.coding_model.tokenizer.alphabet)
+        return self._mixer_state
 
     @property
     def coding_model(self) -> CodingModel:
