@@ -98,7 +98,7 @@ def run_bench(files: list[str | Path], codecs: list[str] | None = None, rivals: 
     ``codecs`` are registered codec names (``auto`` allowed); the default is
     every registered codec except ``store``. ``rivals`` selects classic tools.
     """
-    from toolkit.api import compress, decompress
+    from toolkit.api import compress, decompress, info
     from toolkit.codecs.registry import list_codecs
 
     names = codecs or [n for n in list_codecs() if n != "store"]
@@ -111,22 +111,21 @@ def run_bench(files: list[str | Path], codecs: list[str] | None = None, rivals: 
             raise InputError(f"{path}: cannot read ({e.strerror})") from None
         label = Path(path).name
         for name in names:
-            rows.append(_row(label, name, "toolkit", data, lambda d, c=name: compress(d, codec=c),
-                             lambda b, n: decompress(b)))
-            if name == "auto":
-                rows[-1]["codec"] = f"auto ({_picked(data)})"
+            blobs: list[bytes] = []
+
+            def enc(d: bytes, c: str = name, keep: list[bytes] = blobs) -> bytes:
+                keep.append(compress(d, codec=c))
+                return keep[-1]
+
+            rows.append(_row(label, name, "toolkit", data, enc, lambda b, n: decompress(b)))
+            if name == "auto":  # name the codec auto chose, as recorded in the file it wrote
+                rows[-1]["codec"] = f"auto ({info(blobs[-1])['header']['codec']})"
         for name in rival_names:
             enc, dec = RIVALS[name]()
             rows.append(_row(label, name, "rival", data, enc, dec))
         if not quiet:
             print(f"benchmarked {label}", flush=True)
     return rows
-
-
-def _picked(data: bytes) -> str:
-    from toolkit.api import AUTO_SAMPLE, choose_codec
-
-    return choose_codec(data[:AUTO_SAMPLE])
 
 
 def format_table(rows: list[dict]) -> str:

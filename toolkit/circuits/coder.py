@@ -50,7 +50,13 @@ import torch
 
 from toolkit.circuits.circuit import Circuit
 from toolkit.circuits.layers import input_layer, upward_pass
-from toolkit.codecs.entropy import DEFAULT_TOTAL_BITS, encode_symbols, logits_to_freqs
+from toolkit.codecs.entropy import (
+    CATEGORICAL,
+    DEFAULT_TOTAL_BITS,
+    encode_symbols,
+    freqs_to_table,
+    logits_to_freqs,
+)
 from toolkit.errors import ConfigError, FormatError, UnsupportedInputError
 from toolkit.kernels.sum_layer import sum_layer
 
@@ -62,9 +68,6 @@ _HEADER = struct.Struct("<3sBBBIHHI")
 METHODS = ("partial", "naive", "context")
 #: bounds the per-batch state a (possibly damaged) stream can make the decoder allocate.
 MAX_BATCH = 1 << 16
-# The same family object the entropy core uses: float probabilities quantized
-# by constriction, exact for tables whose entries are multiples of 2**-24.
-_FAMILY = constriction.stream.model.Categorical(perfect=False)
 
 
 class _PartialState:
@@ -328,10 +331,9 @@ def decode_records(circuit: Circuit, data: bytes, n: int | None = None) -> np.nd
             freqs = logits_to_freqs(state.logits(v).cpu(), total_bits).numpy()
             # Exact in float64 (integers below 2**24 over a power-of-two
             # total): the same probabilities the encoder handed constriction.
-            table = freqs.astype(np.float64)
-            table /= table.sum(axis=-1, keepdims=True)
+            table = freqs_to_table(freqs)
             try:
-                sym = np.asarray(dec.decode(_FAMILY, table), dtype=np.int64)
+                sym = np.asarray(dec.decode(CATEGORICAL, table), dtype=np.int64)
             except Exception as exc:  # constriction reports damage as its own errors
                 raise FormatError(f"damaged PC stream in batch {j}: {exc}") from exc
             part[:, v] = sym

@@ -216,9 +216,9 @@ def _codec_for(header: dict) -> Codec:
             f"this build has version {cls.version}"
         )
     codec = cls.from_header(header)
-    if codec.chunk_size != header["chunk_size"] or codec.batch_chunks != header["batch_chunks"]:
-        codec.chunk_size = header["chunk_size"]
-        codec.batch_chunks = header["batch_chunks"]
+    # the file's framing wins over the codec's defaults: batches must match the encoder's
+    codec.chunk_size = header["chunk_size"]
+    codec.batch_chunks = header["batch_chunks"]
     return codec
 
 

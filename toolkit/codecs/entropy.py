@@ -31,6 +31,8 @@ __all__ = [
     "encode_symbols",
     "decode_symbols",
     "encode_streams",
+    "freqs_to_table",
+    "CATEGORICAL",
     "StreamDecoder",
 ]
 
@@ -105,7 +107,8 @@ def ideal_bits(probs: torch.Tensor, symbols: torch.Tensor) -> float:
     return float(-torch.log2(picked).sum())
 
 
-def _as_table(freqs: torch.Tensor | np.ndarray) -> np.ndarray:
+def freqs_to_table(freqs: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Integer tables as the float64 rows :data:`CATEGORICAL` takes (exact: totals are powers of 2)."""
     f = freqs.numpy() if isinstance(freqs, torch.Tensor) else np.asarray(freqs)
     if f.ndim == 1:
         f = f[None, :]
@@ -114,20 +117,21 @@ def _as_table(freqs: torch.Tensor | np.ndarray) -> np.ndarray:
     return f / f.sum(axis=-1, keepdims=True)
 
 
-_FAMILY = constriction.stream.model.Categorical(perfect=False)
+#: the model family every coder here uses; it quantizes the exact rows of :func:`freqs_to_table`.
+CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 
 
 def encode_symbols(symbols: Sequence[int] | np.ndarray, freqs: torch.Tensor | np.ndarray) -> bytes:
     """Range-code one stream: ``symbols[n]`` under integer tables ``freqs[n, K]``."""
     sym = np.asarray(symbols, dtype=np.int32).reshape(-1)
-    table = _as_table(freqs)
+    table = freqs_to_table(freqs)
     if table.shape[0] != sym.shape[0]:
         raise ConfigError(f"{sym.shape[0]} symbols but {table.shape[0]} tables")
     if sym.size and (sym.min() < 0 or sym.max() >= table.shape[1]):
         raise ConfigError("symbol outside the alphabet of its table")
     enc = constriction.stream.queue.RangeEncoder()
     if sym.size:
-        enc.encode(sym, _FAMILY, table)
+        enc.encode(sym, CATEGORICAL, table)
     return enc.get_compressed().tobytes()
 
 
@@ -139,11 +143,11 @@ def _words(data: bytes) -> np.ndarray:
 
 def decode_symbols(data: bytes, freqs: torch.Tensor | np.ndarray) -> np.ndarray:
     """Decode ``len(freqs)`` symbols coded by :func:`encode_symbols`."""
-    table = _as_table(freqs)
+    table = freqs_to_table(freqs)
     dec = constriction.stream.queue.RangeDecoder(_words(data))
     if table.shape[0] == 0:
         return np.zeros(0, dtype=np.int32)
-    return np.asarray(dec.decode(_FAMILY, table), dtype=np.int32)
+    return np.asarray(dec.decode(CATEGORICAL, table), dtype=np.int32)
 
 
 def encode_streams(
@@ -171,11 +175,11 @@ class StreamDecoder:
         return len(self._decoders)
 
     def step(self, freqs: torch.Tensor | np.ndarray, active: Sequence[bool] | None = None) -> np.ndarray:
-        table = _as_table(freqs)
+        table = freqs_to_table(freqs)
         if table.shape[0] != len(self._decoders):
             raise ConfigError(f"{table.shape[0]} tables for {len(self._decoders)} streams")
         out = np.full(len(self._decoders), -1, dtype=np.int64)
         for i, dec in enumerate(self._decoders):
             if active is None or active[i]:
-                out[i] = int(dec.decode(_FAMILY, table[i : i + 1])[0])
+                out[i] = int(dec.decode(CATEGORICAL, table[i : i + 1])[0])
         return out

@@ -312,18 +312,25 @@ class CodingModel:
     model: Any
     tokenizer: Any
     weights_sha256: str
+    _engines: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def engine(self, config: LMConfig) -> Any:
         dtype = getattr(torch, config.dtype)
         kind = config.engine
         if kind == "auto":
             kind = "lean" if _LeanLlama.supports(self.model) else "hf"
+        key = (kind, config.window, config.keep, config.dtype)
+        if key in self._engines:  # built once per model: the lean engine copies and fuses the weights
+            return self._engines[key]
         if kind == "lean":
             if not _LeanLlama.supports(self.model):
                 raise ConfigError(f"engine=lean needs a Llama-family model, not {self.model.config.model_type}")
-            return _LeanLlama(self.model, config.window, config.keep, dtype)
-        self.model.to(dtype)
-        return _HFEngine(self.model, config.window, config.keep)
+            engine: Any = _LeanLlama(self.model, config.window, config.keep, dtype)
+        else:
+            self.model.to(dtype)
+            engine = _HFEngine(self.model, config.window, config.keep)
+        self._engines[key] = engine
+        return engine
 
     def header(self) -> dict:
         return {"name": self.name, "weights_sha256": self.weights_sha256,
@@ -425,29 +432,23 @@ class _NgramMixer:
                 vals.extend(coef * c for c in counts.values())
                 w *= 1.0 - lam
             scale[j] = w
-        if self.dense1:
-            return self._mix_dense1(probs, history, active, scale, rows, cols, vals)
-        out = probs * torch.tensor(scale, dtype=torch.float32)[:, None]
-        if rows:
-            out.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=torch.float32),
-                           accumulate=True)
-        return out
-
-    def _mix_dense1(self, probs, history, active, scale, rows, cols, vals) -> torch.Tensor:
-        s, v = probs.shape
-        ok = [active[j] and len(history[j]) >= 1 for j in range(s)]
-        prev = torch.tensor([history[j][-1] if ok[j] else 0 for j in range(s)], dtype=torch.long)
         w = torch.tensor(scale, dtype=torch.float32)
-        n = self.n1[prev].to(torch.float32)
-        u = self.u1[prev].to(torch.float32)
-        use = torch.tensor(ok) & (n > 0)
-        lam = torch.where(use, n / (n + self.gamma * u).clamp_min(1e-30), torch.zeros_like(n))
-        coef = w * lam / n.clamp_min(1.0)
-        out = probs * (w * (1 - lam))[:, None]
+        dense = None
+        if self.dense1:
+            # order 1 is the lowest order: it takes its share of what the higher orders left (w)
+            ok = [active[j] and len(history[j]) >= 1 for j in range(s)]
+            prev = torch.tensor([history[j][-1] if ok[j] else 0 for j in range(s)], dtype=torch.long)
+            n = self.n1[prev].to(torch.float32)
+            u = self.u1[prev].to(torch.float32)
+            use = torch.tensor(ok) & (n > 0)
+            lam = torch.where(use, n / (n + gamma * u).clamp_min(1e-30), torch.zeros_like(n))
+            dense = (w * lam / n.clamp_min(1.0))[:, None] * self.c1[prev].to(torch.float32)
+            w = w * (1 - lam)
+        out = probs * w[:, None]
         if rows:
             out.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=torch.float32),
                            accumulate=True)
-        return out + coef[:, None] * self.c1[prev].to(torch.float32)
+        return out if dense is None else out + dense
 
     def update(self, history: list[list[int]], tokens: list[int], active: list[bool]) -> None:
         if self.dense1:
@@ -519,9 +520,6 @@ def _read_varint(buf: bytes) -> tuple[int, int]:
         if not b & 0x80:
             return n, i + 1
     raise FormatError("bad token count in LM payload")
-
-
-_FAMILY = constriction.stream.model.Categorical(perfect=False)
 
 
 @register_codec("lm")
@@ -639,18 +637,19 @@ class LMCodec(Codec):
                         freqs = entropy.probs_to_freqs(probs)
                     else:
                         freqs = entropy.logits_to_freqs(logits)
-                    table = freqs.numpy().astype(np.float64) * (1.0 / (1 << entropy.DEFAULT_TOTAL_BITS))
+                    table = entropy.freqs_to_table(freqs)
                     nxt = cur.clone()
                     for j, i in enumerate(streams):
                         if t >= lengths[j]:
                             continue
                         if i in decoders:
-                            sym = int(decoders[i][0].decode(_FAMILY, table[j : j + 1])[0])
+                            sym = int(decoders[i][0].decode(entropy.CATEGORICAL, table[j : j + 1])[0])
                             out[i].append(sym)
                         else:
                             sym = tokens[i][t]
                             if i in encoders:
-                                encoders[i].encode(np.array([sym], dtype=np.int32), _FAMILY, table[j : j + 1])
+                                encoders[i].encode(np.array([sym], dtype=np.int32), entropy.CATEGORICAL,
+                                                   table[j : j + 1])
                         nxt[j] = sym
                         if costs is not None:
                             costs.setdefault(i, []).append(

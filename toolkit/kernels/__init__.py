@@ -10,18 +10,12 @@ is how the tests check each kernel against its reference without a GPU
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["dispatch", "triton_available", "interpreting", "logits_to_freqs"]
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+__all__ = ["dispatch", "triton_available", "logits_to_freqs"]
 
 
 def triton_available() -> bool:
