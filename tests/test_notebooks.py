@@ -80,5 +80,7 @@ def test_pc_lossless(tmp_path, monkeypatch):
     assert rec["digits_pc_bpd"] < rec["digits_ideal_bpd"] + 0.05
     assert rec["valid_bpd"] < 2.6
     assert rec["photo_bpd"]["pc"] < rec["photo_bpd"]["PNG (optimized)"]
-    speed = rec["speed_px_per_s"]
-    assert speed["context"] > speed["naive"] and speed["partial"] > speed["naive"]
+    # the three evaluation orders code the same distribution (speed is the image benchmark's business)
+    sizes = rec["method_stream_bytes"]
+    assert set(sizes) == {"naive", "partial", "context"}
+    assert max(sizes.values()) - min(sizes.values()) <= 0.01 * min(sizes.values()) + 8
