@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from toolkit.bench import RIVALS, machine
+from toolkit.bench import LONG_RIVALS, RIVALS, machine
 
 
 def lm_row(path: Path, settings: list[str], data: bytes) -> dict:
@@ -47,7 +47,7 @@ def lm_row(path: Path, settings: list[str], data: bytes) -> dict:
 
 
 def rival_row(path: Path, name: str, data: bytes) -> dict:
-    enc, dec = RIVALS[name]()
+    enc, dec = {**RIVALS, **LONG_RIVALS}[name]()
     t0 = time.perf_counter()
     blob = enc(data)
     t1 = time.perf_counter()
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         total += len(data)
         rows.append(lm_row(p, args.set, data))
         print(f"lm {p.name}: {rows[-1]['bpb']:.3f} bpb", flush=True)
-        for name in RIVALS:
+        for name in {**RIVALS, **LONG_RIVALS}:
             rows.append(rival_row(p, name, data))
     if total < 2_000_000:
         print(f"note: {total} bytes in all, below the 2 MB of the full benchmark", flush=True)

@@ -62,7 +62,7 @@ def test_lean_engine_matches_transformers(tiny):
     cm = load_coding_model(str(tiny))
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, cm.tokenizer.alphabet, (3, 50), generator=g)
-    cfg = dict(model=str(tiny), window=16, keep=5)
+    cfg = dict(model=str(tiny), window=16, keep=5, dtype="float32")
     lean = _drive(cm.engine(LMConfig(engine="lean", **cfg)), seq)
     hf = _drive(cm.engine(LMConfig(engine="hf", **cfg)), seq)
     for p, (a, b) in enumerate(zip(lean, hf, strict=True)):
@@ -79,7 +79,7 @@ def test_ring_engine_is_exact_until_full_then_deterministic(tiny):
     cm = load_coding_model(str(tiny))
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, cm.tokenizer.alphabet, (2, 40), generator=g)
-    ring = cm.engine(LMConfig(model=str(tiny), window=16, keep=0, engine="lean"))
+    ring = cm.engine(LMConfig(model=str(tiny), window=16, keep=0, engine="lean", dtype="float32"))
     first, second = _drive(ring, seq), _drive(ring, seq)
     for p in range(16):
         with torch.inference_mode():
@@ -90,9 +90,46 @@ def test_ring_engine_is_exact_until_full_then_deterministic(tiny):
     assert toolkit.decompress(blob) == CORPUS * 3
 
 
+def test_adaptation_learns_the_file_and_round_trips(tiny):
+    """Online adaptation of the model's top: fewer bits on repetitive text, exact decode, header says so."""
+    data = CORPUS * 6
+    plain = toolkit.compress(data, codec="lm", model=str(tiny), adapt=0.0, orders=[], **SETTINGS)
+    adapted = toolkit.compress(data, codec="lm", model=str(tiny), adapt=0.5, adapt_every=4, orders=[], **SETTINGS)
+    assert len(adapted) < 0.9 * len(plain)
+    assert toolkit.decompress(adapted) == data
+    h = toolkit.info(adapted)["header"]["config"]
+    assert h["adapt"] == 0.5 and h["adapt_every"] == 4
+
+
+def test_adapter_state_is_per_file(tiny):
+    """Two files coded by one process start from the same weights: the second file's output is unchanged."""
+    first = toolkit.compress(CORPUS * 2, codec="lm", model=str(tiny), adapt=0.5, adapt_every=4, **SETTINGS)
+    toolkit.compress(b"other words entirely, " * 40, codec="lm", model=str(tiny), adapt=0.5, adapt_every=4,
+                     **SETTINGS)
+    again = toolkit.compress(CORPUS * 2, codec="lm", model=str(tiny), adapt=0.5, adapt_every=4, **SETTINGS)
+    assert first == again
+
+
+def test_dtypes_round_trip_and_auto_is_resolved(tiny, tmp_path):
+    """fp32 and bf16 both decode exactly (bf16 in a fresh process); the header holds the dtype used, never auto."""
+    data = CORPUS * 3
+    for dtype in ("float32", "bfloat16"):
+        blob = toolkit.compress(data, codec="lm", model=str(tiny), dtype=dtype, **SETTINGS)
+        assert toolkit.info(blob)["header"]["config"]["dtype"] == dtype
+        assert toolkit.decompress(blob) == data
+    (tmp_path / "bf16.tkz").write_bytes(blob)
+    out = tmp_path / "bf16.out"
+    subprocess.run([sys.executable, "-m", "toolkit", "decompress", str(tmp_path / "bf16.tkz"), "-o", str(out), "-q"],
+                   check=True)
+    assert out.read_bytes() == data
+    auto = toolkit.info(toolkit.compress(data, codec="lm", model=str(tiny), **SETTINGS))["header"]["config"]["dtype"]
+    assert auto in ("float32", "bfloat16")
+
+
 def test_hf_engine_roundtrip(tiny):
     blob = toolkit.compress(CORPUS * 3, codec="lm", model=str(tiny), engine="hf", **SETTINGS)
     assert toolkit.decompress(blob) == CORPUS * 3
+    assert toolkit.info(blob)["header"]["config"]["adapt"] == 0.0  # adaptation trains the lean engine only
 
 
 def test_model_mismatch_is_refused(tmp_path):
@@ -154,6 +191,8 @@ def test_bad_settings(tiny):
         toolkit.compress(CORPUS, codec="lm", model=str(tiny), window=3)
     with pytest.raises(ConfigError):
         toolkit.compress(CORPUS, codec="lm", model=str(tiny), engine="turbo")
+    with pytest.raises(ConfigError, match="adapt"):
+        toolkit.compress(CORPUS, codec="lm", model=str(tiny), adapt=-1.0)
 
 
 SHIPPED = (Path(__file__).parent.parent / "toolkit" / "assets" / "lm-default" / "model.safetensors").exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from toolkit.errors import InputError, ToolkitError
 
-__all__ = ["RIVALS", "run_bench", "format_table", "write_json", "machine", "demo", "sample_files"]
+__all__ = ["RIVALS", "LONG_RIVALS", "run_bench", "format_table", "write_json", "machine", "demo", "sample_files"]
 
 
 def _zstd() -> tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]:
@@ -29,6 +29,15 @@ def _zstd() -> tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]:
 
     return (lambda d: zstandard.ZstdCompressor(level=19).compress(d),
             lambda c, n: zstandard.ZstdDecompressor().decompress(c, max_output_size=n))
+
+
+def _zstd_long() -> tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]:
+    import zstandard
+
+    # what `zstd -19 --long` sets: long-distance matching over a 128 MiB window
+    params = zstandard.ZstdCompressionParameters.from_level(19, enable_ldm=True, window_log=27)
+    return (lambda d: zstandard.ZstdCompressor(compression_params=params).compress(d),
+            lambda c, n: zstandard.ZstdDecompressor(max_window_size=1 << 27).decompress(c, max_output_size=n))
 
 
 def _xz():
@@ -57,6 +66,9 @@ def _ppmd():
 
     return enc, lambda c, n: pyppmd.Ppmd7Decoder(order, mem).decode(c, n)
 
+
+#: rivals for long inputs that only the text benchmark adds (same shape as RIVALS)
+LONG_RIVALS: dict[str, Callable] = {"zstd -19 --long": _zstd_long}
 
 #: rival name -> factory of (compress, decompress(blob, size))
 RIVALS: dict[str, Callable] = {

@@ -65,7 +65,8 @@ def probs_to_freqs(probs: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) ->
         raise ConfigError("probs must have a symbol dimension")
     k = probs.shape[-1]
     total = _check_total(total_bits, k)
-    p = probs.detach().to(torch.float32).clamp_min(0.0)
+    # NaN or inf (a diverged model) must still give a valid table, the same on both sides
+    p = torch.nan_to_num(probs.detach().to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     s = p.sum(dim=-1, keepdim=True)
     uniform = torch.full_like(p, 1.0 / k)
     p = torch.where(s > 0, p / torch.where(s > 0, s, torch.ones_like(s)), uniform)

@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LMCodec", "LMConfig", "load_coding_model", "CodingModel"]
 
 DEFAULT_MODEL = "default"
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclass
@@ -63,10 +63,12 @@ class LMConfig:
     streams: int = 64
     threads: int = 0
     engine: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     orders: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 6])
     gamma: float = 4.0
     contexts: int = 1 << 19
+    adapt: float = 0.1
+    adapt_every: int = 32
 
     def __post_init__(self):
         if not 16 <= self.window <= 1 << 16:
@@ -88,8 +90,18 @@ class LMConfig:
             raise ConfigError(f"gamma must be in 0.01..1000, got {self.gamma}")
         if not 0 <= self.contexts <= 1 << 24:
             raise ConfigError(f"contexts must be in 0..16777216, got {self.contexts}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if not 0 <= self.adapt <= 10:
+            raise ConfigError(f"adapt must be a learning rate in 0..10 (0 turns adaptation off), got {self.adapt}")
+        if not 1 <= self.adapt_every <= 4096:
+            raise ConfigError(f"adapt_every must be in 1..4096 steps, got {self.adapt_every}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+
+
+def _native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic (AMX or AVX512-BF16), where the lean engine runs 1.6x faster in bf16."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(p() for p in probes if p is not None)
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -200,17 +212,27 @@ class _LeanLlama:
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * xf.to(self.dtype)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, top: _Top | None = None) -> torch.Tensor:
+        """Logits of the next token of every stream; ``top`` replaces the last MLP, norm and head.
+
+        The residual stream that enters the last MLP at the predicting
+        position is kept in ``self.top_input`` for :class:`_Adapter`.
+        """
         if self.keep == 0:
-            return self._forward(tokens[:, None], ring=True)
+            return self._forward(tokens[:, None], ring=True, top=top)
         self.history.append(tokens)
         if self.pos >= self.window:
             self.history = self.history[-self.keep :]
             self.pos = 0
-            return self._forward(torch.stack(self.history, dim=1), ring=False)
-        return self._forward(tokens[:, None], ring=False)
+            return self._forward(torch.stack(self.history, dim=1), ring=False, top=top)
+        return self._forward(tokens[:, None], ring=False, top=top)
 
-    def _forward(self, tokens: torch.Tensor, ring: bool) -> torch.Tensor:
+    def top(self) -> _Top:
+        """The weights after the last attention block: last MLP, final norm, output head."""
+        ln1, wqkv, wo, ln2, wgu, wd = self.layers[-1]
+        return _Top(ln2, wgu, wd, self.norm, self.head, self.eps, self.inter)
+
+    def _forward(self, tokens: torch.Tensor, ring: bool, top: _Top | None = None) -> torch.Tensor:
         s, n_new = tokens.shape
         h, kv, d = self.h, self.kv, self.d
         pos0 = self.pos
@@ -246,10 +268,88 @@ class _LeanLlama:
             o = torch.nn.functional.scaled_dot_product_attention(q, keys, vals, is_causal=causal)
             o = o.transpose(1, 2).reshape(s, n_new, h * d)
             x = x + o @ wo.T
+            if i == len(self.layers) - 1:
+                break
             gu = self._rms(x, ln2) @ wgu.T
             x = x + (torch.nn.functional.silu(gu[..., : self.inter]) * gu[..., self.inter :]) @ wd.T
         self.pos += n_new
-        return (self._rms(x[:, -1], self.norm) @ self.head.T).float()
+        self.top_input = x[:, -1]
+        return (top or self.top()).logits(self.top_input).float()
+
+
+@dataclass
+class _Top:
+    """The last MLP block, the final norm and the output head: the part :class:`_Adapter` trains."""
+
+    ln: torch.Tensor
+    wgu: torch.Tensor
+    wd: torch.Tensor
+    norm: torch.Tensor
+    head: torch.Tensor
+    eps: float
+    inter: int
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(weight.dtype)
+
+    def logits(self, r: torch.Tensor) -> torch.Tensor:
+        gu = self._rms(r, self.ln) @ self.wgu.T
+        x = r + (torch.nn.functional.silu(gu[..., : self.inter]) * gu[..., self.inter :]) @ self.wd.T
+        return self._rms(x, self.norm) @ self.head.T
+
+    def params(self) -> list[torch.Tensor]:
+        return [self.ln, self.wgu, self.wd, self.norm, self.head]
+
+
+class _Adapter:
+    """Online adaptation (dynamic evaluation) of the model's top to the file being coded.
+
+    A model trained on other text is refitted, as it codes, to the text it
+    has just coded: every ``every`` lockstep steps, one Adam step on the
+    cross-entropy of the tokens coded in those steps (plain SGD, rate ``adapt``). Only the top is trained
+    (last MLP, final norm and an untied copy of the output head): its input,
+    the residual stream after the last attention, was computed by the forward
+    pass already, so a step costs a forward and backward of the top alone,
+    and on held-out text it gained as much as training every weight. The
+    decoder runs the same steps on the same tokens, so both sides hold the
+    same weights at every step. One adapter lives for one file (one codec
+    instance), like the n-gram table.
+    """
+
+    def __init__(self, base: _Top, lr: float, every: int):
+        with torch.inference_mode(False):
+            self.top = _Top(*(t.detach().clone().float().requires_grad_(True) for t in base.params()),
+                            base.eps, base.inter)
+            # plain SGD: its steps scale with the gradient, so text the model already predicts well
+            # barely moves it (Adam's normalised steps made in-domain validation text 2-7% worse)
+            self.opt = torch.optim.SGD(self.top.params(), lr=lr)
+        self.every = every
+        self.inputs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def observe(self, r: torch.Tensor, targets: list[int], active: list[bool]) -> None:
+        """Record the top's input and the coded token of each active stream; train when a block is full."""
+        keep = [j for j, a in enumerate(active) if a]
+        with torch.inference_mode(False):
+            self.inputs.append(r[keep].clone())
+            self.targets.append(torch.tensor([targets[j] for j in keep], dtype=torch.long))
+        if len(self.inputs) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.inputs:
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            r = torch.cat(self.inputs)
+            y = torch.cat(self.targets)
+            self.inputs, self.targets = [], []
+            loss = torch.nn.functional.cross_entropy(self.top.logits(r).float(), y)
+            if not torch.isfinite(loss):
+                return  # a diverged rate: keep the weights (both sides see the same loss)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -314,12 +414,21 @@ class CodingModel:
     weights_sha256: str
     _engines: dict = dataclasses.field(default_factory=dict, repr=False)
 
+    def engine_kind(self, config: LMConfig) -> str:
+        if config.engine == "auto":
+            return "lean" if _LeanLlama.supports(self.model) else "hf"
+        return config.engine
+
+    def dtype(self, config: LMConfig) -> str:
+        """``dtype=auto``: bf16 for the lean engine on CPUs with bf16 arithmetic, else fp32."""
+        if config.dtype != "auto":
+            return config.dtype
+        return "bfloat16" if self.engine_kind(config) == "lean" and _native_bf16() else "float32"
+
     def engine(self, config: LMConfig) -> Any:
-        dtype = getattr(torch, config.dtype)
-        kind = config.engine
-        if kind == "auto":
-            kind = "lean" if _LeanLlama.supports(self.model) else "hf"
-        key = (kind, config.window, config.keep, config.dtype)
+        kind, name = self.engine_kind(config), self.dtype(config)
+        dtype = getattr(torch, name)
+        key = (kind, config.window, config.keep, name)
         if key in self._engines:  # built once per model: the lean engine copies and fuses the weights
             return self._engines[key]
         if kind == "lean":
@@ -398,6 +507,7 @@ class _NgramMixer:
         self.dense1 = 1 in orders and 0 < alphabet <= self.DENSE_LIMIT
         self.orders = [k for k in orders if not (k == 1 and self.dense1)]
         self.table: dict[tuple, list] = {}
+        self._found: list[list[tuple[tuple, list | None]]] = []
         if self.dense1:
             self.c1 = torch.zeros(alphabet, alphabet, dtype=torch.int32)
             self.n1 = torch.zeros(alphabet, dtype=torch.int64)
@@ -413,23 +523,29 @@ class _NgramMixer:
         cols: list[int] = []
         vals: list[float] = []
         table, gamma = self.table, self.gamma
+        # the contexts looked up here are the ones update() counts into after coding: keep them
+        self._found = found = []
         for j in range(s):
             h = history[j]
+            here: list[tuple[tuple, list | None]] = []
+            found.append(here)
             if not active[j]:
                 continue
             w = 1.0
             for k in reversed(self.orders):  # highest order first: it keeps the most weight
                 if len(h) < k:
                     continue
-                entry = table.get((k, *h[-k:]))
+                key = (k, *h[-k:])
+                entry = table.get(key)
+                here.append((key, entry))
                 if entry is None:
                     continue
                 n, counts = entry
                 lam = n / (n + gamma * len(counts))
                 coef = w * lam / n
                 rows.extend([j] * len(counts))
-                cols.extend(counts.keys())
-                vals.extend(coef * c for c in counts.values())
+                cols.extend(counts)
+                vals.extend([coef * c for c in counts.values()])
                 w *= 1.0 - lam
             scale[j] = w
         w = torch.tensor(scale, dtype=torch.float32)
@@ -462,21 +578,23 @@ class _NgramMixer:
                 self.n1[touched] = rows_.sum(-1, dtype=torch.int64)
                 self.u1[touched] = (rows_ > 0).sum(-1)
         table, room = self.table, len(self.table) < self.max_contexts
+        found = self._found
+        self._found = []
         for j, tok in enumerate(tokens):
             if not active[j]:
                 continue
             h = history[j]
-            for k in self.orders:
-                if len(h) < k:
-                    break
-                key = (k, *h[-k:])
-                entry = table.get(key)
+            for key, entry in found[j]:
                 if entry is None:
-                    if not room:
-                        continue
-                    entry = table[key] = [0, {}]
+                    # another stream may have added this context in this very step
+                    entry = table.get(key)
+                    if entry is None:
+                        if not room:
+                            continue
+                        entry = table[key] = [0, {}]
                 entry[0] += 1
-                entry[1][tok] = entry[1].get(tok, 0) + 1
+                counts = entry[1]
+                counts[tok] = counts.get(tok, 0) + 1
             h.append(tok)
             if len(h) > 64:
                 del h[:-32]
@@ -536,6 +654,8 @@ class LMCodec(Codec):
         self.batch_chunks = self.config.streams
         self._cm: CodingModel | None = None
         self._mixer_state: _NgramMixer | None = None
+        self._adapter_state: _Adapter | None = None
+        self._settings: LMConfig | None = None
         self._threads = threads or self.config.threads or torch.get_num_threads()
 
     @property
@@ -546,6 +666,32 @@ class LMCodec(Codec):
                                             self.coding_model.tokenizer.alphabet)
         return self._mixer_state
 
+    def _adapter(self, engine: Any) -> _Adapter | None:
+        # one adapter per file, like the n-gram table: it carries what it learned across batches
+        if not self.settings.adapt:
+            return None
+        if not isinstance(engine, _LeanLlama):
+            return None  # the header says adapt=0 for such models (config_dict)
+        if self._adapter_state is None:
+            self._adapter_state = _Adapter(engine.top(), self.settings.adapt, self.settings.adapt_every)
+        return self._adapter_state
+
+    @property
+    def settings(self) -> LMConfig:
+        """The config with what depends on the model and machine resolved; the header records this one.
+
+        ``dtype=auto`` is bf16 for the lean engine on CPUs with bf16 arithmetic (it measured
+        the same bits per byte as fp32 on held-out text, 1.6x faster), fp32 otherwise; adaptation
+        trains the lean engine's top, so it is off (0) for models the lean engine does not run.
+        """
+        if self._settings is None:
+            cfg = dataclasses.replace(self.config)
+            cfg.dtype = self.coding_model.dtype(cfg)
+            if self.coding_model.engine_kind(cfg) != "lean":
+                cfg.adapt = 0.0
+            self._settings = cfg
+        return self._settings
+
     @property
     def coding_model(self) -> CodingModel:
         if self._cm is None:
@@ -553,7 +699,7 @@ class LMCodec(Codec):
         return self._cm
 
     def config_dict(self) -> dict:
-        d = dataclasses.asdict(self.config)
+        d = dataclasses.asdict(self.settings)
         d["threads"] = self._threads  # the decoder must use the encoder's thread count
         return d
 
@@ -624,13 +770,16 @@ class LMCodec(Codec):
         torch.set_num_threads(self._threads)
         try:
             with torch.inference_mode():
-                engine = cm.engine(self.config)
+                engine = cm.engine(self.settings)
                 engine.reset(len(streams))
+                adapter = self._adapter(engine)
+                top = adapter.top if adapter is not None else None
                 cur = torch.full((len(streams),), bos, dtype=torch.long)
                 history: list[list[int]] = [[] for _ in streams]
                 mixing = bool(self.config.orders)
                 for t in range(max(lengths)):
-                    logits = engine.step(cur)[:, :alphabet]
+                    logits = engine.step(cur, top)[:, :alphabet] if top is not None else \
+                        engine.step(cur)[:, :alphabet]
                     active = [t < n for n in lengths]
                     if mixing:
                         probs = self._mixer.mix(torch.softmax(logits, dim=-1), history, active)
@@ -654,9 +803,14 @@ class LMCodec(Codec):
                         if costs is not None:
                             costs.setdefault(i, []).append(
                                 entropy.DEFAULT_TOTAL_BITS - math.log2(int(freqs[j, sym])))
+                    coded = nxt.tolist()
+                    if adapter is not None:
+                        adapter.observe(engine.top_input, coded, active)
                     if mixing:
-                        self._mixer.update(history, nxt.tolist(), active)
+                        self._mixer.update(history, coded, active)
                     cur = nxt
+                if adapter is not None:
+                    adapter.flush()
         finally:
             torch.set_num_threads(prev_threads)
         return out

@@ -37,6 +37,7 @@ from toolkit.models.lm import (
     build_lm,
     count_parameters,
     file_sha256,
+    load_lm,
     save_lm,
     weights_sha256,
 )
@@ -213,6 +214,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", type=Path,
+                    help="start from this model directory's weights (fresh optimizer and schedule); "
+                         "its tokenizer is used unless --tokenizer is given")
     return ap.parse_args(argv)
 
 
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     wall0 = time.time()
 
     # Tokenizer: trained once per run dir (or given), so --resume reuses it.
-    tok_path = args.tokenizer or args.run_dir / "tokenizer.json"
+    tok_path = args.tokenizer or (args.init / "tokenizer.json" if args.init else args.run_dir / "tokenizer.json")
     if tok_path.exists():
         tok = ByteTokenizer.load(tok_path)
     else:
@@ -248,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
                     num_layers=args.layers, num_heads=args.heads,
                     intermediate_size=args.intermediate, max_positions=args.seq_len)
     model = build_lm(shape, seed=args.seed)
+    if args.init:
+        init_model, _ = load_lm(args.init)
+        if init_model.config.vocab_size != shape.vocab_size or \
+                init_model.config.hidden_size != shape.hidden_size or \
+                init_model.config.num_hidden_layers != shape.num_layers:
+            raise SystemExit(f"--init model {args.init} does not have the shape {shape.to_dict()}")
+        model.load_state_dict(init_model.state_dict())
+        logger.info("initialised from %s (%s)", args.init, weights_sha256(model)[:12])
     model.train()
     n_params = count_parameters(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -346,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": n_params,
         "shape": shape.to_dict(),
         "training_command": command,
+        "initialised_from": str(args.init) if args.init else None,
         "training": {
             "steps": step, "tokens_seen": tokens_seen, "seq_len": args.seq_len,
             "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
