@@ -108,13 +108,19 @@ def ideal_bits(probs: torch.Tensor, symbols: torch.Tensor) -> float:
     return float(-torch.log2(picked).sum())
 
 
-def freqs_to_table(freqs: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Integer tables as the float64 rows :data:`CATEGORICAL` takes (exact: totals are powers of 2)."""
+def freqs_to_table(freqs: torch.Tensor | np.ndarray, total_bits: int | None = None) -> np.ndarray:
+    """Integer tables as the float64 rows :data:`CATEGORICAL` takes (exact: totals are powers of 2).
+
+    ``total_bits``: every row is known to sum to ``2**total_bits`` (as the
+    tables of :func:`probs_to_freqs` do), which saves summing the rows.
+    """
     f = freqs.numpy() if isinstance(freqs, torch.Tensor) else np.asarray(freqs)
     if f.ndim == 1:
         f = f[None, :]
     # Exact: integers below 2**24 are exact in float64, and the total is a power of 2.
     f = f.astype(np.float64)
+    if total_bits is not None:
+        return f * (1.0 / (1 << total_bits))
     return f / f.sum(axis=-1, keepdims=True)
 
 

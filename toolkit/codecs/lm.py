@@ -306,18 +306,24 @@ class _Adapter:
     """Online adaptation (dynamic evaluation) of the model's top to the file being coded.
 
     A model trained on other text is refitted, as it codes, to the text it
-    has just coded: every ``every`` lockstep steps, one Adam step on the
-    cross-entropy of the tokens coded in those steps (plain SGD, rate ``adapt``). Only the top is trained
-    (last MLP, final norm and an untied copy of the output head): its input,
-    the residual stream after the last attention, was computed by the forward
-    pass already, so a step costs a forward and backward of the top alone,
-    and on held-out text it gained as much as training every weight. The
-    decoder runs the same steps on the same tokens, so both sides hold the
-    same weights at every step. One adapter lives for one file (one codec
-    instance), like the n-gram table.
+    has just coded: every ``every`` lockstep steps, one SGD step (rate
+    ``adapt``) on the cross-entropy of the tokens coded in those steps. Only
+    the top is trained (last MLP, final norm and an untied copy of the output
+    head): its input, the residual stream after the last attention, was
+    computed by the forward pass already, so a step costs a forward and
+    backward of the top alone, and on held-out text it gained as much as
+    training every weight. The decoder runs the same steps on the same
+    tokens, so both sides hold the same weights at every step. One adapter
+    lives for one file (one codec instance), like the n-gram table.
+
+    The trained weights stay in fp32 and the coding steps use them as they
+    are: SGD steps are far below bf16's resolution, and a bf16 copy of the
+    adapted top lost 1.8% on held-out prose. With a bf16 engine the update
+    itself runs under bf16 autocast, which cost nothing measurable.
     """
 
-    def __init__(self, base: _Top, lr: float, every: int):
+    def __init__(self, base: _Top, lr: float, every: int, dtype: torch.dtype):
+        self.dtype = dtype
         with torch.inference_mode(False):
             self.top = _Top(*(t.detach().clone().float().requires_grad_(True) for t in base.params()),
                             base.eps, base.inter)
@@ -340,11 +346,14 @@ class _Adapter:
     def flush(self) -> None:
         if not self.inputs:
             return
+        autocast = torch.autocast("cpu", dtype=self.dtype, enabled=self.dtype != torch.float32)
         with torch.inference_mode(False), torch.enable_grad():
             r = torch.cat(self.inputs)
             y = torch.cat(self.targets)
             self.inputs, self.targets = [], []
-            loss = torch.nn.functional.cross_entropy(self.top.logits(r).float(), y)
+            with autocast:
+                logits = self.top.logits(r)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
             if not torch.isfinite(loss):
                 return  # a diverged rate: keep the weights (both sides see the same loss)
             self.opt.zero_grad(set_to_none=True)
@@ -568,15 +577,15 @@ class _NgramMixer:
 
     def update(self, history: list[list[int]], tokens: list[int], active: list[bool]) -> None:
         if self.dense1:
-            idx = [j for j in range(len(tokens)) if active[j] and history[j]]
-            if idx:
-                prev = torch.tensor([history[j][-1] for j in idx], dtype=torch.long)
-                nxt = torch.tensor([tokens[j] for j in idx], dtype=torch.long)
-                self.c1.index_put_((prev, nxt), torch.ones(len(idx), dtype=torch.int32), accumulate=True)
-                touched = torch.unique(prev)
-                rows_ = self.c1[touched]
-                self.n1[touched] = rows_.sum(-1, dtype=torch.int64)
-                self.u1[touched] = (rows_ > 0).sum(-1)
+            # a few dozen scalar updates: numpy views of the tables beat torch's per-op overhead
+            c1, n1, u1 = self.c1.numpy(), self.n1.numpy(), self.u1.numpy()
+            for j, tok in enumerate(tokens):
+                if active[j] and history[j]:
+                    prev = history[j][-1]
+                    if c1[prev, tok] == 0:
+                        u1[prev] += 1
+                    c1[prev, tok] += 1
+                    n1[prev] += 1
         table, room = self.table, len(self.table) < self.max_contexts
         found = self._found
         self._found = []
@@ -673,7 +682,8 @@ class LMCodec(Codec):
         if not isinstance(engine, _LeanLlama):
             return None  # the header says adapt=0 for such models (config_dict)
         if self._adapter_state is None:
-            self._adapter_state = _Adapter(engine.top(), self.settings.adapt, self.settings.adapt_every)
+            self._adapter_state = _Adapter(engine.top(), self.settings.adapt, self.settings.adapt_every,
+                                           engine.dtype)
         return self._adapter_state
 
     @property
@@ -786,7 +796,7 @@ class LMCodec(Codec):
                         freqs = entropy.probs_to_freqs(probs)
                     else:
                         freqs = entropy.logits_to_freqs(logits)
-                    table = entropy.freqs_to_table(freqs)
+                    table = entropy.freqs_to_table(freqs, entropy.DEFAULT_TOTAL_BITS)
                     nxt = cur.clone()
                     for j, i in enumerate(streams):
                         if t >= lengths[j]:
