@@ -69,6 +69,9 @@ def test_lm_lossless(tmp_path, monkeypatch):
     assert set(rec["lm_bpb"]) == set(rec["xz_bpb"]) == {"code-heldout.py", "prose.txt"}
     for bpb in rec["lm_bpb"].values():
         assert 0 < bpb < 9  # round trip verified inside; incompressible chunks are stored, never blown up
+    v = rec["variant_bpb"]
+    # what the file teaches the codec while it codes: mixing, then adaptation, each lower the cost
+    assert v["+ n-gram mixing"] < v["model alone"] and v["+ adaptation (default)"] < v["+ n-gram mixing"]
 
 
 @pytest.mark.notebook
