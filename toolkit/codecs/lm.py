@@ -172,6 +172,7 @@ class _LeanLlama:
         self.dtype = dtype
         theta = _rope_theta(cfg)
         self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.d, 2, dtype=torch.float64) / self.d))
+        self.cos, self.sin = self._rope(torch.arange(window, dtype=torch.float64))
         m = model.model
 
         def w(t: torch.Tensor) -> torch.Tensor:
@@ -192,6 +193,12 @@ class _LeanLlama:
         self.norm = w(m.norm.weight)
         self.head = w(model.lm_head.weight)
         self.inter = self.layers[0][4].shape[0] // 2 if self.layers else 0
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos and sin ``[L, d]`` at ``positions`` (float64 angles, then the engine's dtype)."""
+        ang = positions[:, None] * self.inv_freq
+        return (torch.cat([ang.cos(), ang.cos()], dim=-1).to(self.dtype),
+                torch.cat([ang.sin(), ang.sin()], dim=-1).to(self.dtype))
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -236,9 +243,10 @@ class _LeanLlama:
         s, n_new = tokens.shape
         h, kv, d = self.h, self.kv, self.d
         pos0 = self.pos
-        ang = torch.arange(pos0, pos0 + n_new, dtype=torch.float64)[:, None] * self.inv_freq
-        cos = torch.cat([ang.cos(), ang.cos()], dim=-1).to(self.dtype)  # [L, d]
-        sin = torch.cat([ang.sin(), ang.sin()], dim=-1).to(self.dtype)
+        if pos0 + n_new <= self.window:  # always, but for the ring buffer's ever-growing positions
+            cos, sin = self.cos[pos0 : pos0 + n_new], self.sin[pos0 : pos0 + n_new]
+        else:
+            cos, sin = self._rope(torch.arange(pos0, pos0 + n_new, dtype=torch.float64))
         if ring:
             slots = slice(pos0 % self.window, pos0 % self.window + 1)
             n_keys = min(pos0 + 1, self.window)
