@@ -125,3 +125,30 @@ def test_shipped_default_lm_matches_manifest() -> None:
     assert lm.count_parameters(model) == entry["parameters"]
     assert model.config.vocab_size == tok.vocab_size
     assert entry["validation"]["bpb"] < 3.0
+
+
+def test_train_lm_continues_from_init(tmp_path, tiny_tok) -> None:
+    """``train_lm --init`` starts from a saved model (not a fresh one) and records it in its manifest."""
+    from toolkit.data.corpus import DOC_SEP
+    from toolkit.models.train_lm import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = DOC_SEP.join([b"hello world, the tokenizer for a tiny model test.\n" * 40] * 4)
+    (corpus / "train.txt").write_bytes(text)
+    (corpus / "val.bin").write_bytes(b"hello world, a tiny model.\n" * 20)
+    (corpus / "sources.json").write_text(json.dumps(
+        {"train_bytes": len(text), "train_sha256": "x", "val_bytes": 540, "sources": []}))
+    init = lm.save_lm(lm.build_lm(TINY, seed=3), tiny_tok, tmp_path / "init")
+    out, manifest = tmp_path / "out", tmp_path / "MANIFEST.json"
+    args = ["--corpus", str(corpus), "--init", str(init), "--out", str(out), "--run-dir", str(tmp_path / "run"),
+            "--manifest", str(manifest), "--minutes", "0.02", "--lr", "1e-9", "--warmup", "1",
+            "--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64", "--seq-len", "32",
+            "--batch", "2", "--threads", "1", "--final-val-windows", "4"]
+    assert main(args) == 0
+    trained, _ = lm.load_lm(out)
+    start, _ = lm.load_lm(init)
+    for a, b in zip(trained.state_dict().values(), start.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)  # a rate of 1e-9 leaves the init weights in place
+    entry = json.loads(manifest.read_text())["lm-default"]
+    assert entry["initialised_from"] == str(init) and entry["training"]["steps"] >= 1
