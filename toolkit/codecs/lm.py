@@ -65,7 +65,7 @@ class LMConfig:
     engine: str = "auto"
     dtype: str = "auto"
     orders: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 6])
-    gamma: float = 4.0
+    gamma: float = 8.0
     contexts: int = 1 << 19
     adapt: float = 0.1
     adapt_every: int = 32
