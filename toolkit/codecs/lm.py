@@ -214,11 +214,6 @@ class _LeanLlama:
         self.pos = 0
         self.history: list[torch.Tensor] = []
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(self.dtype)
-
     def step(self, tokens: torch.Tensor, top: _Top | None = None) -> torch.Tensor:
         """Logits of the next token of every stream; ``top`` replaces the last MLP, norm and head.
 
@@ -260,7 +255,7 @@ class _LeanLlama:
         causal = n_new > 1
         x = self.embed[tokens]  # [S, L, H]
         for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
-            qkv = self._rms(x, ln1) @ wqkv.T
+            qkv = _rms(x, ln1, self.eps) @ wqkv.T
             q = qkv[..., : h * d].view(s, n_new, h, d).transpose(1, 2)
             k = qkv[..., h * d : (h + kv) * d].view(s, n_new, kv, d).transpose(1, 2)
             v = qkv[..., (h + kv) * d :].view(s, n_new, kv, d).transpose(1, 2)
@@ -278,7 +273,7 @@ class _LeanLlama:
             x = x + o @ wo.T
             if i == len(self.layers) - 1:
                 break
-            gu = self._rms(x, ln2) @ wgu.T
+            gu = _rms(x, ln2, self.eps) @ wgu.T
             x = x + (torch.nn.functional.silu(gu[..., : self.inter]) * gu[..., self.inter :]) @ wd.T
         self.pos += n_new
         self.top_input = x[:, -1]
@@ -297,14 +292,10 @@ class _Top:
     eps: float
     inter: int
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(weight.dtype)
-
     def logits(self, r: torch.Tensor) -> torch.Tensor:
-        gu = self._rms(r, self.ln) @ self.wgu.T
+        gu = _rms(r, self.ln, self.eps) @ self.wgu.T
         x = r + (torch.nn.functional.silu(gu[..., : self.inter]) * gu[..., self.inter :]) @ self.wd.T
-        return self._rms(x, self.norm) @ self.head.T
+        return _rms(x, self.norm, self.eps) @ self.head.T
 
     def params(self) -> list[torch.Tensor]:
         return [self.ln, self.wgu, self.wd, self.norm, self.head]
@@ -367,6 +358,12 @@ class _Adapter:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: normalised in fp32, scaled in the weight's dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -685,10 +682,8 @@ class LMCodec(Codec):
 
     def _adapter(self, engine: Any) -> _Adapter | None:
         # one adapter per file, like the n-gram table: it carries what it learned across batches
-        if not self.settings.adapt:
+        if not self.settings.adapt:  # always 0 for models the lean engine does not run
             return None
-        if not isinstance(engine, _LeanLlama):
-            return None  # the header says adapt=0 for such models (config_dict)
         if self._adapter_state is None:
             self._adapter_state = _Adapter(engine.top(), self.settings.adapt, self.settings.adapt_every,
                                            engine.dtype)
