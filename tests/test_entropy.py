@@ -110,3 +110,22 @@ def test_symbol_out_of_range_is_an_error():
 def test_ideal_bits_matches_log2():
     p = torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.25, 0.25]])
     assert math.isclose(E.ideal_bits(p, torch.tensor([0, 2])), 3.0)
+
+
+def test_probs_to_table_equals_the_general_path():
+    from toolkit.codecs.entropy import freqs_to_table, probs_to_freqs, probs_to_table
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.softmax(torch.randn(16, 4096, generator=g) * 6, dim=-1)
+    clean[3] = 0.0
+    clean[3, 7] = 1.0  # one certain symbol: the remainder lands on it
+    clean[5] *= 3.0  # rows need not be normalised
+    dirty = clean.clone()
+    dirty[2, 11] = float("nan")
+    dirty[4] = 0.0  # all zero: uniform
+    dirty[6, 0] = -1.0
+    for probs in (clean, dirty):
+        want = freqs_to_table(probs_to_freqs(probs), 24)
+        got = probs_to_table(probs)
+        assert got.dtype == np.float64 and np.array_equal(got, want)
+        assert np.allclose(got.sum(axis=-1), 1.0, atol=0)

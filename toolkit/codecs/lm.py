@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LMCodec", "LMConfig", "load_coding_model", "CodingModel"]
 
 DEFAULT_MODEL = "default"
-_VERSION = 2
+_VERSION = 3
 
 
 @dataclass
@@ -60,7 +60,9 @@ class LMConfig:
     window: int = 256
     keep: int = 64
     segment: int = 16384
-    streams: int = 64
+    streams: int = 128
+    batch: int = 0
+    piece: int = 1024
     threads: int = 0
     engine: str = "auto"
     dtype: str = "auto"
@@ -68,7 +70,8 @@ class LMConfig:
     gamma: float = 8.0
     contexts: int = 1 << 19
     adapt: float = 0.1
-    adapt_every: int = 32
+    adapt_tokens: int = 256
+    adapt_rows: int = 2
 
     def __post_init__(self):
         if not 16 <= self.window <= 1 << 16:
@@ -79,6 +82,13 @@ class LMConfig:
             raise ConfigError(f"segment must be in 256..16777216 bytes, got {self.segment}")
         if not 1 <= self.streams <= 1024:
             raise ConfigError(f"streams must be in 1..1024, got {self.streams}")
+        if not 0 <= self.piece <= 1 << 24:
+            raise ConfigError(f"piece must be in 0..16777216 tokens (0: one stream per segment), got {self.piece}")
+        if self.batch == 0:
+            # room to split: a batch of half as many segments as streams lets each long segment take two
+            self.batch = max(1, self.streams // 2) if self.piece else self.streams
+        if not 1 <= self.batch <= self.streams:
+            raise ConfigError(f"batch must be in 1..streams ({self.streams}) segments, got {self.batch}")
         if not 0 <= self.threads <= 256:
             raise ConfigError(f"threads must be in 0..256, got {self.threads}")
         if self.engine not in ("auto", "lean", "hf"):
@@ -92,8 +102,10 @@ class LMConfig:
             raise ConfigError(f"contexts must be in 0..16777216, got {self.contexts}")
         if not 0 <= self.adapt <= 10:
             raise ConfigError(f"adapt must be a learning rate in 0..10 (0 turns adaptation off), got {self.adapt}")
-        if not 1 <= self.adapt_every <= 4096:
-            raise ConfigError(f"adapt_every must be in 1..4096 steps, got {self.adapt_every}")
+        if not 1 <= self.adapt_tokens <= 1 << 20:
+            raise ConfigError(f"adapt_tokens must be in 1..1048576 (tokens per SGD step), got {self.adapt_tokens}")
+        if not 1 <= self.adapt_rows <= 64:
+            raise ConfigError(f"adapt_rows must be in 1..64 (train on every n-th stream), got {self.adapt_rows}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -214,6 +226,12 @@ class _LeanLlama:
         self.pos = 0
         self.history: list[torch.Tensor] = []
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these streams (rows of the batch), in this order: finished streams leave the batch."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.history = [h[rows] for h in self.history]
+
     def step(self, tokens: torch.Tensor, top: _Top | None = None) -> torch.Tensor:
         """Logits of the next token of every stream; ``top`` replaces the last MLP, norm and head.
 
@@ -305,8 +323,15 @@ class _Adapter:
     """Online adaptation (dynamic evaluation) of the model's top to the file being coded.
 
     A model trained on other text is refitted, as it codes, to the text it
-    has just coded: every ``every`` lockstep steps, one SGD step (rate
-    ``adapt``) on the cross-entropy of the tokens coded in those steps. Only
+    has just coded: once ``adapt_tokens`` coded tokens are recorded (at the
+    end of a lockstep step), one SGD step (rate ``adapt``) on their
+    cross-entropy. With ``adapt_rows`` n > 1 only every n-th stream's token
+    of a step is recorded (rotating by step): the update is most of the
+    codec's cost at many streams, and halving it cost 0.2% on held-out text.
+    The step size in tokens rather than lockstep steps keeps the number of
+    updates per coded token the same whatever the number of streams
+    (256 tokens per step was best on held-out licences: 96 and 1024 were
+    worse). Only
     the top is trained (last MLP, final norm and an untied copy of the output
     head): its input, the residual stream after the last attention, was
     computed by the forward pass already, so a step costs a forward and
@@ -321,7 +346,7 @@ class _Adapter:
     itself runs under bf16 autocast, which cost nothing measurable.
     """
 
-    def __init__(self, base: _Top, lr: float, every: int, dtype: torch.dtype):
+    def __init__(self, base: _Top, lr: float, tokens: int, rows: int, dtype: torch.dtype):
         self.dtype = dtype
         with torch.inference_mode(False):
             self.top = _Top(*(t.detach().clone().float().requires_grad_(True) for t in base.params()),
@@ -329,17 +354,21 @@ class _Adapter:
             # plain SGD: its steps scale with the gradient, so text the model already predicts well
             # barely moves it (Adam's normalised steps made in-domain validation text 2-7% worse)
             self.opt = torch.optim.SGD(self.top.params(), lr=lr)
-        self.every = every
+        self.tokens, self.rows = tokens, rows
+        self.seen = self.pending = 0
         self.inputs: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
 
     def observe(self, r: torch.Tensor, targets: list[int], active: list[bool]) -> None:
         """Record the top's input and the coded token of each active stream; train when a block is full."""
-        keep = [j for j, a in enumerate(active) if a]
+        # with ``rows`` n > 1, every n-th active stream, starting one further at each step
+        keep = [j for j, a in enumerate(active) if a][self.seen % self.rows :: self.rows]
+        self.seen += 1
         with torch.inference_mode(False):
             self.inputs.append(r[keep].clone())
             self.targets.append(torch.tensor([targets[j] for j in keep], dtype=torch.long))
-        if len(self.inputs) >= self.every:
+        self.pending += len(keep)
+        if self.pending >= self.tokens:
             self.flush()
 
     def flush(self) -> None:
@@ -349,7 +378,7 @@ class _Adapter:
         with torch.inference_mode(False), torch.enable_grad():
             r = torch.cat(self.inputs)
             y = torch.cat(self.targets)
-            self.inputs, self.targets = [], []
+            self.inputs, self.targets, self.pending = [], [], 0
             with autocast:
                 logits = self.top.logits(r)
             loss = torch.nn.functional.cross_entropy(logits.float(), y)
@@ -633,6 +662,54 @@ def looks_like_text(chunk: bytes) -> bool:
     return bad * 100 <= n
 
 
+# --------------------------------------------------------------------------- stream plan
+def plan_pieces(lengths: list[int], streams: int, piece: int, slack: float = 1.1) -> list[int]:
+    """How many streams (pieces) each segment's tokens are cut into, from the token counts alone.
+
+    The lockstep loop runs as many steps as its longest stream, so one
+    segment with twice the tokens of the others (text the tokenizer splits
+    finely) would leave most streams idle for half the run. Segments longer
+    than ``slack`` times the mean are cut into near-equal pieces of at most
+    that length, but never shorter than ``piece`` tokens (a piece starts
+    with an empty window; 0 turns splitting off), and never into more than
+    ``streams`` streams in all (the piece length grows until they fit).
+    A batch of fewer than ``streams / 2`` segments is cut further, into
+    pieces of ``2 * total / streams`` tokens, so that small files run a
+    batch wide enough to be fast. The decoder knows every count before it starts (payloads carry theirs;
+    declined segments are re-tokenized), so it derives the same plan.
+    """
+    if not lengths:
+        return []
+    if piece <= 0 or len(lengths) >= streams:
+        return [1] * len(lengths)
+
+    def ks(t: int) -> list[int]:
+        return [max(1, -(-n // t)) for n in lengths]
+
+    if 2 * len(lengths) >= streams:
+        t = max(piece, math.ceil(slack * sum(lengths) / len(lengths)), 1)
+    else:
+        # a small batch (a small file, or a file's last batch): cut every segment so that
+        # the batch fills half the streams, where pieces of ``piece`` tokens allow
+        t = max(piece, math.ceil(2 * sum(lengths) / streams), 1)
+    if sum(ks(t)) > streams:
+        lo, hi = t, max(lengths)  # ks(max) is one piece each, which fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(ks(mid)) <= streams:
+                hi = mid
+            else:
+                lo = mid + 1
+        t = lo
+    return ks(t)
+
+
+def _cuts(n: int, k: int) -> list[tuple[int, int]]:
+    """``k`` near-equal consecutive ranges covering ``0..n``."""
+    edges = [n * p // k for p in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 # --------------------------------------------------------------------------- the codec
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -665,7 +742,7 @@ class LMCodec(Codec):
     def __init__(self, config: LMConfig | None = None, threads: int | None = None):
         super().__init__(config)
         self.chunk_size = self.config.segment
-        self.batch_chunks = self.config.streams
+        self.batch_chunks = self.config.batch
         self._cm: CodingModel | None = None
         self._mixer_state: _NgramMixer | None = None
         self._adapter_state: _Adapter | None = None
@@ -685,7 +762,8 @@ class LMCodec(Codec):
         if not self.settings.adapt:  # always 0 for models the lean engine does not run
             return None
         if self._adapter_state is None:
-            self._adapter_state = _Adapter(engine.top(), self.settings.adapt, self.settings.adapt_every,
+            self._adapter_state = _Adapter(engine.top(), self.settings.adapt, self.settings.adapt_tokens,
+                                           self.settings.adapt_rows,
                                            engine.dtype)
         return self._adapter_state
 
@@ -748,7 +826,7 @@ class LMCodec(Codec):
         part = sample[:4096]
         if len(part) < 512 or not looks_like_text(part):
             return None
-        codec = cls(LMConfig(streams=4, segment=1024))
+        codec = cls(LMConfig(streams=4, batch=4, segment=1024))
         try:
             _ = codec.coding_model
         except ModelMismatchError:
@@ -790,19 +868,31 @@ class LMCodec(Codec):
                 cur = torch.full((len(streams),), bos, dtype=torch.long)
                 history: list[list[int]] = [[] for _ in streams]
                 mixing = bool(self.config.orders)
+                # finished streams leave the batch once a quarter of it is done (engines that can drop
+                # rows): the steps that remain cost what the live streams need. Both sides know every
+                # length, so they drop the same rows at the same step.
+                compact = hasattr(engine, "select")
+                rows = list(range(len(streams)))  # engine row -> index into streams
                 for t in range(max(lengths)):
+                    if compact:
+                        live = [j for j, r in enumerate(rows) if t < lengths[r]]
+                        if len(live) * 4 <= len(rows) * 3:
+                            engine.select(torch.tensor(live, dtype=torch.long))
+                            cur = cur[live]
+                            history = [history[j] for j in live]
+                            rows = [rows[j] for j in live]
                     logits = engine.step(cur, top)[:, :alphabet] if top is not None else \
                         engine.step(cur)[:, :alphabet]
-                    active = [t < n for n in lengths]
+                    active = [t < lengths[r] for r in rows]
                     if mixing:
                         probs = self._mixer.mix(torch.softmax(logits, dim=-1), history, active)
-                        freqs = entropy.probs_to_freqs(probs)
+                        table = entropy.probs_to_table(probs)
                     else:
-                        freqs = entropy.logits_to_freqs(logits)
-                    table = entropy.freqs_to_table(freqs, entropy.DEFAULT_TOTAL_BITS)
+                        table = entropy.freqs_to_table(entropy.logits_to_freqs(logits), entropy.DEFAULT_TOTAL_BITS)
                     nxt = cur.clone()
-                    for j, i in enumerate(streams):
-                        if t >= lengths[j]:
+                    for j, r in enumerate(rows):
+                        i = streams[r]
+                        if t >= lengths[r]:
                             continue
                         if i in decoders:
                             sym = int(decoders[i][0].decode(entropy.CATEGORICAL, table[j : j + 1])[0])
@@ -814,8 +904,7 @@ class LMCodec(Codec):
                                                    table[j : j + 1])
                         nxt[j] = sym
                         if costs is not None:
-                            costs.setdefault(i, []).append(
-                                entropy.DEFAULT_TOTAL_BITS - math.log2(int(freqs[j, sym])))
+                            costs.setdefault(i, []).append(-math.log2(float(table[j, sym])))
                     coded = nxt.tolist()
                     if adapter is not None:
                         adapter.observe(engine.top_input, coded, active)
@@ -828,6 +917,12 @@ class LMCodec(Codec):
             torch.set_num_threads(prev_threads)
         return out
 
+    def _pieces(self, lengths: dict[int, int]) -> list[tuple[int, int, int]]:
+        """The streams of a batch as ``(segment, start, end)`` token ranges, in segment order."""
+        order = sorted(lengths)
+        ks = plan_pieces([lengths[i] for i in order], self.settings.streams, self.settings.piece)
+        return [(i, a, b) for i, k in zip(order, ks, strict=True) for a, b in _cuts(lengths[i], k)]
+
     def token_costs(self, data: bytes) -> list[tuple[bytes, float]]:
         """Each token of ``data`` with the bits the codec spends on it (exact table costs).
 
@@ -838,26 +933,33 @@ class LMCodec(Codec):
         out: list[tuple[bytes, float]] = []
         tok = self.coding_model.tokenizer
         for b in range(0, len(chunks), self.batch_chunks):
-            batch = chunks[b : b + self.batch_chunks]
-            tokens = self._tokens(batch)
+            tokens = self._tokens(chunks[b : b + self.batch_chunks])
+            pieces = self._pieces({i: len(t) for i, t in enumerate(tokens) if t is not None})
             costs: dict[int, list[float]] = {}
-            self._run(tokens, {}, {}, costs)
-            for i, ids in enumerate(tokens):
-                if ids is not None:
-                    out.extend((tok.decode([t]), c) for t, c in zip(ids, costs[i], strict=True))
+            self._run([tokens[i][a:e] for i, a, e in pieces], {}, {}, costs)
+            for s, (i, a, e) in enumerate(pieces):
+                out.extend((tok.decode([t]), c) for t, c in zip(tokens[i][a:e], costs.get(s, []), strict=True))
         return out
 
     # -- codec interface -----------------------------------------------------------
+    # payload of a coded segment: varint(tokens) varint(pieces) varint(words of each piece but the last)
+    # then the range coder's 32-bit words of every piece, in order
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         tokens = self._tokens(chunks)
-        encoders = {i: constriction.stream.queue.RangeEncoder() for i, t in enumerate(tokens) if t is not None}
-        self._run(tokens, {}, encoders)
+        pieces = self._pieces({i: len(t) for i, t in enumerate(tokens) if t is not None})
+        encoders = {s: constriction.stream.queue.RangeEncoder() for s in range(len(pieces))}
+        self._run([tokens[i][a:e] for i, a, e in pieces], {}, encoders)
+        words: dict[int, list[bytes]] = {}
+        for s, (i, _, _) in enumerate(pieces):
+            words.setdefault(i, []).append(encoders[s].get_compressed().tobytes())
         out: list[bytes | None] = []
         for i, c in enumerate(chunks):
             if tokens[i] is None:
                 out.append(None)
                 continue
-            payload = _varint(len(tokens[i])) + encoders[i].get_compressed().tobytes()
+            parts = words[i]
+            payload = _varint(len(tokens[i])) + _varint(len(parts)) + \
+                b"".join(_varint(len(w) // 4) for w in parts[:-1]) + b"".join(parts)
             # the model lost to a quick zstd: let the container store it that way
             if len(payload) >= len(zstandard.ZstdCompressor(level=3).compress(c)):
                 out.append(None)
@@ -868,23 +970,53 @@ class LMCodec(Codec):
     def decode_chunks(self, payloads: list[bytes | None], sizes: list[int],
                       known: list[bytes | None]) -> list[bytes]:
         replay = self._tokens([k if k is not None else b"" for k in known])
-        tokens: list[list[int] | None] = [None] * len(payloads)
-        decoders: dict[int, tuple[Any, int]] = {}
+        lengths: dict[int, int] = {}
+        parsed: dict[int, list[np.ndarray]] = {}
         for i, p in enumerate(payloads):
             if p is None:
-                tokens[i] = replay[i]
+                if replay[i] is not None:
+                    lengths[i] = len(replay[i])
                 continue
             n, used = _read_varint(p)
             if n > sizes[i]:
                 raise FormatError(f"LM payload claims {n} tokens for {sizes[i]} bytes")
+            k, u = _read_varint(p[used:])
+            used += u
+            if not 1 <= k <= max(1, n):
+                raise FormatError(f"LM payload claims {k} pieces for {n} tokens")
+            counts = []
+            for _ in range(k - 1):
+                c, u = _read_varint(p[used:])
+                used += u
+                counts.append(c)
             words = p[used:]
-            if len(words) % 4:
-                raise FormatError("LM payload is not a whole number of 32-bit words")
-            decoders[i] = (constriction.stream.queue.RangeDecoder(np.frombuffer(words, dtype=np.uint32).copy()), n)
+            if len(words) % 4 or 4 * sum(counts) > len(words):
+                raise FormatError("LM payload is not a whole number of 32-bit words per piece")
+            arr = np.frombuffer(words, dtype=np.uint32)
+            edges = np.cumsum([0, *counts, len(arr) - sum(counts)])
+            parsed[i] = [arr[edges[j] : edges[j + 1]].copy() for j in range(k)]
+            lengths[i] = n
+        pieces = self._pieces(lengths)
+        planned: dict[int, int] = {}
+        for i, _, _ in pieces:
+            planned[i] = planned.get(i, 0) + 1
+        tokens: list[list[int] | None] = []
+        decoders: dict[int, tuple[Any, int]] = {}
+        part: dict[int, int] = {}
+        for s, (i, a, e) in enumerate(pieces):
+            if i not in parsed:
+                tokens.append(replay[i][a:e])  # type: ignore[index]
+                continue
+            if len(parsed[i]) != planned[i]:
+                raise FormatError(f"LM payload has {len(parsed[i])} pieces where the plan has {planned[i]}")
+            j = part[i] = part.get(i, -1) + 1
+            tokens.append(None)
+            decoders[s] = (constriction.stream.queue.RangeDecoder(parsed[i][j]), e - a)
         decoded = self._run(tokens, decoders, {})
+        ids: dict[int, list[int]] = {}
+        for s, (i, _, _) in enumerate(pieces):
+            if s in decoded:
+                ids.setdefault(i, []).extend(decoded[s])
         tok = self.coding_model.tokenizer
-        out = []
-        for i, p in enumerate(payloads):
-            out.append(known[i] if p is None else tok.decode(decoded[i]))
-        return out
+        return [known[i] if p is None else tok.decode(ids.get(i, [])) for i, p in enumerate(payloads)]
 
