@@ -71,7 +71,7 @@ def test_lm_lossless(tmp_path, monkeypatch):
         assert 0 < bpb < 9  # round trip verified inside; incompressible chunks are stored, never blown up
     v = rec["variant_bpb"]
     # what the file teaches the codec while it codes: mixing, then adaptation, each lower the cost
-    assert v["+ n-gram mixing"] < v["model alone"] and v["+ adaptation (default)"] < v["+ n-gram mixing"]
+    assert v["+ n-gram mixing"] < v["model alone"] and v["+ adaptation"] < v["+ n-gram mixing"]
 
 
 @pytest.mark.notebook
