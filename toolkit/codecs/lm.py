@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -675,8 +676,9 @@ def plan_pieces(lengths: list[int], streams: int, piece: int, slack: float = 1.1
     ``streams`` streams in all (the piece length grows until they fit).
     A batch of fewer than ``streams / 2`` segments is cut further, into
     pieces of ``2 * total / streams`` tokens, so that small files run a
-    batch wide enough to be fast. The decoder knows every count before it starts (payloads carry theirs;
-    declined segments are re-tokenized), so it derives the same plan.
+    batch wide enough to be fast. The decoder knows every count before it
+    starts (payloads carry theirs; declined segments are re-tokenized), so
+    it derives the same plan.
     """
     if not lengths:
         return []
@@ -891,9 +893,9 @@ class LMCodec(Codec):
                         table = entropy.freqs_to_table(entropy.logits_to_freqs(logits), entropy.DEFAULT_TOTAL_BITS)
                     nxt = cur.clone()
                     for j, r in enumerate(rows):
-                        i = streams[r]
-                        if t >= lengths[r]:
+                        if not active[j]:
                             continue
+                        i = streams[r]
                         if i in decoders:
                             sym = int(decoders[i][0].decode(entropy.CATEGORICAL, table[j : j + 1])[0])
                             out[i].append(sym)
@@ -923,6 +925,11 @@ class LMCodec(Codec):
         ks = plan_pieces([lengths[i] for i in order], self.settings.streams, self.settings.piece)
         return [(i, a, b) for i, k in zip(order, ks, strict=True) for a, b in _cuts(lengths[i], k)]
 
+    def _split(self, tokens: list[list[int] | None]) -> tuple[list[tuple[int, int, int]], list[list[int]]]:
+        """The plan of a batch whose tokens are all known, and each stream's tokens."""
+        pieces = self._pieces({i: len(t) for i, t in enumerate(tokens) if t is not None})
+        return pieces, [tokens[i][a:e] for i, a, e in pieces]  # type: ignore[index]
+
     def token_costs(self, data: bytes) -> list[tuple[bytes, float]]:
         """Each token of ``data`` with the bits the codec spends on it (exact table costs).
 
@@ -933,12 +940,11 @@ class LMCodec(Codec):
         out: list[tuple[bytes, float]] = []
         tok = self.coding_model.tokenizer
         for b in range(0, len(chunks), self.batch_chunks):
-            tokens = self._tokens(chunks[b : b + self.batch_chunks])
-            pieces = self._pieces({i: len(t) for i, t in enumerate(tokens) if t is not None})
+            pieces, streams = self._split(self._tokens(chunks[b : b + self.batch_chunks]))
             costs: dict[int, list[float]] = {}
-            self._run([tokens[i][a:e] for i, a, e in pieces], {}, {}, costs)
-            for s, (i, a, e) in enumerate(pieces):
-                out.extend((tok.decode([t]), c) for t, c in zip(tokens[i][a:e], costs.get(s, []), strict=True))
+            self._run(streams, {}, {}, costs)
+            for s, ids in enumerate(streams):
+                out.extend((tok.decode([t]), c) for t, c in zip(ids, costs.get(s, []), strict=True))
         return out
 
     # -- codec interface -----------------------------------------------------------
@@ -946,9 +952,9 @@ class LMCodec(Codec):
     # then the range coder's 32-bit words of every piece, in order
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         tokens = self._tokens(chunks)
-        pieces = self._pieces({i: len(t) for i, t in enumerate(tokens) if t is not None})
+        pieces, streams = self._split(tokens)
         encoders = {s: constriction.stream.queue.RangeEncoder() for s in range(len(pieces))}
-        self._run([tokens[i][a:e] for i, a, e in pieces], {}, encoders)
+        self._run(streams, {}, encoders)
         words: dict[int, list[bytes]] = {}
         for s, (i, _, _) in enumerate(pieces):
             words.setdefault(i, []).append(encoders[s].get_compressed().tobytes())
@@ -997,21 +1003,19 @@ class LMCodec(Codec):
             parsed[i] = [arr[edges[j] : edges[j + 1]].copy() for j in range(k)]
             lengths[i] = n
         pieces = self._pieces(lengths)
-        planned: dict[int, int] = {}
-        for i, _, _ in pieces:
-            planned[i] = planned.get(i, 0) + 1
+        planned = Counter(i for i, _, _ in pieces)
+        for i, words_of in parsed.items():
+            if len(words_of) != planned[i]:
+                raise FormatError(f"LM payload has {len(words_of)} pieces where the plan has {planned[i]}")
         tokens: list[list[int] | None] = []
         decoders: dict[int, tuple[Any, int]] = {}
-        part: dict[int, int] = {}
         for s, (i, a, e) in enumerate(pieces):
             if i not in parsed:
                 tokens.append(replay[i][a:e])  # type: ignore[index]
                 continue
-            if len(parsed[i]) != planned[i]:
-                raise FormatError(f"LM payload has {len(parsed[i])} pieces where the plan has {planned[i]}")
-            j = part[i] = part.get(i, -1) + 1
             tokens.append(None)
-            decoders[s] = (constriction.stream.queue.RangeDecoder(parsed[i][j]), e - a)
+            # pieces of a segment come in order: the first not yet taken is this one
+            decoders[s] = (constriction.stream.queue.RangeDecoder(parsed[i].pop(0)), e - a)
         decoded = self._run(tokens, decoders, {})
         ids: dict[int, list[int]] = {}
         for s, (i, _, _) in enumerate(pieces):
