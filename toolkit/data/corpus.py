@@ -30,8 +30,10 @@ import hashlib
 import json
 import logging
 import random
+import re
 import subprocess
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,38 @@ def _fortunes() -> Iterator[tuple[str, bytes]]:
             yield p.name, p.read_bytes()
 
 
+AUSTEN = Path("/usr/lib/R/site-library/janeaustenr/data")
+#: A chapter heading of the Austen novels: documents are chapters, so the validation split
+#: takes a few chapters rather than one whole novel.
+_CHAPTER = re.compile(rb"\n(?=(?:CHAPTER|Chapter) [0-9IVXLC]+\b)")
+
+
+def _austen() -> Iterator[tuple[str, bytes]]:
+    """Jane Austen's six novels (narrative prose), one document per chapter.
+
+    The R package keeps them as character vectors (one line each) in a lazy-load
+    database: ``Rdata.rdx`` indexes ``Rdata.rdb``, whose records are a 4-byte length
+    and a zlib stream of R's serialization, which the ``rdata`` library parses.
+    """
+    import zlib
+
+    import rdata  # the corpus extra: reads R's serialization format
+
+    def load(blob: bytes):
+        with warnings.catch_warnings():  # it warns that an in-memory blob has no file name to check
+            warnings.simplefilter("ignore", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(blob))
+
+    index = load(gzip.decompress((AUSTEN / "Rdata.rdx").read_bytes()))
+    db = (AUSTEN / "Rdata.rdb").read_bytes()
+    for name in sorted(index["variables"]):
+        off, size = (int(x) for x in index["variables"][name])
+        lines = load(zlib.decompress(db[off + 4 : off + size]))
+        text = "\n".join(str(x) for x in lines).encode("utf-8") + b"\n"
+        for k, chapter in enumerate(_CHAPTER.split(text)):
+            yield f"{name}/{k:03d}", chapter
+
+
 def _debian_reference() -> Iterator[tuple[str, bytes]]:
     # The package ships a plain-text rendering beside the HTML and PDF.
     p = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
@@ -206,6 +240,7 @@ def training_sources(linux_cache: Path) -> list[Source]:
                10 * MIB, extra={"also": "manpages-dev"}),
         Source("fortunes", "fortunes", "BSD (package); quotations of various origin", _fortunes),
         Source("debian-reference", "debian-reference-en", "GPL-2.0+", _debian_reference),
+        Source("austen", "r-cran-janeaustenr", "public domain text (package MIT)", _austen),
         Source("linux", "linux-source-6.1", "GPL-2.0 (some files dual BSD/MIT)",
                _linux_train(linux_cache), 20 * MIB,
                extra={"excluded_subtree": LINUX_TRAIN_EXCLUDE}),
