@@ -101,6 +101,36 @@ def test_adaptation_learns_the_file_and_round_trips(tiny):
     assert h["adapt"] == 0.5 and h["adapt_tokens"] == 12
 
 
+def test_adapter_head_step_is_the_cross_entropy_gradient_step():
+    """The closed-form head update equals an SGD step on autograd's gradient of the mean cross-entropy."""
+    from toolkit.codecs.lm import _Adapter, _Top
+
+    g = torch.Generator().manual_seed(0)
+    hid, inter, vocab = 16, 24, 40
+    base = _Top(1 + 0.1 * torch.randn(hid, generator=g), torch.randn(2 * inter, hid, generator=g) / 4,
+                torch.randn(hid, inter, generator=g) / 5, 1 + 0.1 * torch.randn(hid, generator=g),
+                torch.randn(vocab, hid, generator=g), 1e-5, inter)
+    adapter = _Adapter(base, lr=0.3, tokens=1000, rows=1, dtype=torch.float32)
+    steps = [torch.randn(5, hid, generator=g) for _ in range(3)]
+    targets = [torch.randint(0, vocab - 1, (5,), generator=g).tolist() for _ in steps]
+    active = [True, True, False, True, True]  # a finished stream's row is not trained on
+    for r, y in zip(steps, targets):
+        logits = adapter.logits(r)[:, : vocab - 1]  # the coder's alphabet stops short of the head
+        adapter.observe(torch.softmax(logits, -1), y, active)
+    adapter.flush()
+
+    head = base.head.clone().requires_grad_(True)
+    keep = [j for j, a in enumerate(active) if a]
+    r = torch.cat([s[keep] for s in steps])
+    y = torch.tensor([t[j] for t in targets for j in keep])
+    loss = torch.nn.functional.cross_entropy((base.hidden(r) @ head.T)[:, : vocab - 1], y)
+    loss.backward()
+    want = base.head - 0.3 * head.grad
+    assert torch.allclose(adapter.master, want, atol=1e-6)
+    assert not torch.equal(adapter.master, base.head)
+    assert torch.equal(adapter.master[-1], base.head[-1])  # the uncoded last row never moves
+
+
 def test_adapter_state_is_per_file(tiny):
     """Two files coded by one process start from the same weights: the second file's output is unchanged."""
     first = toolkit.compress(CORPUS * 2, codec="lm", model=str(tiny), adapt=0.5, adapt_tokens=12, **SETTINGS)

@@ -392,8 +392,8 @@ class _Adapter:
         g, h = torch.cat(self._grads), torch.cat(self._inputs)
         n = self.pending
         self._grads, self._inputs, self.pending = [], [], 0
-        grad = (g.to(h.dtype).T @ h).float()
-        if not torch.isfinite(grad).all():
+        grad = g.to(h.dtype).T @ h
+        if not torch.isfinite(grad.sum()):  # one pass: a NaN or inf anywhere makes the sum one
             return  # keep the weights (both sides see the same numbers)
         # the coder's alphabet may stop short of the head (a BOS row that is never coded)
         self.master[: grad.shape[0]].add_(grad, alpha=-self.lr / n)
