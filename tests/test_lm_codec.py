@@ -114,7 +114,7 @@ def test_adapter_head_step_is_the_cross_entropy_gradient_step():
     steps = [torch.randn(5, hid, generator=g) for _ in range(3)]
     targets = [torch.randint(0, vocab - 1, (5,), generator=g).tolist() for _ in steps]
     active = [True, True, False, True, True]  # a finished stream's row is not trained on
-    for r, y in zip(steps, targets):
+    for r, y in zip(steps, targets, strict=True):
         logits = adapter.logits(r)[:, : vocab - 1]  # the coder's alphabet stops short of the head
         adapter.observe(torch.softmax(logits, -1), y, active)
     adapter.flush()
