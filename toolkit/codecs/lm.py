@@ -237,8 +237,8 @@ class _LeanLlama:
         """Logits of the next token of every stream.
 
         ``top`` (the :class:`_Adapter`: anything with ``logits(r)``) replaces
-        the last MLP, norm and head; ``r``, the residual stream that enters the
-        last MLP at the predicting position, is also kept in ``self.top_input``.
+        the last MLP, norm and head; ``r`` is the residual stream that enters
+        the last MLP at the predicting position.
         """
         if self.keep == 0:
             return self._forward(tokens[:, None], ring=True, top=top)
@@ -296,8 +296,7 @@ class _LeanLlama:
             gu = _rms(x, ln2, self.eps) @ wgu.T
             x = x + (torch.nn.functional.silu(gu[..., : self.inter]) * gu[..., self.inter :]) @ wd.T
         self.pos += n_new
-        self.top_input = x[:, -1]
-        return (top or self.top()).logits(self.top_input).float()
+        return (top or self.top()).logits(x[:, -1]).float()
 
 
 @dataclass
@@ -320,9 +319,6 @@ class _Top:
 
     def logits(self, r: torch.Tensor) -> torch.Tensor:
         return self.hidden(r) @ self.head.T
-
-    def params(self) -> list[torch.Tensor]:
-        return [self.ln, self.wgu, self.wd, self.norm, self.head]
 
 
 class _Adapter:
@@ -775,8 +771,7 @@ class LMCodec(Codec):
             return None
         if self._adapter_state is None:
             self._adapter_state = _Adapter(engine.top(), self.settings.adapt, self.settings.adapt_tokens,
-                                           self.settings.adapt_rows,
-                                           engine.dtype)
+                                           self.settings.adapt_rows, engine.dtype)
         return self._adapter_state
 
     @property
@@ -876,7 +871,6 @@ class LMCodec(Codec):
                 engine = cm.engine(self.settings)
                 engine.reset(len(streams))
                 adapter = self._adapter(engine)
-                top = adapter  # its logits() replaces the engine's top (the adapted head)
                 cur = torch.full((len(streams),), bos, dtype=torch.long)
                 history: list[list[int]] = [[] for _ in streams]
                 mixing = bool(self.config.orders)
@@ -893,8 +887,8 @@ class LMCodec(Codec):
                             cur = cur[live]
                             history = [history[j] for j in live]
                             rows = [rows[j] for j in live]
-                    logits = engine.step(cur, top)[:, :alphabet] if top is not None else \
-                        engine.step(cur)[:, :alphabet]
+                    # the adapter's logits() replaces the engine's top (the adapted head)
+                    logits = (engine.step(cur, adapter) if adapter is not None else engine.step(cur))[:, :alphabet]
                     active = [t < lengths[r] for r in rows]
                     model_probs = torch.softmax(logits, dim=-1) if mixing or adapter is not None else None
                     if mixing:

@@ -34,6 +34,7 @@ import re
 import subprocess
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,8 +151,6 @@ def _austen() -> Iterator[tuple[str, bytes]]:
     database: ``Rdata.rdx`` indexes ``Rdata.rdb``, whose records are a 4-byte length
     and a zlib stream of R's serialization, which the ``rdata`` library parses.
     """
-    import zlib
-
     import rdata  # the corpus extra: reads R's serialization format
 
     def load(blob: bytes):
