@@ -39,7 +39,7 @@ def test_roundtrip(tiny, data):
     blob = toolkit.compress(data, codec="lm", model=str(tiny), **SETTINGS)
     assert toolkit.decompress(blob) == data
     store = toolkit.compress(data, codec="store")
-    assert len(blob) <= len(store) + 600  # the header carries the model record (path, two hashes)
+    assert len(blob) <= len(store) + 640  # the header carries the model record (path, two hashes) and settings
 
 
 def test_header_records_everything(tiny):
@@ -282,7 +282,7 @@ def test_roundtrip_with_segments_cut_into_pieces(tiny):
     settings = dict(SETTINGS, streams=8, batch=4, segment=512, piece=8)
     codec = LMCodec(LMConfig(model=str(tiny), **settings))
     chunks = [data[i : i + 512] for i in range(0, 2048, 512)]
-    lengths = [len(t) for t in codec._tokens(chunks) if t is not None]
+    lengths = [len(t) for t in codec._tokens(chunks)[0] if t is not None]
     assert max(plan_pieces(lengths, 8, 8)) > 1  # the wide segment is cut
     blob = toolkit.compress(data, codec="lm", model=str(tiny), **settings)
     assert toolkit.decompress(blob) == data
@@ -299,7 +299,27 @@ def test_payload_with_a_wrong_piece_count_is_refused(tiny):
     codec = LMCodec(LMConfig(model=str(tiny), **SETTINGS))
     (payload,) = codec.encode_chunks([CORPUS[:256]])
     assert payload is not None
-    n = payload[0]  # one-byte token count, then the piece count
-    forged = bytes([n, 2, 0]) + payload[2:]
+    m = payload[0]  # one-byte line-wrap side length and side data, one-byte token count, then the piece count
+    n = payload[1 + m]
+    forged = payload[: 1 + m] + bytes([n, 2, 0]) + payload[3 + m :]
     with pytest.raises(FormatError):
         LMCodec(LMConfig(model=str(tiny), **SETTINGS)).decode_chunks([forged], [256], [None])
+
+
+def test_wrapped_text_is_coded_unwrapped_and_comes_back(tiny):
+    """Hard-wrapped prose: the model codes the joined lines, the payload's side data restores the breaks."""
+    import textwrap
+
+    from toolkit.codecs.lm import LMCodec, LMConfig
+
+    prose = CORPUS.decode(errors="replace").replace("\n", " ")
+    data = "\n\n".join(textwrap.fill(prose, w) for w in (48, 48, 48)).encode()
+    settings = dict(SETTINGS, segment=4096)
+    (payload,) = LMCodec(LMConfig(model=str(tiny), **settings)).encode_chunks([data])
+    (plain,) = LMCodec(LMConfig(model=str(tiny), unwrap=False, **settings)).encode_chunks([data])
+    assert payload is not None and plain is not None
+    assert payload[0] > 0 and plain[0] == 0  # side data length
+    for unwrap in (True, False):
+        blob = toolkit.compress(data, codec="lm", model=str(tiny), unwrap=unwrap, **settings)
+        assert toolkit.info(blob)["header"]["config"]["unwrap"] is unwrap
+        assert toolkit.decompress(blob) == data

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import zstandard
 
-from toolkit.codecs import entropy
+from toolkit.codecs import entropy, textform
 from toolkit.codecs.registry import Codec, register_codec
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError
 
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LMCodec", "LMConfig", "load_coding_model", "CodingModel"]
 
 DEFAULT_MODEL = "default"
-_VERSION = 4
+_VERSION = 5
 
 
 @dataclass
@@ -73,6 +73,7 @@ class LMConfig:
     adapt: float = 0.03
     adapt_tokens: int = 128
     adapt_rows: int = 1
+    unwrap: bool = True
 
     def __post_init__(self):
         if not 16 <= self.window <= 1 << 16:
@@ -107,6 +108,8 @@ class LMConfig:
             raise ConfigError(f"adapt_tokens must be in 1..1048576 (tokens per SGD step), got {self.adapt_tokens}")
         if not 1 <= self.adapt_rows <= 64:
             raise ConfigError(f"adapt_rows must be in 1..64 (train on every n-th stream), got {self.adapt_rows}")
+        if not isinstance(self.unwrap, bool):
+            raise ConfigError(f"unwrap must be true or false, got {self.unwrap!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -844,14 +847,26 @@ class LMCodec(Codec):
         return 8 * total / len(part)
 
     # -- tokens ----------------------------------------------------------------
-    def _tokens(self, chunks: list[bytes]) -> list[list[int] | None]:
+    def _tokens(self, chunks: list[bytes]) -> tuple[list[list[int] | None], list[bytes]]:
+        """Each chunk's tokens (None: not text, or not codable) and its line-wrap side data.
+
+        Text chunks are unwrapped first (:func:`toolkit.codecs.textform.unwrap`) when
+        ``unwrap`` is on; the model codes the joined text and the side data rebuilds the breaks.
+        """
         tok = self.coding_model.tokenizer
         texty = [looks_like_text(c) for c in chunks]
-        encoded = tok.encode_batch([c for c, t in zip(chunks, texty, strict=True) if t])
+        sides = [b""] * len(chunks)
+        texts = []
+        for i, (c, t) in enumerate(zip(chunks, texty, strict=True)):
+            if t:
+                if self.config.unwrap:
+                    c, sides[i] = textform.unwrap(c)
+                texts.append(c)
+        encoded = tok.encode_batch(texts)
         it = iter(encoded)
         out = [next(it) if t else None for t in texty]
         # a token the coder's alphabet lacks (a special token) makes the chunk uncodable
-        return [ids if ids is not None and all(0 <= x < tok.alphabet for x in ids) else None for ids in out]
+        return [ids if ids is not None and all(0 <= x < tok.alphabet for x in ids) else None for ids in out], sides
 
     # -- the lockstep loop shared by encoder and decoder -------------------------
     def _run(self, tokens: list[list[int] | None], decoders: dict[int, tuple[Any, int]],
@@ -944,7 +959,7 @@ class LMCodec(Codec):
         out: list[tuple[bytes, float]] = []
         tok = self.coding_model.tokenizer
         for b in range(0, len(chunks), self.batch_chunks):
-            pieces, streams = self._split(self._tokens(chunks[b : b + self.batch_chunks]))
+            pieces, streams = self._split(self._tokens(chunks[b : b + self.batch_chunks])[0])
             costs: dict[int, list[float]] = {}
             self._run(streams, {}, {}, costs)
             for s, ids in enumerate(streams):
@@ -955,7 +970,7 @@ class LMCodec(Codec):
     # payload of a coded segment: varint(tokens) varint(pieces) varint(words of each piece but the last)
     # then the range coder's 32-bit words of every piece, in order
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
-        tokens = self._tokens(chunks)
+        tokens, sides = self._tokens(chunks)
         pieces, streams = self._split(tokens)
         encoders = {s: constriction.stream.queue.RangeEncoder() for s in range(len(pieces))}
         self._run(streams, {}, encoders)
@@ -968,7 +983,7 @@ class LMCodec(Codec):
                 out.append(None)
                 continue
             parts = words[i]
-            payload = _varint(len(tokens[i])) + _varint(len(parts)) + \
+            payload = _varint(len(sides[i])) + sides[i] + _varint(len(tokens[i])) + _varint(len(parts)) + \
                 b"".join(_varint(len(w) // 4) for w in parts[:-1]) + b"".join(parts)
             # the model lost to a quick zstd: let the container store it that way
             if len(payload) >= len(zstandard.ZstdCompressor(level=3).compress(c)):
@@ -979,7 +994,8 @@ class LMCodec(Codec):
 
     def decode_chunks(self, payloads: list[bytes | None], sizes: list[int],
                       known: list[bytes | None]) -> list[bytes]:
-        replay = self._tokens([k if k is not None else b"" for k in known])
+        replay = self._tokens([k if k is not None else b"" for k in known])[0]
+        sides: dict[int, bytes] = {}
         lengths: dict[int, int] = {}
         parsed: dict[int, list[np.ndarray]] = {}
         for i, p in enumerate(payloads):
@@ -987,7 +1003,13 @@ class LMCodec(Codec):
                 if replay[i] is not None:
                     lengths[i] = len(replay[i])
                 continue
-            n, used = _read_varint(p)
+            m, used = _read_varint(p)
+            if used + m > len(p):
+                raise FormatError(f"LM payload claims {m} bytes of line-wrap data in {len(p)}")
+            sides[i] = p[used : used + m]
+            used += m
+            n, u = _read_varint(p[used:])
+            used += u
             if n > sizes[i]:
                 raise FormatError(f"LM payload claims {n} tokens for {sizes[i]} bytes")
             k, u = _read_varint(p[used:])
@@ -1026,5 +1048,6 @@ class LMCodec(Codec):
             if s in decoded:
                 ids.setdefault(i, []).extend(decoded[s])
         tok = self.coding_model.tokenizer
-        return [known[i] if p is None else tok.decode(ids.get(i, [])) for i, p in enumerate(payloads)]
+        return [known[i] if p is None else textform.rewrap(tok.decode(ids.get(i, [])), sides[i])
+                for i, p in enumerate(payloads)]
 

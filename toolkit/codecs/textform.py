@@ -1,0 +1,258 @@
+"""Reversible text transforms that the LM codec applies before tokenizing.
+
+Line wrapping. Prose, licences, man pages and mail are often hard-wrapped at
+a fixed width: a line break falls wherever the next word would not fit. To a
+language model over tokens such a break is costly twice: the break itself is
+a guess (the model cannot count columns), and the word after it loses its
+leading space, so it is tokenized unlike the same word mid-line (``"destroy"``
+instead of ``" destroy"``) and the file's own statistics for it do not apply.
+
+:func:`unwrap` joins wrapped lines: a break between two words, followed by
+the line's indentation, becomes one space, if the next word would have
+overflowed the wrap width ``L`` (found from the chunk itself). What the
+decoder needs to put the breaks back is coded on the side: at each space
+between two words where the next word overflows ``L`` (the only places the
+encoder may have joined), one symbol says "a space", "a break with the
+indent predicted" or "a break with this indent" (then the indent, in
+spaces). Where the text was greedy-wrapped at ``L`` those symbols are nearly
+certain, so they cost a few bytes per chunk; an adaptive model per context
+(how far the word overflows, first line of a paragraph or not) learns the
+file's habit otherwise. The predicted indent of a continuation line is that
+of the line before, or for the second line of a paragraph the indent that
+the last paragraph with the same first-line indent used (hanging indents,
+numbered verses).
+
+The encoder decides per chunk: the transform is used only where the side
+symbols cost less than the breaks it removes would, at a conservative
+estimate of what the model spends on each.
+
+Wrap and indent symbols are range-coded with the same quantization as the
+model's tables (:mod:`toolkit.codecs.entropy`); counts are small integers in
+float64, so both sides compute identical probabilities.
+"""
+
+from __future__ import annotations
+
+import re
+
+import constriction
+import numpy as np
+
+from toolkit.codecs import entropy
+from toolkit.errors import FormatError
+
+__all__ = ["unwrap", "rewrap", "choose_width"]
+
+# a space between two words, or a line break (with the next line's indent in spaces) between two words
+_CAND_ORIG = re.compile(rb"(?<=\S)(?: |\n( *))(?=\S)")
+_CAND_TEXT = re.compile(rb"(?<=\S) (?=\S)")
+_BREAK = re.compile(rb"(?<=\S)\n( *)(?=\S)")
+_WORD = re.compile(rb"\S*")
+_SPACES = re.compile(rb" *")
+
+#: overflow buckets 1..MAX_OVER (the word overflows the width by this much, capped) and 0 for a line
+#: already longer than the width; times first-line-of-paragraph or not
+MAX_OVER = 6
+_CONTEXTS = 2 * (MAX_OVER + 1)
+SPACE, BREAK_PRED, BREAK_INDENT = 0, 1, 2
+MAX_INDENT = 255
+MAX_WIDTH = 4096
+#: narrower "wraps" are short lines of code or verse, whose breaks carry meaning the model reads
+MIN_WIDTH = 40
+#: what the encoder assumes the model spends on a break it removes, in bits (measured: 6-7 on wrapped
+#: English prose and licences); the transform must save at least this much over its side symbols
+SAVED_BITS_PER_BREAK = 4.0
+
+
+class _Counts:
+    """Adaptive symbol counts per context, turned into the coder's float64 rows."""
+
+    def __init__(self, contexts: int, symbols: int, prior: float):
+        self.c = np.full((contexts, symbols), prior, dtype=np.float64)
+
+    def row(self, ctx: int) -> np.ndarray:
+        c = self.c[ctx]
+        return (c / c.sum())[None, :]
+
+    def add(self, ctx: int, sym: int) -> None:
+        self.c[ctx, sym] += 1.0
+
+
+class _Lines:
+    """What both sides know of the line being rebuilt: its column origin, indents, paragraph state."""
+
+    def __init__(self, first_indent: int):
+        self.hang: dict[int, int] = {}  # first-line indent -> indent the second line took last time
+        self.new_paragraph(first_indent)
+
+    def new_paragraph(self, indent: int) -> None:
+        self.first, self.first_indent, self.indent = True, indent, indent
+
+    def predicted(self) -> int:
+        return self.hang.get(self.first_indent, self.first_indent) if self.first else self.indent
+
+    def broke(self, indent: int) -> None:
+        if self.first:
+            self.hang[self.first_indent] = indent
+        self.first, self.indent = False, indent
+
+
+def _context(col: int, word: int, width: int, first: bool) -> int | None:
+    """The side symbol's context at a space, or None where the encoder never joins (the word fits)."""
+    over = col + 1 + word - width
+    if over <= 0:
+        return None
+    bucket = 0 if col >= width else min(over, MAX_OVER)
+    return 2 * bucket + int(first)
+
+
+def choose_width(data: bytes) -> int:
+    """The wrap width most consistent with the chunk's breaks between words (0: none found).
+
+    A break after a line of ``a`` bytes before a word of ``w`` bytes is a
+    greedy wrap at any width in ``a .. a + w``; the width in ``MIN_WIDTH ..
+    MAX_WIDTH`` inside the most such ranges wins (the smallest, on ties).
+    """
+    votes = np.zeros(MAX_WIDTH + 2, dtype=np.int64)
+    found = False
+    for m in _BREAK.finditer(data):
+        p = m.start()
+        a = p - (data.rfind(b"\n", 0, p) + 1)
+        w = _WORD.match(data, m.end()).end() - m.end()
+        if a + w > MAX_WIDTH or a + w < MIN_WIDTH:
+            continue
+        votes[a] += 1
+        votes[a + w + 1] -= 1
+        found = True
+    if not found:
+        return 0
+    return MIN_WIDTH + int(np.argmax(np.cumsum(votes)[MIN_WIDTH:]))
+
+
+def unwrap(data: bytes, width: int | None = None,
+           saved_bits: float = SAVED_BITS_PER_BREAK) -> tuple[bytes, bytes]:
+    """``(text, side)``: ``data`` with its wrapped lines joined, and what :func:`rewrap` needs.
+
+    ``width``: the wrap width (default: :func:`choose_width`). ``side`` is
+    empty, and the text is ``data``, when joining does not pay: when the
+    side data costs at least ``saved_bits`` per joined break (0: join
+    whatever can be joined).
+    """
+    if width is None:
+        width = choose_width(data)
+    if not 1 <= width <= MAX_WIDTH:
+        return data, b""
+    wrap = _Counts(_CONTEXTS, 3, 0.4)
+    indents = _Counts(1, MAX_INDENT + 1, 1.0 / 64)
+    enc = constriction.stream.queue.RangeEncoder()
+    lines = _Lines(_SPACES.match(data, 0).end())
+    line_start = 0
+    out: list[bytes] = []
+    last = 0  # data[last:] is not yet copied to out
+    prev_end = 0
+    joined = 0
+    for m in _CAND_ORIG.finditer(data):
+        p = m.start()
+        j = data.rfind(b"\n", prev_end, p)
+        if j >= 0:  # a break the regex did not take: a new paragraph
+            line_start = j + 1
+            lines.new_paragraph(_SPACES.match(data, line_start).end() - line_start)
+        prev_end = m.end()
+        word = _WORD.match(data, m.end()).end() - m.end()
+        ctx = _context(p - line_start, word, width, lines.first)
+        indent = m.group(1)
+        if indent is None:  # a space
+            if ctx is not None:
+                enc.encode(np.array([SPACE], dtype=np.int32), entropy.CATEGORICAL, wrap.row(ctx))
+                wrap.add(ctx, SPACE)
+            continue
+        line_start = p + 1
+        if ctx is None or len(indent) > MAX_INDENT:  # a break kept as it is
+            lines.new_paragraph(len(indent))
+            continue
+        sym = BREAK_PRED if len(indent) == lines.predicted() else BREAK_INDENT
+        enc.encode(np.array([sym], dtype=np.int32), entropy.CATEGORICAL, wrap.row(ctx))
+        wrap.add(ctx, sym)
+        if sym == BREAK_INDENT:
+            enc.encode(np.array([len(indent)], dtype=np.int32), entropy.CATEGORICAL, indents.row(0))
+            indents.add(0, len(indent))
+        lines.broke(len(indent))
+        out.append(data[last:p])
+        out.append(b" ")
+        last = m.end()
+        joined += 1
+    if not joined:
+        return data, b""
+    words = enc.get_compressed().tobytes()
+    side = _varint(width) + words
+    if saved_bits and 8 * len(side) + 16 >= saved_bits * joined:
+        return data, b""
+    out.append(data[last:])
+    return b"".join(out), side
+
+
+def rewrap(text: bytes, side: bytes) -> bytes:
+    """The inverse of :func:`unwrap`: ``rewrap(*unwrap(data)) == data`` for all bytes."""
+    if not side:
+        return text
+    width, used = _read_varint(side)
+    words = side[used:]
+    if not 1 <= width <= MAX_WIDTH or len(words) % 4:
+        raise FormatError("line-wrap side data is malformed")
+    wrap = _Counts(_CONTEXTS, 3, 0.4)
+    indents = _Counts(1, MAX_INDENT + 1, 1.0 / 64)
+    dec = constriction.stream.queue.RangeDecoder(np.frombuffer(words, dtype=np.uint32).copy())
+    lines = _Lines(_SPACES.match(text, 0).end())
+    line_start, shift = 0, 0  # the rebuilt line's column at text position q is q - line_start + shift
+    out: list[bytes] = []
+    last = 0
+    prev_end = 0
+    try:
+        for m in _CAND_TEXT.finditer(text):
+            p = m.start()
+            j = text.rfind(b"\n", prev_end, p)
+            if j >= 0:
+                line_start, shift = j + 1, 0
+                lines.new_paragraph(_SPACES.match(text, line_start).end() - line_start)
+            prev_end = m.end()
+            word = _WORD.match(text, m.end()).end() - m.end()
+            ctx = _context(p - line_start + shift, word, width, lines.first)
+            if ctx is None:
+                continue
+            sym = int(dec.decode(entropy.CATEGORICAL, wrap.row(ctx))[0])
+            wrap.add(ctx, sym)
+            if sym == SPACE:
+                continue
+            if sym == BREAK_PRED:
+                indent = lines.predicted()
+            else:
+                indent = int(dec.decode(entropy.CATEGORICAL, indents.row(0))[0])
+                indents.add(0, indent)
+            lines.broke(indent)
+            out.append(text[last:p])
+            out.append(b"\n" + b" " * indent)
+            last = m.end()
+            line_start, shift = m.end(), indent
+    except (ValueError, RuntimeError) as e:  # the range decoder ran out of words: a damaged payload
+        raise FormatError(f"line-wrap side data is damaged: {e}") from e
+    out.append(text[last:])
+    return b"".join(out)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes) -> tuple[int, int]:
+    n = shift = 0
+    for i, b in enumerate(buf[:10]):
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, i + 1
+        shift += 7
+    raise FormatError("truncated or overlong varint in line-wrap side data")
