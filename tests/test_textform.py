@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.codecs.textform import choose_width, rewrap, unwrap
+from toolkit.codecs.textform import choose_width, forward, inverse, renumber, rewrap, unnumber, unwrap
 from toolkit.errors import FormatError
 
 PROSE = (
@@ -67,3 +67,53 @@ def test_damaged_side_data_is_a_format_error():
         rewrap(text, b"\x00" + side[1:])  # width 0
     with pytest.raises(FormatError):
         rewrap(text, side[:-1])  # not whole 32-bit words
+
+
+def _verses(chapters: int = 3, verses: int = 40) -> bytes:
+    words = PROSE.split()
+    out = []
+    for c in range(1, chapters + 1):
+        out.append(f"Chapter {c}\n")
+        for v in range(1, verses + 1):
+            out.append(f"  {v} " + " ".join(words[(c * v) % 50 : (c * v) % 50 + 12]) + "\n")
+        out.append("\n")
+    return "".join(out).encode()
+
+
+def test_line_numbers_that_count_on_are_dropped_and_restored():
+    data = _verses()
+    text, side = unnumber(data)
+    assert b"  7 " not in text and b"  1 " not in text and b"Chapter 2" in text
+    assert len(data) - len(text) == sum(len(f"{v} ") for v in range(1, 41)) * 3
+    assert 0 < 8 * len(side) < 0.5 * 120  # well under a bit per verse
+    assert renumber(text, side) == data
+    # numbers that do not count on stay where they are
+    odd = b"".join(b"  %d text\n" % v for v in (5, 9, 3, 7, 4, 10) * 10)
+    assert unnumber(odd) == (odd, b"")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"1", b"2", b"3", b"12", b"0", b"01", b" ", b"  ", b"\n", b"\n  ", b"a", b"bc"]),
+                max_size=120))
+def test_renumber_inverts_unnumber(parts):
+    data = b"".join(parts)
+    text, side = unnumber(data, saved_bits=0)
+    assert renumber(text, side) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_inverse_inverts_forward_on_any_bytes(data):
+    text, side = forward(data)
+    assert inverse(text, side) == data
+
+
+def test_forward_composes_both_transforms():
+    wrapped = b"\n".join(textwrap.fill(line, 60, subsequent_indent="").encode() for line in
+                         _verses(2, 30).decode().replace(" \n", "\n").split("\n"))
+    text, side = forward(wrapped)
+    assert side and text.count(b"\n") < wrapped.count(b"\n") and b"  5 " not in text
+    assert inverse(text, side) == wrapped
+    assert forward(wrapped, wrap=False, numbers=False) == (wrapped, b"")
+    with pytest.raises(FormatError):
+        inverse(text, b"\x7f" + side[1:])  # a wrap part longer than the side data

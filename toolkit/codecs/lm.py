@@ -74,6 +74,7 @@ class LMConfig:
     adapt_tokens: int = 128
     adapt_rows: int = 1
     unwrap: bool = True
+    numbers: bool = True
 
     def __post_init__(self):
         if not 16 <= self.window <= 1 << 16:
@@ -110,6 +111,8 @@ class LMConfig:
             raise ConfigError(f"adapt_rows must be in 1..64 (train on every n-th stream), got {self.adapt_rows}")
         if not isinstance(self.unwrap, bool):
             raise ConfigError(f"unwrap must be true or false, got {self.unwrap!r}")
+        if not isinstance(self.numbers, bool):
+            raise ConfigError(f"numbers must be true or false, got {self.numbers!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -848,10 +851,11 @@ class LMCodec(Codec):
 
     # -- tokens ----------------------------------------------------------------
     def _tokens(self, chunks: list[bytes]) -> tuple[list[list[int] | None], list[bytes]]:
-        """Each chunk's tokens (None: not text, or not codable) and its line-wrap side data.
+        """Each chunk's tokens (None: not text, or not codable) and its text-transform side data.
 
-        Text chunks are unwrapped first (:func:`toolkit.codecs.textform.unwrap`) when
-        ``unwrap`` is on; the model codes the joined text and the side data rebuilds the breaks.
+        Text chunks pass through :func:`toolkit.codecs.textform.forward` first: wrapped lines
+        joined (``unwrap``), line numbers that count on dropped (``numbers``); the model codes
+        what is left and the side data restores the rest.
         """
         tok = self.coding_model.tokenizer
         texty = [looks_like_text(c) for c in chunks]
@@ -859,8 +863,7 @@ class LMCodec(Codec):
         texts = []
         for i, (c, t) in enumerate(zip(chunks, texty, strict=True)):
             if t:
-                if self.config.unwrap:
-                    c, sides[i] = textform.unwrap(c)
+                c, sides[i] = textform.forward(c, self.config.unwrap, self.config.numbers)
                 texts.append(c)
         encoded = tok.encode_batch(texts)
         it = iter(encoded)
@@ -1005,7 +1008,7 @@ class LMCodec(Codec):
                 continue
             m, used = _read_varint(p)
             if used + m > len(p):
-                raise FormatError(f"LM payload claims {m} bytes of line-wrap data in {len(p)}")
+                raise FormatError(f"LM payload claims {m} bytes of text-transform data in {len(p)}")
             sides[i] = p[used : used + m]
             used += m
             n, u = _read_varint(p[used:])
@@ -1048,6 +1051,6 @@ class LMCodec(Codec):
             if s in decoded:
                 ids.setdefault(i, []).extend(decoded[s])
         tok = self.coding_model.tokenizer
-        return [known[i] if p is None else textform.rewrap(tok.decode(ids.get(i, [])), sides[i])
+        return [known[i] if p is None else textform.inverse(tok.decode(ids.get(i, [])), sides[i])
                 for i, p in enumerate(payloads)]
 
