@@ -575,9 +575,13 @@ class _NgramMixer:
         # so all orders land in one sparse scatter instead of one dense pass each.
         s, v = probs.shape
         scale = [1.0] * s
+        # per context: its row, its weight per count and how many continuations it has; the
+        # continuations and their counts go into flat lists at C speed (no per-count Python work)
         rows: list[int] = []
+        coefs: list[float] = []
+        sizes: list[int] = []
         cols: list[int] = []
-        vals: list[float] = []
+        cnts: list[int] = []
         table, gamma = self.table, self.gamma
         # the contexts looked up here are the ones update() counts into after coding: keep them
         self._found = found = []
@@ -598,10 +602,11 @@ class _NgramMixer:
                     continue
                 n, counts = entry
                 lam = n / (n + gamma * len(counts))
-                coef = w * lam / n
-                rows.extend([j] * len(counts))
+                rows.append(j)
+                coefs.append(w * lam / n)
+                sizes.append(len(counts))
                 cols.extend(counts)
-                vals.extend([coef * c for c in counts.values()])
+                cnts.extend(counts.values())
                 w *= 1.0 - lam
             scale[j] = w
         w = torch.tensor(scale, dtype=torch.float32)
@@ -618,8 +623,13 @@ class _NgramMixer:
             w = w * (1 - lam)
         out = probs * w[:, None]
         if rows:
-            out.index_put_((torch.tensor(rows), torch.tensor(cols)), torch.tensor(vals, dtype=torch.float32),
-                           accumulate=True)
+            reps = np.array(sizes, dtype=np.int64)
+            # coef * count in float64, then rounded to float32: what a float32 tensor of the products holds
+            vals = (np.repeat(np.array(coefs, dtype=np.float64), reps) *
+                    np.array(cnts, dtype=np.float64)).astype(np.float32)
+            r = torch.from_numpy(np.repeat(np.array(rows, dtype=np.int64), reps))
+            c = torch.from_numpy(np.array(cols, dtype=np.int64))
+            out.index_put_((r, c), torch.from_numpy(vals), accumulate=True)
         return out if dense is None else out + dense
 
     def update(self, history: list[list[int]], tokens: list[int], active: list[bool]) -> None:
