@@ -60,7 +60,7 @@ class LMConfig:
     model: str = DEFAULT_MODEL
     window: int = 256
     keep: int = 64
-    segment: int = 16384
+    segment: int = 65536
     streams: int = 128
     batch: int = 0
     piece: int = 1024
