@@ -72,6 +72,9 @@ def test_lm_lossless(tmp_path, monkeypatch):
     v = rec["variant_bpb"]
     # what the file teaches the codec while it codes: mixing, then adaptation, each lower the cost
     assert v["+ n-gram mixing"] < v["model alone"] and v["+ adaptation"] < v["+ n-gram mixing"]
+    before, after, side = rec["breaks"]
+    assert after < before / 2 and 0 < side < 40  # the sample's wrapped lines are joined for a few bytes
+    assert rec["wrap_bpb"]["lines joined"] < rec["wrap_bpb"]["lines as they are"]
 
 
 @pytest.mark.notebook
