@@ -117,3 +117,14 @@ def test_forward_composes_both_transforms():
     assert forward(wrapped, wrap=False, numbers=False) == (wrapped, b"")
     with pytest.raises(FormatError):
         inverse(text, b"\x7f" + side[1:])  # a wrap part longer than the side data
+
+
+def test_varints_round_trip_and_refuse_overlong_input():
+    from toolkit.codecs.varint import read_varint, varint
+
+    for n in (0, 1, 127, 128, 300, 1 << 35):
+        assert read_varint(varint(n) + b"tail") == (n, len(varint(n)))
+    with pytest.raises(FormatError, match="side data"):
+        read_varint(b"\x80" * 11, "side data")
+    with pytest.raises(FormatError):
+        read_varint(b"")

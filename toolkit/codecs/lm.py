@@ -45,6 +45,8 @@ import zstandard
 
 from toolkit.codecs import entropy, textform
 from toolkit.codecs.registry import Codec, register_codec
+from toolkit.codecs.varint import read_varint
+from toolkit.codecs.varint import varint as _varint
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
@@ -735,24 +737,8 @@ def _cuts(n: int, k: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- the codec
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _read_varint(buf: bytes) -> tuple[int, int]:
-    n = shift = 0
-    for i, b in enumerate(buf[:10]):
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i + 1
-    raise FormatError("bad token count in LM payload")
+    return read_varint(buf, "count in LM payload")
 
 
 @register_codec("lm")
@@ -980,7 +966,8 @@ class LMCodec(Codec):
         return out
 
     # -- codec interface -----------------------------------------------------------
-    # payload of a coded segment: varint(tokens) varint(pieces) varint(words of each piece but the last)
+    # payload of a coded segment: varint(side bytes) side varint(tokens) varint(pieces)
+    # varint(words of each piece but the last)
     # then the range coder's 32-bit words of every piece, in order
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         tokens, sides = self._tokens(chunks)

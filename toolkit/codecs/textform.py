@@ -41,6 +41,7 @@ import constriction
 import numpy as np
 
 from toolkit.codecs import entropy
+from toolkit.codecs.varint import read_varint, varint
 from toolkit.errors import FormatError
 
 __all__ = ["forward", "inverse", "unwrap", "rewrap", "choose_width", "unnumber", "renumber"]
@@ -84,7 +85,7 @@ class _Counts:
 
 
 class _Lines:
-    """What both sides know of the line being rebuilt: its column origin, indents, paragraph state."""
+    """What both sides know of the line being rebuilt: its indent, its paragraph's, first line or not."""
 
     def __init__(self, first_indent: int):
         self.hang: dict[int, int] = {}  # first-line indent -> indent the second line took last time
@@ -191,7 +192,7 @@ def unwrap(data: bytes, width: int | None = None,
     if not joined:
         return data, b""
     words = enc.get_compressed().tobytes()
-    side = _varint(width) + words
+    side = varint(width) + words
     if saved_bits and 8 * len(side) + 16 >= saved_bits * joined:
         return data, b""
     out.append(data[last:])
@@ -202,7 +203,7 @@ def rewrap(text: bytes, side: bytes) -> bytes:
     """The inverse of :func:`unwrap`: ``rewrap(*unwrap(data)) == data`` for all bytes."""
     if not side:
         return text
-    width, used = _read_varint(side)
+    width, used = read_varint(side, "text-transform side data")
     words = side[used:]
     if not 1 <= width <= MAX_WIDTH or len(words) % 4:
         raise FormatError("line-wrap side data is malformed")
@@ -351,34 +352,15 @@ def forward(data: bytes, wrap: bool = True, numbers: bool = True) -> tuple[bytes
     text, n = unnumber(text) if numbers else (text, b"")
     if not w and not n:
         return data, b""
-    return text, _varint(len(w)) + w + n
+    return text, varint(len(w)) + w + n
 
 
 def inverse(text: bytes, side: bytes) -> bytes:
     """The inverse of :func:`forward`."""
     if not side:
         return text
-    k, used = _read_varint(side)
+    k, used = read_varint(side, "text-transform side data")
     if used + k > len(side):
         raise FormatError("text-transform side data is truncated")
     w, n = side[used : used + k], side[used + k :]
     return rewrap(renumber(text, n), w)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes) -> tuple[int, int]:
-    n = shift = 0
-    for i, b in enumerate(buf[:10]):
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, i + 1
-        shift += 7
-    raise FormatError("truncated or overlong varint in line-wrap side data")
