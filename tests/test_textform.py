@@ -128,3 +128,21 @@ def test_varints_round_trip_and_refuse_overlong_input():
         read_varint(b"\x80" * 11, "side data")
     with pytest.raises(FormatError):
         read_varint(b"")
+
+
+def test_damaged_side_data_never_crashes():
+    import random
+
+    data = _verses(3, 30).replace(b"\n  ", b" ", 20)
+    data = b"\n".join(textwrap.fill(p, 50).encode() for p in data.decode().split("\n"))
+    text, side = forward(data)
+    assert side
+    rnd = random.Random(0)
+    for _ in range(400):
+        bad = bytearray(side)
+        for _ in range(rnd.randint(1, 3)):
+            bad[rnd.randrange(len(bad))] = rnd.randrange(256)
+        try:
+            inverse(text, bytes(bad[: rnd.randint(0, len(bad))] if rnd.random() < 0.3 else bad))
+        except FormatError:
+            pass  # any other exception fails the test

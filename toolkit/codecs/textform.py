@@ -240,7 +240,7 @@ def rewrap(text: bytes, side: bytes) -> bytes:
             out.append(b"\n" + b" " * indent)
             last = m.end()
             line_start, shift = m.end(), indent
-    except (ValueError, RuntimeError) as e:  # the range decoder ran out of words: a damaged payload
+    except (ValueError, RuntimeError, AssertionError) as e:  # constriction on words no encoder wrote
         raise FormatError(f"line-wrap side data is damaged: {e}") from e
     out.append(text[last:])
     return b"".join(out)
@@ -339,7 +339,7 @@ def renumber(text: bytes, side: bytes) -> bytes:
             out.append(text[last : m.end()])
             out.append(b"%d " % prev)
             last = m.end()
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, AssertionError) as e:
         raise FormatError(f"line-number side data is damaged: {e}") from e
     out.append(text[last:])
     return b"".join(out)
