@@ -6,7 +6,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.codecs.textform import choose_width, forward, inverse, renumber, rewrap, unnumber, unwrap
+from toolkit.codecs.textform import (
+    choose_width,
+    forward,
+    inverse,
+    line_break,
+    renumber,
+    rewrap,
+    unnumber,
+    unwrap,
+)
 from toolkit.errors import FormatError
 
 PROSE = (
@@ -146,3 +155,23 @@ def test_damaged_side_data_never_crashes():
             inverse(text, bytes(bad[: rnd.randint(0, len(bad))] if rnd.random() < 0.3 else bad))
         except FormatError:
             pass  # any other exception fails the test
+
+
+def test_crlf_wrapped_text_is_joined_and_restored_with_crlf():
+    data = _wrapped(72, "  ", "  ").replace(b"\n", b"\r\n")
+    assert line_break(data) == b"\r\n" and choose_width(data) == 72
+    text, side = unwrap(data)
+    assert text.count(b"\r\n") == 11 and 8 * len(side) < 1.5 * (data.count(b"\r\n") - 11)
+    assert rewrap(text, side) == data
+    # a few bare line feeds inside CRLF text stay as they are
+    mixed = data.replace(b"\r\n", b"\n", 3)
+    assert rewrap(*unwrap(mixed)) == mixed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([b"ab", b"cdefg", b" ", b"\r\n", b"\r\n  ", b"\n", b"\r"]), max_size=120),
+       st.integers(1, 30))
+def test_rewrap_inverts_unwrap_on_crlf_text(parts, width):
+    data = b"".join(parts)
+    text, side = unwrap(data, width=width, saved_bits=0)
+    assert rewrap(text, side) == data

@@ -44,12 +44,13 @@ from toolkit.codecs import entropy
 from toolkit.codecs.varint import read_varint, varint
 from toolkit.errors import FormatError
 
-__all__ = ["forward", "inverse", "unwrap", "rewrap", "choose_width", "unnumber", "renumber"]
+__all__ = ["forward", "inverse", "unwrap", "rewrap", "choose_width", "line_break", "unnumber", "renumber"]
 
-# a space between two words, or a line break (with the next line's indent in spaces) between two words
-_CAND_ORIG = re.compile(rb"(?<=\S)(?: |\n( *))(?=\S)")
+# per line-break style: a space between two words, or a line break (with the next line's indent in
+# spaces) between two words; and a break alone
+_CAND_ORIG = {b"\n": re.compile(rb"(?<=\S)(?: |\n( *))(?=\S)"), b"\r\n": re.compile(rb"(?<=\S)(?: |\r\n( *))(?=\S)")}
+_BREAK = {b"\n": re.compile(rb"(?<=\S)\n( *)(?=\S)"), b"\r\n": re.compile(rb"(?<=\S)\r\n( *)(?=\S)")}
 _CAND_TEXT = re.compile(rb"(?<=\S) (?=\S)")
-_BREAK = re.compile(rb"(?<=\S)\n( *)(?=\S)")
 _WORD = re.compile(rb"\S*")
 # a word a wrapped line may start with; a line starting with bare punctuation (a comment's "*",
 # a list's "-", a brace) starts something new
@@ -114,7 +115,12 @@ def _context(buf: bytes, start: int, col: int, width: int, first: bool) -> int |
     return 2 * bucket + int(first)
 
 
-def choose_width(data: bytes) -> int:
+def line_break(data: bytes) -> bytes:
+    """The chunk's line-break style: CRLF where more than half its line feeds follow a CR."""
+    return b"\r\n" if 2 * data.count(b"\r\n") > data.count(b"\n") else b"\n"
+
+
+def choose_width(data: bytes, eol: bytes | None = None) -> int:
     """The wrap width most consistent with the chunk's breaks between words (0: none found).
 
     A break after a line of ``a`` bytes before a word of ``w`` bytes is a
@@ -123,7 +129,7 @@ def choose_width(data: bytes) -> int:
     """
     votes = np.zeros(MAX_WIDTH + 2, dtype=np.int64)
     found = False
-    for m in _BREAK.finditer(data):
+    for m in _BREAK[eol or line_break(data)].finditer(data):
         p = m.start()
         a = p - (data.rfind(b"\n", 0, p) + 1)
         end = _WORD.match(data, m.end()).end()
@@ -142,13 +148,16 @@ def unwrap(data: bytes, width: int | None = None,
            saved_bits: float = SAVED_BITS_PER_BREAK) -> tuple[bytes, bytes]:
     """``(text, side)``: ``data`` with its wrapped lines joined, and what :func:`rewrap` needs.
 
+    Only breaks of the chunk's style (:func:`line_break`) are joined, and
+    rebuilt as that style.
     ``width``: the wrap width (default: :func:`choose_width`). ``side`` is
     empty, and the text is ``data``, when joining does not pay: when the
     side data costs at least ``saved_bits`` per joined break (0: join
     whatever can be joined).
     """
+    eol = line_break(data)
     if width is None:
-        width = choose_width(data)
+        width = choose_width(data, eol)
     if not 1 <= width <= MAX_WIDTH:
         return data, b""
     wrap = _Counts(_CONTEXTS, 3, 0.4)
@@ -160,7 +169,7 @@ def unwrap(data: bytes, width: int | None = None,
     last = 0  # data[last:] is not yet copied to out
     prev_end = 0
     joined = 0
-    for m in _CAND_ORIG.finditer(data):
+    for m in _CAND_ORIG[eol].finditer(data):
         p = m.start()
         j = data.rfind(b"\n", prev_end, p)
         if j >= 0:  # a break the regex did not take: a new paragraph
@@ -174,7 +183,7 @@ def unwrap(data: bytes, width: int | None = None,
                 enc.encode(np.array([SPACE], dtype=np.int32), entropy.CATEGORICAL, wrap.row(ctx))
                 wrap.add(ctx, SPACE)
             continue
-        line_start = p + 1
+        line_start = p + len(eol)
         if ctx is None or len(indent) > MAX_INDENT:  # a break kept as it is
             lines.new_paragraph(len(indent))
             continue
@@ -192,7 +201,7 @@ def unwrap(data: bytes, width: int | None = None,
     if not joined:
         return data, b""
     words = enc.get_compressed().tobytes()
-    side = varint(width) + words
+    side = varint(2 * width + (eol == b"\r\n")) + words
     if saved_bits and 8 * len(side) + 16 >= saved_bits * joined:
         return data, b""
     out.append(data[last:])
@@ -203,7 +212,8 @@ def rewrap(text: bytes, side: bytes) -> bytes:
     """The inverse of :func:`unwrap`: ``rewrap(*unwrap(data)) == data`` for all bytes."""
     if not side:
         return text
-    width, used = read_varint(side, "text-transform side data")
+    code, used = read_varint(side, "text-transform side data")
+    width, eol = code >> 1, b"\r\n" if code & 1 else b"\n"
     words = side[used:]
     if not 1 <= width <= MAX_WIDTH or len(words) % 4:
         raise FormatError("line-wrap side data is malformed")
@@ -237,7 +247,7 @@ def rewrap(text: bytes, side: bytes) -> bytes:
                 indents.add(0, indent)
             lines.broke(indent)
             out.append(text[last:p])
-            out.append(b"\n" + b" " * indent)
+            out.append(eol + b" " * indent)
             last = m.end()
             line_start, shift = m.end(), indent
     except (ValueError, RuntimeError, AssertionError) as e:  # constriction on words no encoder wrote
