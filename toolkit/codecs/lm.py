@@ -1,13 +1,19 @@
 """LM codec: lossless coding of text and bytes with a causal language model.
 
-Each chunk (a segment of ``segment`` bytes) becomes one token stream. A batch
-of up to ``streams`` segments is coded in lockstep: at step ``t`` the model
-reads token ``t-1`` of every stream and predicts token ``t`` of every stream
-in one forward pass over a bounded window of ``window`` tokens, the logits
-become integer tables (:func:`toolkit.codecs.entropy.logits_to_freqs`) and
-each stream's token is range-coded with its own row. The decoder runs the
-very same loop, feeding the tokens it has just decoded, so both sides compute
-the same numbers with the same shapes in the same order.
+Each text chunk (a segment of ``segment`` bytes) first passes through the
+exact text transforms of :mod:`toolkit.codecs.textform` (hard-wrapped lines
+joined, line numbers that count on dropped; their side data leads the
+payload), then becomes one or more token streams (pieces, see
+:func:`plan_pieces`). All streams of a batch are coded in lockstep: at step
+``t`` the model reads token ``t-1`` of every stream and predicts token ``t``
+of every stream in one forward pass over a bounded window of ``window``
+tokens; the prediction is mixed with the file's own n-gram counts
+(:class:`_NgramMixer`), becomes an integer table
+(:func:`toolkit.codecs.entropy.probs_to_table`) and each stream's token is
+range-coded with its own row; the output head learns the file as it goes
+(:class:`_Adapter`). The decoder runs the very same loop, feeding the tokens
+it has just decoded, so both sides compute the same numbers with the same
+shapes in the same order.
 
 Chunks the model cannot help (binary data, text the tokenizer cannot
 reproduce, or where zstd wins) are declined and the container stores them
@@ -17,13 +23,12 @@ replays them as known streams, so the batch it runs is the encoder's batch.
 Two engines compute the logits:
 
 * ``lean`` (Llama-family models): the model's own weights in a short
-  forward written for lockstep decoding, with a ring-buffer KV cache: every
-  step attends to the last ``window`` tokens and nothing is ever recomputed.
-  RoPE makes attention depend on relative positions only, so a ring buffer
-  of absolute positions is the model's sliding window exactly.
+  forward written for lockstep decoding, with a preallocated KV cache that
+  restarts from the last ``keep`` tokens when it fills (``keep=0``: a ring
+  buffer, a sliding window that never recomputes).
 * ``hf`` (any ``transformers`` causal LM): the model's forward with its own
-  cache; when the cache is full the window slides by re-reading its last
-  ``window // 2`` tokens.
+  cache; when the cache is full it restarts from the last ``keep`` tokens
+  (``window // 2`` when ``keep=0``).
 """
 
 from __future__ import annotations
