@@ -36,6 +36,7 @@ float64, so both sides compute identical probabilities.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import constriction
 import numpy as np
@@ -81,8 +82,32 @@ class _Counts:
         c = self.c[ctx]
         return (c / c.sum())[None, :]
 
-    def add(self, ctx: int, sym: int) -> None:
+    def encode(self, enc: Any, ctx: int, sym: int) -> None:
+        """Code ``sym`` in context ``ctx``, then count it."""
+        enc.encode(np.array([sym], dtype=np.int32), entropy.CATEGORICAL, self.row(ctx))
         self.c[ctx, sym] += 1.0
+
+    def decode(self, dec: Any, ctx: int) -> int:
+        """Decode a symbol in context ``ctx``, then count it."""
+        sym = int(dec.decode(entropy.CATEGORICAL, self.row(ctx))[0])
+        self.c[ctx, sym] += 1.0
+        return sym
+
+
+def _decoder(words: bytes, what: str) -> Any:
+    if len(words) % 4:
+        raise FormatError(f"{what} side data is not whole 32-bit words")
+    return constriction.stream.queue.RangeDecoder(np.frombuffer(words, dtype=np.uint32).copy())
+
+
+def _if_it_pays(data: bytes, out: list[bytes], last: int, side: bytes, removed: int,
+                saved_bits: float, fixed_bits: int) -> tuple[bytes, bytes]:
+    """``out`` + ``data[last:]`` and ``side``, if ``side`` (plus ``fixed_bits``) costs less than
+    ``saved_bits`` per item ``removed``; else ``data`` as it is."""
+    if not removed or (saved_bits and 8 * len(side) + fixed_bits >= saved_bits * removed):
+        return data, b""
+    out.append(data[last:])
+    return b"".join(out), side
 
 
 class _Lines:
@@ -180,32 +205,23 @@ def unwrap(data: bytes, width: int | None = None,
         indent = m.group(1)
         if indent is None:  # a space
             if ctx is not None:
-                enc.encode(np.array([SPACE], dtype=np.int32), entropy.CATEGORICAL, wrap.row(ctx))
-                wrap.add(ctx, SPACE)
+                wrap.encode(enc, ctx, SPACE)
             continue
         line_start = p + len(eol)
         if ctx is None or len(indent) > MAX_INDENT:  # a break kept as it is
             lines.new_paragraph(len(indent))
             continue
         sym = BREAK_PRED if len(indent) == lines.predicted() else BREAK_INDENT
-        enc.encode(np.array([sym], dtype=np.int32), entropy.CATEGORICAL, wrap.row(ctx))
-        wrap.add(ctx, sym)
+        wrap.encode(enc, ctx, sym)
         if sym == BREAK_INDENT:
-            enc.encode(np.array([len(indent)], dtype=np.int32), entropy.CATEGORICAL, indents.row(0))
-            indents.add(0, len(indent))
+            indents.encode(enc, 0, len(indent))
         lines.broke(len(indent))
         out.append(data[last:p])
         out.append(b" ")
         last = m.end()
         joined += 1
-    if not joined:
-        return data, b""
-    words = enc.get_compressed().tobytes()
-    side = varint(2 * width + (eol == b"\r\n")) + words
-    if saved_bits and 8 * len(side) + 16 >= saved_bits * joined:
-        return data, b""
-    out.append(data[last:])
-    return b"".join(out), side
+    side = varint(2 * width + (eol == b"\r\n")) + enc.get_compressed().tobytes()
+    return _if_it_pays(data, out, last, side, joined, saved_bits, 16)
 
 
 def rewrap(text: bytes, side: bytes) -> bytes:
@@ -214,12 +230,11 @@ def rewrap(text: bytes, side: bytes) -> bytes:
         return text
     code, used = read_varint(side, "text-transform side data")
     width, eol = code >> 1, b"\r\n" if code & 1 else b"\n"
-    words = side[used:]
-    if not 1 <= width <= MAX_WIDTH or len(words) % 4:
-        raise FormatError("line-wrap side data is malformed")
+    if not 1 <= width <= MAX_WIDTH:
+        raise FormatError(f"line-wrap side data gives a width of {width}")
+    dec = _decoder(side[used:], "line-wrap")
     wrap = _Counts(_CONTEXTS, 3, 0.4)
     indents = _Counts(1, MAX_INDENT + 1, 1.0 / 64)
-    dec = constriction.stream.queue.RangeDecoder(np.frombuffer(words, dtype=np.uint32).copy())
     lines = _Lines(_SPACES.match(text, 0).end())
     line_start, shift = 0, 0  # the rebuilt line's column at text position q is q - line_start + shift
     out: list[bytes] = []
@@ -236,15 +251,13 @@ def rewrap(text: bytes, side: bytes) -> bytes:
             ctx = _context(text, m.end(), p - line_start + shift, width, lines.first)
             if ctx is None:
                 continue
-            sym = int(dec.decode(entropy.CATEGORICAL, wrap.row(ctx))[0])
-            wrap.add(ctx, sym)
+            sym = wrap.decode(dec, ctx)
             if sym == SPACE:
                 continue
             if sym == BREAK_PRED:
                 indent = lines.predicted()
             else:
-                indent = int(dec.decode(entropy.CATEGORICAL, indents.row(0))[0])
-                indents.add(0, indent)
+                indent = indents.decode(dec, 0)
             lines.broke(indent)
             out.append(text[last:p])
             out.append(eol + b" " * indent)
@@ -305,30 +318,21 @@ def unnumber(data: bytes, saved_bits: float = SAVED_BITS_PER_NUMBER) -> tuple[by
             elif digits == b"1":
                 sym = FIRST_NUMBER
             prev = int(digits)
-        enc.encode(np.array([sym], dtype=np.int32), entropy.CATEGORICAL, counts.row(ctx))
-        counts.add(ctx, sym)
+        counts.encode(enc, ctx, sym)
         sym_before = sym
         if sym != NO_NUMBER:
             out.append(data[last : num.start(2)])
             last = num.end()
             dropped += 1
-    if not dropped:
-        return data, b""
-    side = enc.get_compressed().tobytes()
-    if saved_bits and 8 * len(side) + 8 >= saved_bits * dropped:
-        return data, b""
-    out.append(data[last:])
-    return b"".join(out), side
+    return _if_it_pays(data, out, last, enc.get_compressed().tobytes(), dropped, saved_bits, 8)
 
 
 def renumber(text: bytes, side: bytes) -> bytes:
     """The inverse of :func:`unnumber`."""
     if not side:
         return text
-    if len(side) % 4:
-        raise FormatError("line-number side data is not whole 32-bit words")
+    dec = _decoder(side, "line-number")
     counts = _Counts(6, 3, 0.4)
-    dec = constriction.stream.queue.RangeDecoder(np.frombuffer(side, dtype=np.uint32).copy())
     out: list[bytes] = []
     last, prev, sym_before = 0, -1, 0
     try:
@@ -337,8 +341,7 @@ def renumber(text: bytes, side: bytes) -> bytes:
             if m is None:
                 continue
             ctx = 2 * sym_before + int(m.end() > a)
-            sym = int(dec.decode(entropy.CATEGORICAL, counts.row(ctx))[0])
-            counts.add(ctx, sym)
+            sym = counts.decode(dec, ctx)
             sym_before = sym
             if sym == NO_NUMBER:
                 num = _NUMBERED.match(text, a)
