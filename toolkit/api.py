@@ -57,10 +57,15 @@ def compress(data: bytes, codec: str | Codec = "auto", **settings: Any) -> bytes
     return out.getvalue()
 
 
-def decompress(blob: bytes) -> bytes:
-    """Decode a .tkz file (bytes) back to the original bytes."""
+def decompress(blob: bytes, allow_mismatch: bool = False, **local: Any) -> bytes:
+    """Decode a .tkz file (bytes) back to the original bytes.
+
+    ``local``: decode-time settings such as ``model_dir``; ``allow_mismatch``
+    decodes a file recorded in another environment (the SHA-256 check decides).
+    """
     out = io.BytesIO()
-    container.read_stream(io.BytesIO(bytes(blob)), out)
+    container.read_stream(io.BytesIO(bytes(blob)), out, local={k: str(v) for k, v in local.items()},
+                          allow_mismatch=allow_mismatch)
     return out.getvalue()
 
 
@@ -82,9 +87,14 @@ def compress_stream(
     return container.write_stream(c, src, dst, size=size, extra_header=extra_header, progress=progress)
 
 
-def decompress_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None) -> dict:
-    """Decode a .tkz stream from ``src`` onto ``dst``; returns the header."""
-    return container.read_stream(src, dst, progress=progress)
+def decompress_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None,
+                      settings: dict | None = None, allow_mismatch: bool = False) -> dict:
+    """Decode a .tkz stream from ``src`` onto ``dst``; returns the header.
+
+    ``settings``: decode-time settings such as ``model_dir``.
+    """
+    return container.read_stream(src, dst, progress=progress, local={k: str(v) for k, v in (settings or {}).items()},
+                                 allow_mismatch=allow_mismatch)
 
 
 def info(blob_or_stream: bytes | BinaryIO) -> dict:

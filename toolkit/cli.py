@@ -138,7 +138,8 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     out = args.output or _default_decompress_out(args.input)
     with _open_input(args.input) as (src, _size):
         with _open_output(out, args.force, args.input) as dst, _progress(None, args.quiet, "decompress") as bar:
-            decompress_stream(src, dst, progress=bar.update if bar is not None else None)
+            decompress_stream(src, dst, progress=bar.update if bar is not None else None,
+                              settings=_parse_sets(args.set), allow_mismatch=args.allow_mismatch)
     return 0
 
 
@@ -225,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", help="output path (default: INPUT without .tkz; - for stdout)")
     d.add_argument("-f", "--force", action="store_true", help="overwrite the output")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="decode-time setting, such as model_dir=DIR (repeatable)")
+    d.add_argument("--allow-mismatch", action="store_true",
+                   help="decode a file recorded with other library versions or CPU; the SHA-256 check decides")
     d.set_defaults(func=cmd_decompress)
 
     i = sub.add_parser("info", help="show a .tkz file's header and framing")

@@ -32,6 +32,12 @@ class ModelMismatchError(ToolkitError):
     exit_code = 5
 
 
+class EnvironmentMismatchError(ToolkitError):
+    """A file records an environment (library versions, CPU) that changes its codec's numbers."""
+
+    exit_code = 5
+
+
 class UnsupportedInputError(ToolkitError):
     """The input cannot be handled by the chosen codec or operation."""
 

@@ -28,8 +28,8 @@ from typing import BinaryIO
 
 import zstandard
 
-from toolkit.codecs.registry import Codec, get_codec
-from toolkit.errors import ChecksumError, FormatError, ToolkitError, UnknownCodecError
+from toolkit.codecs.registry import Codec, DecodeSession, environment_mismatch, get_codec
+from toolkit.errors import ChecksumError, EnvironmentMismatchError, FormatError, ToolkitError, UnknownCodecError
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ def _header_dict(codec: Codec, size: int | None, extra: dict | None) -> dict:
         "size": size,
     }
     header.update(codec.header_fields())
+    env = codec.environment()
+    if env:
+        header["env"] = env
     if extra:
         header.update(extra)
     return header
@@ -123,6 +126,7 @@ def write_stream(
     """Compress everything readable from ``src`` into ``dst``; returns a summary dict.
 
     Memory is bounded by one batch (``batch_chunks * chunk_size`` raw bytes).
+    The codec's coding state lives in one encoder session for this file.
     """
     _check_codec_limits(codec.chunk_size, codec.batch_chunks)
     header = json.dumps(_header_dict(codec, size, extra_header), sort_keys=True,
@@ -135,36 +139,52 @@ def write_stream(
     sha = hashlib.sha256()
     total = count = 0
     methods = {name: 0 for name in METHOD_NAMES.values()}
-    while True:
-        batch = []
-        for _ in range(codec.batch_chunks):
-            raw = _read_full(src, codec.chunk_size)
-            if not raw:
+    # progress inside a batch comes from the session; it is capped at the batch's size and
+    # topped up when the batch is written, so the bar never runs ahead or double counts
+    budget = reported = 0
+
+    def tick(n: int) -> None:
+        nonlocal reported
+        n = max(0, min(int(n), budget - reported))
+        if n and progress:
+            reported += n
+            progress(n)
+
+    session = codec.open_encoder(tick if progress else None)
+    try:
+        while True:
+            batch = []
+            for _ in range(codec.batch_chunks):
+                raw = _read_full(src, codec.chunk_size)
+                if not raw:
+                    break
+                batch.append(raw)
+                if len(raw) < codec.chunk_size:
+                    break
+            if not batch:
                 break
-            batch.append(raw)
-            if len(raw) < codec.chunk_size:
+            budget, reported = sum(len(b) for b in batch), 0
+            payloads = session.encode_chunks(batch)
+            if len(payloads) != len(batch):
+                raise ToolkitError(f"codec {codec.name} returned {len(payloads)} payloads for {len(batch)} chunks")
+            for raw, payload in zip(batch, payloads, strict=True):
+                method = METHOD_CODEC
+                if payload is None or len(payload) > len(raw):
+                    method, payload = _fallback(raw)
+                rec = b"C" + _CHUNK.pack(method, len(raw), len(payload), zlib.crc32(payload))
+                dst.write(rec)
+                dst.write(payload)
+                written += len(rec) + len(payload)
+                methods[METHOD_NAMES[method]] += 1
+                sha.update(raw)
+                total += len(raw)
+                count += 1
+            if progress and budget > reported:
+                progress(budget - reported)
+            if len(batch[-1]) < codec.chunk_size:
                 break
-        if not batch:
-            break
-        payloads = codec.encode_chunks(batch)
-        if len(payloads) != len(batch):
-            raise ToolkitError(f"codec {codec.name} returned {len(payloads)} payloads for {len(batch)} chunks")
-        for raw, payload in zip(batch, payloads, strict=True):
-            method = METHOD_CODEC
-            if payload is None or len(payload) > len(raw):
-                method, payload = _fallback(raw)
-            rec = b"C" + _CHUNK.pack(method, len(raw), len(payload), zlib.crc32(payload))
-            dst.write(rec)
-            dst.write(payload)
-            written += len(rec) + len(payload)
-            methods[METHOD_NAMES[method]] += 1
-            sha.update(raw)
-            total += len(raw)
-            count += 1
-            if progress:
-                progress(len(raw))
-        if len(batch[-1]) < codec.chunk_size:
-            break
+    finally:
+        session.close()
     if size is not None and total != size:
         raise ToolkitError(f"input changed while reading: expected {size} bytes, read {total}")
     end = b"E" + _END.pack(count, total, sha.digest())
@@ -205,7 +225,7 @@ def _read_header(src: BinaryIO) -> dict:
     return header
 
 
-def _codec_for(header: dict) -> Codec:
+def _codec_for(header: dict, local: dict[str, str] | None = None, allow_mismatch: bool = False) -> Codec:
     try:
         cls = get_codec(header["codec"])
     except UnknownCodecError as e:
@@ -215,7 +235,17 @@ def _codec_for(header: dict) -> Codec:
             f"file was written by {cls.name} codec version {header['codec_version']}, "
             f"this build has version {cls.version}"
         )
-    codec = cls.from_header(header)
+    codec = cls.from_header(header, local)
+    recorded = header.get("env", {})
+    if not isinstance(recorded, dict):
+        raise FormatError("header field 'env' is not an object")
+    diff = environment_mismatch(recorded, codec.environment())
+    if diff:
+        if not allow_mismatch:
+            raise EnvironmentMismatchError(
+                f"file was coded where {'; '.join(diff)}; this can change the {cls.name} codec's numbers "
+                "(decode anyway with --allow-mismatch: the SHA-256 check then decides)")
+        logger.warning("decoding despite a different environment: %s", "; ".join(diff))
     # the file's framing wins over the codec's defaults: batches must match the encoder's
     codec.chunk_size = header["chunk_size"]
     codec.batch_chunks = header["batch_chunks"]
@@ -285,7 +315,7 @@ def _skip(src: BinaryIO, n: int, index: int) -> None:
         n -= len(b)
 
 
-def _decode_batch(codec: Codec, batch: list[_Chunk]) -> list[bytes]:
+def _decode_batch(codec: Codec, session: DecodeSession, batch: list[_Chunk]) -> list[bytes]:
     payloads: list[bytes | None] = []
     known: list[bytes | None] = []
     for c in batch:
@@ -296,7 +326,7 @@ def _decode_batch(codec: Codec, batch: list[_Chunk]) -> list[bytes]:
             payloads.append(None)
             known.append(_unfallback(c))
     try:
-        out = codec.decode_chunks(payloads, [c.raw_len for c in batch], known)
+        out = session.decode_chunks(payloads, [c.raw_len for c in batch], known)
     except ToolkitError:
         raise
     except Exception as e:  # a damaged payload can make any decoder fail; name the chunk
@@ -319,22 +349,34 @@ def _unfallback(c: _Chunk) -> bytes:
     return data
 
 
-def read_stream(src: BinaryIO, dst: BinaryIO, progress: ProgressFn | None = None) -> dict:
+def read_stream(src: BinaryIO, dst: BinaryIO, progress: ProgressFn | None = None,
+                local: dict[str, str] | None = None, allow_mismatch: bool = False) -> dict:
     """Decompress a .tkz stream from ``src`` into ``dst``; returns the header.
 
     Chunks are checked (CRC) before decoding and the SHA-256 of everything
     written is compared with the end record; a mismatch raises after the
     fact, so callers writing to a file must discard it (the CLI does).
+    ``local``: decode-time settings (where models are); ``allow_mismatch``:
+    decode even where the file records another environment.
     """
     header = _read_header(src)
-    codec = _codec_for(header)
+    codec = _codec_for(header, local, allow_mismatch)
+    session = codec.open_decoder()
+    try:
+        return _read_chunks(header, codec, session, src, dst, progress)
+    finally:
+        session.close()
+
+
+def _read_chunks(header: dict, codec: Codec, session: DecodeSession, src: BinaryIO, dst: BinaryIO,
+                 progress: ProgressFn | None) -> dict:
     sha = hashlib.sha256()
     total = 0
     batch: list[_Chunk] = []
 
     def flush() -> None:
         nonlocal total
-        for data in _decode_batch(codec, batch):
+        for data in _decode_batch(codec, session, batch):
             dst.write(data)
             sha.update(data)
             total += len(data)

@@ -813,8 +813,8 @@ class LMCodec(Codec):
                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
     @classmethod
-    def from_header(cls, header: dict) -> LMCodec:
-        codec: LMCodec = super().from_header(header)  # type: ignore[assignment]
+    def from_header(cls, header: dict, local: dict[str, str] | None = None) -> LMCodec:
+        codec: LMCodec = super().from_header(header, local)  # type: ignore[assignment]
         want = header.get("model")
         if not isinstance(want, dict):
             raise FormatError("LM header has no model record")

@@ -160,8 +160,8 @@ class PCCodec(Codec):
         return {"model": self.config.model or "pc-patch", "model_sha256": sha}
 
     @classmethod
-    def from_header(cls, header: dict) -> PCCodec:
-        codec = super().from_header(header)
+    def from_header(cls, header: dict, local: dict[str, str] | None = None) -> PCCodec:
+        codec = super().from_header(header, local)
         _, sha = _model(codec.config)
         want = header.get("model_sha256")
         if want != sha:

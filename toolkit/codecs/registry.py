@@ -4,6 +4,11 @@ A codec turns chunks of raw bytes into payloads and back. The container
 (:mod:`toolkit.codecs.container`) owns framing, checksums, per-chunk fallback
 to stored bytes and streaming; a codec only sees lists of chunks, so a codec
 that codes many segments in parallel (one stream each) gets them together.
+
+Coding state belongs to one file: the container opens an
+:class:`EncodeSession` (or :class:`DecodeSession`) per file with
+:meth:`Codec.open_encoder` and closes it at the end. A codec instance holds
+only its settings and models, so one instance codes any number of files.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from typing import Any, ClassVar
 
 from toolkit.errors import ConfigError, UnknownCodecError
 
-__all__ = ["Codec", "register_codec", "get_codec", "list_codecs", "parse_settings"]
+__all__ = ["Codec", "EncodeSession", "DecodeSession", "register_codec", "get_codec", "list_codecs",
+           "parse_settings"]
+
+ProgressFn = Callable[[int], None]
 
 
 @dataclasses.dataclass
@@ -42,6 +50,9 @@ class Codec:
     chunk_size: int = 1 << 20
     #: how many chunks the container hands over at once (parallel streams).
     batch_chunks: int = 1
+    #: settings a decoder may be given (``--set model_dir=...``): where to find things
+    #: on this machine, never what changes the numbers.
+    decode_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()
@@ -53,8 +64,12 @@ class Codec:
         return cls(parse_settings(cls.Config, settings or {}))
 
     @classmethod
-    def from_header(cls, header: dict) -> Codec:
-        """Rebuild the codec that wrote ``header``; check models and versions here."""
+    def from_header(cls, header: dict, local: dict[str, str] | None = None) -> Codec:
+        """Rebuild the codec that wrote ``header``; check models and versions here.
+
+        ``local`` holds decode-time settings (only the names in ``decode_settings``).
+        """
+        check_decode_settings(cls, local)
         return cls(config_from_dict(cls.Config, header.get("config", {})))
 
     def header_fields(self) -> dict:
@@ -64,7 +79,22 @@ class Codec:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
-    # --- coding -----------------------------------------------------------
+    def environment(self) -> dict:
+        """What outside the header's config changes this codec's numbers (library versions,
+        CPU capability, ...). Recorded in the header as ``env``; a decoder whose own
+        environment differs refuses the file unless told to try anyway."""
+        return {}
+
+    # --- sessions ---------------------------------------------------------
+    def open_encoder(self, progress: ProgressFn | None = None) -> EncodeSession:
+        """A fresh per-file encoder. ``progress(n)`` may be called with raw bytes done
+        inside a batch; the container caps those reports at the batch's size."""
+        return _StatelessEncoder(self)
+
+    def open_decoder(self, progress: ProgressFn | None = None) -> DecodeSession:
+        return _StatelessDecoder(self)
+
+    # --- coding (stateless codecs implement these; the default sessions call them) ---
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         """Code a batch; a None (or a payload not smaller than the chunk) makes the
         container store that chunk with zstd or raw instead."""
@@ -83,6 +113,44 @@ class Codec:
     def estimate_bpb(cls, sample: bytes) -> float | None:
         """Estimated bits per byte on ``sample`` for ``--codec auto``; None opts out."""
         return None
+
+
+class EncodeSession:
+    """One file's encoder: batches of chunks in file order, then :meth:`close`."""
+
+    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file's state (the container calls it once, also after an error)."""
+
+
+class DecodeSession:
+    """One file's decoder: batches in file order, then :meth:`close`."""
+
+    def decode_chunks(
+        self, payloads: list[bytes | None], sizes: list[int], known: list[bytes | None]
+    ) -> list[bytes]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file's state (the container calls it once, also after an error)."""
+
+
+class _StatelessEncoder(EncodeSession):
+    def __init__(self, codec: Codec):
+        self.codec = codec
+
+    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
+        return self.codec.encode_chunks(chunks)
+
+
+class _StatelessDecoder(DecodeSession):
+    def __init__(self, codec: Codec):
+        self.codec = codec
+
+    def decode_chunks(self, payloads, sizes, known):
+        return self.codec.decode_chunks(payloads, sizes, known)
 
 
 _REGISTRY: dict[str, type[Codec]] = {}
@@ -130,6 +198,23 @@ def list_codecs() -> dict[str, type[Codec]]:
 
 
 # --- config helpers -------------------------------------------------------
+def check_decode_settings(cls: type[Codec], local: dict[str, str] | None) -> None:
+    """Refuse decode-time settings that ``cls`` does not take."""
+    unknown = sorted(set(local or {}) - set(cls.decode_settings))
+    if unknown:
+        allowed = ", ".join(cls.decode_settings) or "none"
+        raise ConfigError(f"codec {cls.name} takes no decode setting {', '.join(unknown)} (allowed: {allowed})")
+
+
+def environment_mismatch(recorded: dict, here: dict) -> list[str]:
+    """What differs between the environment a file records and this one, one phrase per item."""
+    out = []
+    for key in sorted(set(recorded) | set(here)):
+        if recorded.get(key) != here.get(key):
+            out.append(f"{key} {recorded.get(key)!r} in the file, {here.get(key)!r} here")
+    return out
+
+
 def _convert(value: str, typ: Any, key: str) -> Any:
     origin = typing.get_origin(typ)
     if origin is typing.Union or origin is types.UnionType:
