@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.codecs import entropy as E
+from toolkit import entropy as E
 from toolkit.errors import ConfigError
 
 
@@ -113,7 +113,7 @@ def test_ideal_bits_matches_log2():
 
 
 def test_probs_to_table_equals_the_general_path():
-    from toolkit.codecs.entropy import freqs_to_table, probs_to_freqs, probs_to_table
+    from toolkit.entropy import freqs_to_table, probs_to_freqs, probs_to_table
 
     g = torch.Generator().manual_seed(0)
     clean = torch.softmax(torch.randn(16, 4096, generator=g) * 6, dim=-1)

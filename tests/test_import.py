@@ -22,7 +22,7 @@ def test_codec_use_does_not_initialise_cuda():
     code = (
         "import toolkit, torch\n"
         "toolkit.decompress(toolkit.compress(b'abc' * 100, codec='xz'))\n"
-        "from toolkit.codecs import entropy\n"
+        "from toolkit import entropy\n"
         "entropy.logits_to_freqs(torch.zeros(2, 8))\n"
         "print(torch.cuda.is_initialized())\n"
     )

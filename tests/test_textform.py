@@ -129,7 +129,7 @@ def test_forward_composes_both_transforms():
 
 
 def test_varints_round_trip_and_refuse_overlong_input():
-    from toolkit.codecs.varint import read_varint, varint
+    from toolkit.entropy.varint import read_varint, varint
 
     for n in (0, 1, 127, 128, 300, 1 << 35):
         assert read_varint(varint(n) + b"tail") == (n, len(varint(n)))

@@ -33,7 +33,7 @@ _LAZY = {
     "ModelMismatchError": "toolkit.errors",
     "UnsupportedInputError": "toolkit.errors",
 }
-_SUBMODULES = {"codecs", "kernels", "circuits", "models", "data", "notebook", "errors", "bench"}
+_SUBMODULES = {"codecs", "entropy", "kernels", "circuits", "models", "data", "notebook", "errors", "bench"}
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -29,7 +29,7 @@ Encoder and decoder run the identical computation (same method, same batch
 composition, same shapes), so their float tables are bit-identical on the
 same machine, build and device type (a CUDA circuit runs the Triton sum
 layer, a CPU one the torch reference: decode where you encoded; on CPU,
-1 and 2 torch threads were seen to agree); :func:`toolkit.codecs.entropy.logits_to_freqs` then
+1 and 2 torch threads were seen to agree); :func:`toolkit.entropy.logits_to_freqs` then
 turns them into integer tables for the range coder. All records of a batch
 share one range-coded stream, symbols interleaved variable-major, so the
 decoder decodes one variable of the whole batch per call.
@@ -50,7 +50,7 @@ import torch
 
 from toolkit.circuits.circuit import Circuit
 from toolkit.circuits.layers import input_layer, upward_pass
-from toolkit.codecs.entropy import (
+from toolkit.entropy import (
     CATEGORICAL,
     DEFAULT_TOTAL_BITS,
     encode_symbols,

@@ -9,7 +9,7 @@ payload), then becomes one or more token streams (pieces, see
 of every stream in one forward pass over a bounded window of ``window``
 tokens; the prediction is mixed with the file's own n-gram counts
 (:class:`_NgramMixer`), becomes an integer table
-(:func:`toolkit.codecs.entropy.probs_to_table`) and each stream's token is
+(:func:`toolkit.entropy.probs_to_table`) and each stream's token is
 range-coded with its own row; the output head learns the file as it goes
 (:class:`_Adapter`). The decoder runs the very same loop, feeding the tokens
 it has just decoded, so both sides compute the same numbers with the same
@@ -48,10 +48,11 @@ import numpy as np
 import torch
 import zstandard
 
-from toolkit.codecs import entropy, textform
+from toolkit import entropy
+from toolkit.codecs import textform
 from toolkit.codecs.registry import Codec, register_codec
-from toolkit.codecs.varint import read_varint
-from toolkit.codecs.varint import varint as _varint
+from toolkit.entropy.varint import read_varint
+from toolkit.entropy.varint import varint as _varint
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ symbols cost less than the breaks it removes would, at a conservative
 estimate of what the model spends on each.
 
 Wrap and indent symbols are range-coded with the same quantization as the
-model's tables (:mod:`toolkit.codecs.entropy`); counts are small integers in
+model's tables (:mod:`toolkit.entropy`); counts are small integers in
 float64, so both sides compute identical probabilities.
 """
 
@@ -41,8 +41,8 @@ from typing import Any
 import constriction
 import numpy as np
 
-from toolkit.codecs import entropy
-from toolkit.codecs.varint import read_varint, varint
+from toolkit import entropy
+from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import FormatError
 
 __all__ = ["forward", "inverse", "unwrap", "rewrap", "choose_width", "line_break", "unnumber", "renumber"]

@@ -3,7 +3,7 @@
 ``logits_to_freqs(logits[..., K], total_bits)`` returns int64 tables that sum
 to ``2**total_bits`` with a floor of 1 per symbol (softmax, then
 ``1 + floor(p * (T - K))``, remainder to the most probable symbol). The
-torch reference is :func:`toolkit.codecs.entropy.logits_to_freqs`; the Triton
+torch reference is :func:`toolkit.entropy.logits_to_freqs`; the Triton
 kernel does the same in one pass per row on the GPU, so a model running on
 CUDA never ships its logits to the host. Encoder and decoder must use the
 same path: the two agree on invariants, not on every last count.
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.codecs.entropy import DEFAULT_TOTAL_BITS, _check_total
-from toolkit.codecs.entropy import logits_to_freqs as logits_to_freqs_reference
+from toolkit.entropy.core import DEFAULT_TOTAL_BITS, _check_total
+from toolkit.entropy.core import logits_to_freqs as logits_to_freqs_reference
 from toolkit.kernels import dispatch
 
 __all__ = ["logits_to_freqs", "logits_to_freqs_reference", "logits_to_freqs_triton"]
