@@ -46,7 +46,30 @@ def test_header_records_everything(tiny):
     h = toolkit.info(toolkit.compress(CORPUS, codec="lm", model=str(tiny), **SETTINGS))["header"]
     assert h["codec"] == "lm" and h["config"]["window"] == 24 and h["config"]["threads"] >= 1
     assert len(h["model"]["weights_sha256"]) == 64 and len(h["model"]["tokenizer_sha256"]) == 64
-    assert h["torch"] == torch.__version__ and h["cpu_capability"]
+    assert h["env"]["torch"] == torch.__version__ and h["env"]["cpu_capability"]
+    # every setting resolved: nothing for the decoder to work out again
+    assert h["config"]["engine"] == "lean" and h["config"]["dtype"] in ("float32", "bfloat16")
+    assert "transformers" not in h["env"]  # the lean engine does not run transformers' code
+
+
+def test_hf_engine_records_transformers_version(tiny):
+    import transformers
+
+    h = toolkit.info(toolkit.compress(CORPUS, codec="lm", model=str(tiny), engine="hf", **SETTINGS))["header"]
+    assert h["config"]["engine"] == "hf" and h["env"]["transformers"] == transformers.__version__
+
+
+def test_other_environment_is_refused_unless_allowed(tiny, monkeypatch):
+    """A file from another torch build is refused with what differs; --allow-mismatch tries, the digest decides."""
+    from toolkit.codecs.lm import LMCodec
+    from toolkit.errors import EnvironmentMismatchError
+
+    blob = toolkit.compress(CORPUS, codec="lm", model=str(tiny), **SETTINGS)
+    real = LMCodec.environment
+    monkeypatch.setattr(LMCodec, "environment", lambda self: {**real(self), "torch": "0.0.1"})
+    with pytest.raises(EnvironmentMismatchError, match="torch"):
+        toolkit.decompress(blob)
+    assert toolkit.decompress(blob, allow_mismatch=True) == CORPUS
 
 
 def _drive(engine, seq):
@@ -57,33 +80,32 @@ def _drive(engine, seq):
 
 def test_lean_engine_matches_transformers(tiny):
     """Lean and hf engines agree step by step, through several window restarts."""
-    from toolkit.codecs.lm import LMConfig, load_coding_model
+    from toolkit.text.model import load_coding_model
 
     cm = load_coding_model(str(tiny))
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(0, cm.tokenizer.alphabet, (3, 50), generator=g)
-    cfg = dict(model=str(tiny), window=16, keep=5, dtype="float32")
-    lean = _drive(cm.engine(LMConfig(engine="lean", **cfg)), seq)
-    hf = _drive(cm.engine(LMConfig(engine="hf", **cfg)), seq)
+    lean = _drive(cm.engine("lean", 16, 5, "float32"), seq)
+    hf = _drive(cm.engine("hf", 16, 5, "float32"), seq)
     for p, (a, b) in enumerate(zip(lean, hf, strict=True)):
         assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), p
     # and both equal a plain forward over the tokens since the last restart
     with torch.inference_mode():
-        want = cm.model(input_ids=seq[:, 16 - 5 + 1 : 16 + 1]).logits[:, -1]
+        want = cm.hf_model()(input_ids=seq[:, 16 - 5 + 1 : 16 + 1]).logits[:, -1]
     assert torch.allclose(lean[16], want, atol=2e-4)
 
 
 def test_ring_engine_is_exact_until_full_then_deterministic(tiny):
-    from toolkit.codecs.lm import LMConfig, load_coding_model
+    from toolkit.text.model import load_coding_model
 
     cm = load_coding_model(str(tiny))
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, cm.tokenizer.alphabet, (2, 40), generator=g)
-    ring = cm.engine(LMConfig(model=str(tiny), window=16, keep=0, engine="lean", dtype="float32"))
+    ring = cm.engine("lean", 16, 0, "float32")
     first, second = _drive(ring, seq), _drive(ring, seq)
     for p in range(16):
         with torch.inference_mode():
-            want = cm.model(input_ids=seq[:, : p + 1]).logits[:, -1]
+            want = cm.hf_model()(input_ids=seq[:, : p + 1]).logits[:, -1]
         assert torch.allclose(first[p], want, atol=2e-4), p
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     blob = toolkit.compress(CORPUS * 3, codec="lm", model=str(tiny), segment=512, streams=2, window=16, keep=0)
@@ -103,14 +125,15 @@ def test_adaptation_learns_the_file_and_round_trips(tiny):
 
 def test_adapter_head_step_is_the_cross_entropy_gradient_step():
     """The closed-form head update equals an SGD step on autograd's gradient of the mean cross-entropy."""
-    from toolkit.codecs.lm import _Adapter, _Top
+    from toolkit.text.adapt import HeadAdapter
+    from toolkit.text.engines import Top
 
     g = torch.Generator().manual_seed(0)
     hid, inter, vocab = 16, 24, 40
-    base = _Top(1 + 0.1 * torch.randn(hid, generator=g), torch.randn(2 * inter, hid, generator=g) / 4,
+    base = Top(1 + 0.1 * torch.randn(hid, generator=g), torch.randn(2 * inter, hid, generator=g) / 4,
                 torch.randn(hid, inter, generator=g) / 5, 1 + 0.1 * torch.randn(hid, generator=g),
                 torch.randn(vocab, hid, generator=g), 1e-5, inter)
-    adapter = _Adapter(base, lr=0.3, tokens=1000, rows=1, dtype=torch.float32)
+    adapter = HeadAdapter(base, lr=0.3, tokens=1000, rows=1, dtype=torch.float32)
     steps = [torch.randn(5, hid, generator=g) for _ in range(3)]
     targets = [torch.randint(0, vocab - 1, (5,), generator=g).tolist() for _ in steps]
     active = [True, True, False, True, True]  # a finished stream's row is not trained on
@@ -163,20 +186,85 @@ def test_hf_engine_roundtrip(tiny):
 
 
 def test_model_mismatch_is_refused(tmp_path):
+    """The store notices a model replaced on disk (its files' stamps change): no cache to clear."""
     d = _tiny_llama(tmp_path, seed=1, name="m")
     blob = toolkit.compress(CORPUS, codec="lm", model=str(d), **SETTINGS)
-    from toolkit.codecs.lm import load_coding_model
-
     _tiny_llama(tmp_path, seed=2, name="m")  # same path, other weights
-    load_coding_model.cache_clear()
     with pytest.raises(ModelMismatchError, match="weights"):
         toolkit.decompress(blob)
     import shutil
 
     shutil.rmtree(d)
-    load_coding_model.cache_clear()
-    with pytest.raises(ModelMismatchError, match="cannot load"):
+    with pytest.raises(ModelMismatchError, match="not found"):
         toolkit.decompress(blob)
+
+
+def test_decoder_pointed_at_another_model_dir(tmp_path):
+    """A file coded with a model at one path decodes with the model moved elsewhere (--set model_dir=...)."""
+    import shutil
+
+    d = _tiny_llama(tmp_path, seed=3, name="where")
+    blob = toolkit.compress(CORPUS, codec="lm", model=str(d), **SETTINGS)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(str(d), moved / "where")
+    with pytest.raises(ModelMismatchError):
+        toolkit.decompress(blob)
+    assert toolkit.decompress(blob, model_dir=str(moved)) == CORPUS
+    from toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="decode setting"):
+        toolkit.decompress(blob, window=5)
+
+
+def test_weights_hash_is_the_files_hash(tiny):
+    """The header's weights hash is the SHA-256 of the weight file, not a walk over the state dict."""
+    import hashlib
+
+    h = toolkit.info(toolkit.compress(CORPUS, codec="lm", model=str(tiny), **SETTINGS))["header"]
+    want = hashlib.sha256((Path(tiny) / "model.safetensors").read_bytes()).hexdigest()
+    assert h["model"]["weights_sha256"] == want
+
+
+def test_hf_bf16_engine_does_not_touch_the_cached_model(tiny):
+    """Building an hf engine in bf16 casts a copy: later fp32 engines still see the fp32 weights."""
+    from toolkit.text.model import load_coding_model
+
+    cm = load_coding_model(str(tiny))
+    g = torch.Generator().manual_seed(2)
+    seq = torch.randint(0, cm.tokenizer.alphabet, (2, 12), generator=g)
+    before = _drive(cm.engine("hf", 16, 5, "float32"), seq)
+    cm.engine("hf", 16, 5, "bfloat16")
+    again = load_coding_model(str(tiny))
+    assert all(p.dtype == torch.float32 for p in again.hf_model().parameters())
+    fresh = _drive(again.engine("hf", 24, 5, "float32"), seq)  # a new engine, built after the bf16 one
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh, strict=True))
+
+
+def test_one_instance_codes_two_files_that_fresh_processes_decode(tiny, tmp_path):
+    """Coding state lives in a session per file: a reused codec instance writes files any fresh decoder reads."""
+    from toolkit.codecs.lm import LMCodec, LMConfig
+
+    codec = LMCodec(LMConfig(model=str(tiny), adapt=0.5, adapt_tokens=12, **SETTINGS))
+    files = {"a": CORPUS * 3, "b": b"other words entirely, " * 40 + CORPUS}
+    for name, data in files.items():
+        (tmp_path / f"{name}.tkz").write_bytes(toolkit.compress(data, codec=codec))
+    assert toolkit.compress(files["b"], codec=codec) == (tmp_path / "b.tkz").read_bytes()
+    for name, data in files.items():
+        out = tmp_path / f"{name}.out"
+        subprocess.run([sys.executable, "-m", "toolkit", "decompress", str(tmp_path / f"{name}.tkz"), "-o", str(out),
+                        "-q"], check=True)
+        assert out.read_bytes() == data
+    codec.token_costs(CORPUS)  # a session of its own: the next file is still coded from scratch
+    assert toolkit.compress(files["b"], codec=codec) == (tmp_path / "b.tkz").read_bytes()
+
+
+def test_kv_cache_beyond_memory_is_refused_before_allocating(tiny):
+    from toolkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="KV cache"):
+        toolkit.compress(CORPUS, codec="lm", model=str(tiny), window=65536, streams=1024, batch=1,
+                         segment=256, keep=8)
 
 
 def test_decode_in_fresh_process(tiny, tmp_path):
@@ -247,7 +335,7 @@ def test_shipped_model_is_the_default_and_beats_xz_on_prose(capsys):
 
     from toolkit.codecs.lm import LMCodec
 
-    (payload,) = LMCodec().encode_chunks([prose])
+    (payload,) = LMCodec().open_encoder().encode_chunks([prose])
     assert payload is not None
     assert len(payload) < 0.7 * len(lzma.compress(prose, preset=9 | lzma.PRESET_EXTREME))
     assert toolkit.info(toolkit.compress(prose))["header"]["codec"] == "lm"  # auto picks lm for text
@@ -256,7 +344,7 @@ def test_shipped_model_is_the_default_and_beats_xz_on_prose(capsys):
 
 
 def test_plan_cuts_only_the_long_segments():
-    from toolkit.codecs.lm import plan_pieces
+    from toolkit.text.plan import plan_pieces
 
     # one segment with five times the tokens of the rest: it alone is cut, into pieces near the mean (2000)
     lengths = [1000, 1000, 5000, 1000]
@@ -275,14 +363,15 @@ def test_plan_cuts_only_the_long_segments():
 
 def test_roundtrip_with_segments_cut_into_pieces(tiny):
     """Segments the tokenizer splits finely are coded as several streams; declined segments replay the plan."""
-    from toolkit.codecs.lm import LMCodec, LMConfig, plan_pieces
+    from toolkit.codecs.lm import LMCodec, LMConfig
+    from toolkit.text.plan import plan_pieces
 
     wide = "Grüße, 世界! ünïcödé ½ ∑ text\n".encode() * 12  # several tokens per character
     data = CORPUS[:512] + wide[:512] + CORPUS[512:1024] + bytes(range(256)) * 2 + CORPUS[:512]
     settings = dict(SETTINGS, streams=8, batch=4, segment=512, piece=8)
     codec = LMCodec(LMConfig(model=str(tiny), **settings))
     chunks = [data[i : i + 512] for i in range(0, 2048, 512)]
-    lengths = [len(t) for t in codec._tokens(chunks)[0] if t is not None]
+    lengths = [len(t) for t in codec.tokens(chunks)[0] if t is not None]
     assert max(plan_pieces(lengths, 8, 8)) > 1  # the wide segment is cut
     blob = toolkit.compress(data, codec="lm", model=str(tiny), **settings)
     assert toolkit.decompress(blob) == data
@@ -297,13 +386,13 @@ def test_payload_with_a_wrong_piece_count_is_refused(tiny):
     from toolkit.errors import FormatError
 
     codec = LMCodec(LMConfig(model=str(tiny), **SETTINGS))
-    (payload,) = codec.encode_chunks([CORPUS[:256]])
+    (payload,) = codec.open_encoder().encode_chunks([CORPUS[:256]])
     assert payload is not None
     m = payload[0]  # one-byte line-wrap side length and side data, one-byte token count, then the piece count
     n = payload[1 + m]
     forged = payload[: 1 + m] + bytes([n, 2, 0]) + payload[3 + m :]
     with pytest.raises(FormatError):
-        LMCodec(LMConfig(model=str(tiny), **SETTINGS)).decode_chunks([forged], [256], [None])
+        LMCodec(LMConfig(model=str(tiny), **SETTINGS)).open_decoder().decode_chunks([forged], [256], [None])
 
 
 def test_wrapped_text_is_coded_unwrapped_and_comes_back(tiny):
@@ -315,8 +404,8 @@ def test_wrapped_text_is_coded_unwrapped_and_comes_back(tiny):
     prose = CORPUS.decode(errors="replace").replace("\n", " ")
     data = "\n\n".join(textwrap.fill(prose, w) for w in (48, 48, 48)).encode()
     settings = dict(SETTINGS, segment=4096)
-    (payload,) = LMCodec(LMConfig(model=str(tiny), **settings)).encode_chunks([data])
-    (plain,) = LMCodec(LMConfig(model=str(tiny), unwrap=False, **settings)).encode_chunks([data])
+    (payload,) = LMCodec(LMConfig(model=str(tiny), **settings)).open_encoder().encode_chunks([data])
+    (plain,) = LMCodec(LMConfig(model=str(tiny), unwrap=False, **settings)).open_encoder().encode_chunks([data])
     assert payload is not None and plain is not None
     assert payload[0] > 0 and plain[0] == 0  # side data length
     for unwrap in (True, False):

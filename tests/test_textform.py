@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from toolkit.codecs.textform import (
+from toolkit.errors import FormatError
+from toolkit.text.transforms import (
     choose_width,
     forward,
     inverse,
@@ -16,7 +17,6 @@ from toolkit.codecs.textform import (
     unnumber,
     unwrap,
 )
-from toolkit.errors import FormatError
 
 PROSE = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "

@@ -168,7 +168,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from toolkit.codecs.registry import list_codecs
-    from toolkit.models.registry import list_models
+    from toolkit.models.store import list_models
 
     print("codecs:")
     for name, cls in list_codecs().items():

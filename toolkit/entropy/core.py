@@ -34,6 +34,8 @@ __all__ = [
     "freqs_to_table",
     "CATEGORICAL",
     "StreamDecoder",
+    "RangeCoder",
+    "probs_to_table",
 ]
 
 #: constriction's range coder quantizes probabilities to 24 bits; tables with
@@ -53,7 +55,17 @@ def _check_total(total_bits: int, num_symbols: int) -> int:
     return total
 
 
-def probs_to_freqs(probs: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) -> torch.Tensor:
+def _tensor(x: torch.Tensor | np.ndarray | Sequence, what: str) -> torch.Tensor:
+    """Model outputs as a tensor: numpy arrays and nested lists are taken as they are."""
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(np.asarray(x, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} must be a tensor or an array of numbers ({e})") from None
+
+
+def probs_to_freqs(probs: torch.Tensor | np.ndarray, total_bits: int = DEFAULT_TOTAL_BITS) -> torch.Tensor:
     """Quantize probabilities ``[..., K]`` to int64 frequencies summing to ``2**total_bits``.
 
     Each symbol gets ``1 + floor(p * (T - K))``; the rounding remainder goes to
@@ -61,6 +73,7 @@ def probs_to_freqs(probs: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) ->
     order of operations, so the same input gives the same table on every call.
     Rows need not be normalized; a row of all zeros gives a uniform table.
     """
+    probs = _tensor(probs, "probs")
     if probs.ndim < 1:
         raise ConfigError("probs must have a symbol dimension")
     k = probs.shape[-1]
@@ -96,12 +109,15 @@ def probs_to_table(probs: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) ->
     return f.numpy() * (1.0 / total)
 
 
-def logits_to_freqs(logits: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) -> torch.Tensor:
+def logits_to_freqs(logits: torch.Tensor | np.ndarray, total_bits: int = DEFAULT_TOTAL_BITS) -> torch.Tensor:
     """Softmax of ``logits[..., K]`` quantized like :func:`probs_to_freqs`.
 
     This is the torch reference of the Triton kernel in
     :mod:`toolkit.kernels.freqs`; CPU tensors always take this path.
     """
+    logits = _tensor(logits, "logits")
+    if logits.ndim < 1:
+        raise ConfigError("logits must have a symbol dimension")
     k = logits.shape[-1]
     total = _check_total(total_bits, k)
     x = logits.detach().to(torch.float32)
@@ -213,3 +229,39 @@ class StreamDecoder:
             if active is None or active[i]:
                 out[i] = int(dec.decode(CATEGORICAL, table[i : i + 1])[0])
         return out
+
+
+class RangeCoder:
+    """One range-coded stream seen from either side, so that a coding loop is written once.
+
+    ``code(table, symbol)`` encodes ``symbol`` under the one-row ``table`` and
+    returns it (an encoder), or decodes a symbol under it and returns that (a
+    decoder, ``symbol`` left out). Encoder and decoder run the same loop and
+    compute the same tables; only this call differs.
+    """
+
+    def __init__(self, words: np.ndarray | None = None):
+        self.decoding = words is not None
+        self._coder = (constriction.stream.queue.RangeDecoder(words) if self.decoding
+                       else constriction.stream.queue.RangeEncoder())
+
+    @classmethod
+    def encoder(cls) -> RangeCoder:
+        return cls()
+
+    @classmethod
+    def decoder(cls, data: bytes | np.ndarray) -> RangeCoder:
+        """A decoder over coded ``data`` (bytes, a whole number of 32-bit words, or the words)."""
+        return cls(data if isinstance(data, np.ndarray) else _words(data))
+
+    def code(self, table: np.ndarray, symbol: int | None = None) -> int:
+        if self.decoding:
+            return int(self._coder.decode(CATEGORICAL, table)[0])
+        self._coder.encode(np.array([symbol], dtype=np.int32), CATEGORICAL, table)
+        return int(symbol)  # type: ignore[arg-type]
+
+    def finish(self) -> bytes:
+        """The encoder's output (32-bit words as bytes)."""
+        if self.decoding:
+            raise ConfigError("finish() is the encoder's: a decoder has no output")
+        return self._coder.get_compressed().tobytes()

@@ -1,5 +1,5 @@
-"""Shipped small models and their registry (see :mod:`toolkit.models.registry`)."""
+"""Shipped small models and the model store (see :mod:`toolkit.models.store`)."""
 
-from toolkit.models.registry import get_model_entry, list_models, register_model
+from toolkit.models.store import list_models, locate, model_entry
 
-__all__ = ["get_model_entry", "list_models", "register_model"]
+__all__ = ["list_models", "locate", "model_entry"]

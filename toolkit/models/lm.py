@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toolkit.models.registry import register_model
+from toolkit.models.store import ASSETS as ASSETS_DIR
 from toolkit.models.tokenizer import ByteTokenizer
 
 logger = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 DEFAULT_LM_NAME = "lm-default"
 DEFAULT_LM_DIR = ASSETS_DIR / DEFAULT_LM_NAME
 MANIFEST = ASSETS_DIR / "MANIFEST.json"
@@ -113,17 +112,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (the manifest records this for model.safetensors)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_lm(model: LlamaForCausalLM, tokenizer: ByteTokenizer, directory: str | Path) -> Path:
-    """Write config.json, model.safetensors and tokenizer.json into ``directory``."""
+    """Write config.json, model.safetensors, tokenizer.json and its marker into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
@@ -149,7 +139,6 @@ def load_lm(
     return model, tokenizer
 
 
-@register_model(DEFAULT_LM_NAME)
 def load_default_lm(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[LlamaForCausalLM, ByteTokenizer]:

@@ -28,6 +28,7 @@ in the ``tokenizers`` vocabulary, so no input text can match it).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+#: beside tokenizer.json: names it a ByteTokenizer, so loaders never guess a tokenizer from file names
+MARKER_FILE = "toolkit.json"
 
 #: GPT-2's split pattern (contractions, letter runs, digit runs, other runs,
 #: whitespace) with an optional leading space kept on the following word.
@@ -105,10 +108,11 @@ class ByteTokenizer:
         return self._tok.to_str()
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``tokenizer.json`` into ``directory`` and return its path."""
+        """Write ``tokenizer.json`` and the marker naming it a ByteTokenizer into ``directory``."""
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json(), encoding="utf-8")
+        (path.parent / MARKER_FILE).write_text(json.dumps({"tokenizer": "ByteTokenizer"}) + "\n", encoding="utf-8")
         return path
 
     @classmethod
@@ -122,6 +126,15 @@ class ByteTokenizer:
     def sha256(self) -> str:
         """Digest of the canonical JSON text (what ``save`` writes), for headers."""
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+
+def has_byte_tokenizer(directory: str | Path) -> bool:
+    """True where ``directory``'s marker names its ``tokenizer.json`` a ByteTokenizer (loaders never guess)."""
+    path = Path(directory) / MARKER_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("tokenizer") == "ByteTokenizer"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def tokenizer_file_sha256(path: str | Path) -> str:

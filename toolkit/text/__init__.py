@@ -1,0 +1,30 @@
+"""The lm codec's engine, as a library: tokens, engines, n-gram mixing, adaptation, the lockstep coder.
+
+- :mod:`toolkit.text.detect`: is a chunk text (cheap, no torch);
+- :mod:`toolkit.text.transforms`: exact text transforms (wrapped lines, line numbers) with side data;
+- :mod:`toolkit.text.tokens`: tokenizers as the coder sees them;
+- :mod:`toolkit.text.engines`: the lean Llama forward and the ``transformers`` one;
+- :mod:`toolkit.text.mixer`, :mod:`toolkit.text.adapt`: the file's n-gram counts and adapted head;
+- :mod:`toolkit.text.plan`: how a batch's segments become streams;
+- :mod:`toolkit.text.lockstep`: the coding loop encoder and decoder share;
+- :mod:`toolkit.text.model`: a model, its tokenizer and hashes, through the model store.
+
+It knows no file format: :mod:`toolkit.codecs.lm` maps settings and payload bytes onto it.
+Submodules load on use, so ``toolkit.text.detect`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["looks_like_text", "Lockstep", "Stream", "CodingModel", "load_coding_model", "plan_pieces"]
+
+_LAZY = {"looks_like_text": "detect", "Lockstep": "lockstep", "Stream": "lockstep", "CodingModel": "model",
+         "load_coding_model": "model", "plan_pieces": "plan"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"toolkit.text.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'toolkit.text' has no attribute {name!r}")

@@ -1,0 +1,141 @@
+"""Token n-gram counts of the file so far, mixed into the model's next-token distribution."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+__all__ = ["NgramMixer"]
+
+logger = logging.getLogger(__name__)
+
+
+class NgramMixer:
+    """Token n-gram statistics of the file so far, mixed into the model's prediction.
+
+    A small pretrained model knows language in general but not this file;
+    counts of what followed each recent context in the file so far supply the
+    file's own habits (its vocabulary, its repeated phrases). Starting from the
+    model's distribution, each order ``k`` (ascending) interpolates
+    ``p <- (1 - l) p + l * counts / n`` with ``l = n / (n + gamma * u)``
+    (Witten-Bell weights, softened by ``gamma``), where ``n`` and ``u`` are the
+    context's total and distinct continuations. All streams of the file share
+    one table, read before and updated after each lockstep step, so encoder
+    and decoder see identical counts; the table stops taking new contexts at
+    ``contexts`` entries, which bounds memory whatever the file size.
+    """
+
+    #: order-1 counts live in a dense [V, V] table when the alphabet is this small: the
+    #: previous token alone has hundreds of continuations, too many for per-entry Python work.
+    DENSE_LIMIT = 8192
+
+    def __init__(self, orders: list[int], gamma: float, max_contexts: int, alphabet: int = 0):
+        self.gamma, self.max_contexts = gamma, max_contexts
+        self.dense1 = 1 in orders and 0 < alphabet <= self.DENSE_LIMIT
+        self.orders = [k for k in orders if not (k == 1 and self.dense1)]
+        self.table: dict[tuple, list] = {}
+        self._found: list[list[tuple[tuple, list | None]]] = []
+        if self.dense1:
+            self.c1 = torch.zeros(alphabet, alphabet, dtype=torch.int32)
+            self.n1 = torch.zeros(alphabet, dtype=torch.int64)
+            self.u1 = torch.zeros(alphabet, dtype=torch.int64)
+
+    def mix(self, probs: torch.Tensor, history: list[list[int]], active: list[bool]) -> torch.Tensor:
+        # The chain p <- (1 - l_k) p + l_k c_k over ascending k unrolls to
+        # a * p_model + sum_k w_k c_k with a = prod(1 - l_k) and w_k = l_k prod_{k' > k}(1 - l_k'),
+        # so all orders land in one sparse scatter instead of one dense pass each.
+        s, v = probs.shape
+        scale = [1.0] * s
+        # per context: its row, its weight per count and how many continuations it has; the
+        # continuations and their counts go into flat lists at C speed (no per-count Python work)
+        rows: list[int] = []
+        coefs: list[float] = []
+        sizes: list[int] = []
+        cols: list[int] = []
+        cnts: list[int] = []
+        table, gamma = self.table, self.gamma
+        # the contexts looked up here are the ones update() counts into after coding: keep them
+        self._found = found = []
+        for j in range(s):
+            h = history[j]
+            here: list[tuple[tuple, list | None]] = []
+            found.append(here)
+            if not active[j]:
+                continue
+            w = 1.0
+            for k in reversed(self.orders):  # highest order first: it keeps the most weight
+                if len(h) < k:
+                    continue
+                key = (k, *h[-k:])
+                entry = table.get(key)
+                here.append((key, entry))
+                if entry is None:
+                    continue
+                n, counts = entry
+                lam = n / (n + gamma * len(counts))
+                rows.append(j)
+                coefs.append(w * lam / n)
+                sizes.append(len(counts))
+                cols.extend(counts)
+                cnts.extend(counts.values())
+                w *= 1.0 - lam
+            scale[j] = w
+        w = torch.tensor(scale, dtype=torch.float32)
+        dense = None
+        if self.dense1:
+            # order 1 is the lowest order: it takes its share of what the higher orders left (w)
+            ok = [active[j] and len(history[j]) >= 1 for j in range(s)]
+            prev = torch.tensor([history[j][-1] if ok[j] else 0 for j in range(s)], dtype=torch.long)
+            n = self.n1[prev].to(torch.float32)
+            u = self.u1[prev].to(torch.float32)
+            use = torch.tensor(ok) & (n > 0)
+            lam = torch.where(use, n / (n + gamma * u).clamp_min(1e-30), torch.zeros_like(n))
+            dense = (w * lam / n.clamp_min(1.0))[:, None] * self.c1[prev].to(torch.float32)
+            w = w * (1 - lam)
+        out = probs * w[:, None]
+        if rows:
+            reps = np.array(sizes, dtype=np.int64)
+            # coef * count in float64, then rounded to float32: what a float32 tensor of the products holds
+            vals = (np.repeat(np.array(coefs, dtype=np.float64), reps) *
+                    np.array(cnts, dtype=np.float64)).astype(np.float32)
+            r = torch.from_numpy(np.repeat(np.array(rows, dtype=np.int64), reps))
+            c = torch.from_numpy(np.array(cols, dtype=np.int64))
+            out.index_put_((r, c), torch.from_numpy(vals), accumulate=True)
+        return out if dense is None else out + dense
+
+    def update(self, history: list[list[int]], tokens: list[int], active: list[bool]) -> None:
+        if self.dense1:
+            # a few dozen scalar updates: numpy views of the tables beat torch's per-op overhead
+            c1, n1, u1 = self.c1.numpy(), self.n1.numpy(), self.u1.numpy()
+            for j, tok in enumerate(tokens):
+                if active[j] and history[j]:
+                    prev = history[j][-1]
+                    if c1[prev, tok] == 0:
+                        u1[prev] += 1
+                    c1[prev, tok] += 1
+                    n1[prev] += 1
+        table, room = self.table, len(self.table) < self.max_contexts
+        found = self._found
+        self._found = []
+        for j, tok in enumerate(tokens):
+            if not active[j]:
+                continue
+            h = history[j]
+            for key, entry in found[j]:
+                if entry is None:
+                    # another stream may have added this context in this very step
+                    entry = table.get(key)
+                    if entry is None:
+                        if not room:
+                            continue
+                        entry = table[key] = [0, {}]
+                entry[0] += 1
+                counts = entry[1]
+                counts[tok] = counts.get(tok, 0) + 1
+            h.append(tok)
+            if len(h) > 64:
+                del h[:-32]
+        if room and len(table) >= self.max_contexts:
+            logger.info("n-gram table full at %d contexts", len(table))
