@@ -11,6 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from toolkit.models import lm
+from toolkit.models.store import file_sha256
 from toolkit.models.tokenizer import chunks, train
 from toolkit.models.train_lm import lr_at, val_window_starts, validation_bpb
 
@@ -64,7 +65,7 @@ def test_save_load_round_trip_and_hash_stability(tmp_path, tiny_tok) -> None:
 
     # Saving the loaded model again gives a byte-identical weights file.
     lm.save_lm(loaded, tok, tmp_path / "again")
-    assert lm.file_sha256(tmp_path / "m" / lm.WEIGHTS_FILE) == lm.file_sha256(
+    assert file_sha256(tmp_path / "m" / lm.WEIGHTS_FILE) == file_sha256(
         tmp_path / "again" / lm.WEIGHTS_FILE
     )
 
@@ -120,7 +121,7 @@ def test_validation_bpb_of_untrained_model_is_near_uniform(tiny_tok) -> None:
 def test_shipped_default_lm_matches_manifest() -> None:
     model, tok = lm.load_default_lm()
     entry = json.loads(lm.MANIFEST.read_text())[lm.DEFAULT_LM_NAME]
-    assert lm.file_sha256(lm.DEFAULT_LM_DIR / lm.WEIGHTS_FILE) == entry["sha256"]
+    assert file_sha256(lm.DEFAULT_LM_DIR / lm.WEIGHTS_FILE) == entry["sha256"]
     assert lm.weights_sha256(model) == entry["weights_sha256"]
     assert lm.count_parameters(model) == entry["parameters"]
     assert model.config.vocab_size == tok.vocab_size

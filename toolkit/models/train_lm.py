@@ -36,11 +36,11 @@ from toolkit.models.lm import (
     LMShape,
     build_lm,
     count_parameters,
-    file_sha256,
     load_lm,
     save_lm,
     weights_sha256,
 )
+from toolkit.models.store import file_sha256
 from toolkit.models.tokenizer import ByteTokenizer, chunks, tokenizer_file_sha256, train
 
 logger = logging.getLogger(__name__)
