@@ -3,24 +3,13 @@
 Everything in the toolkit that turns probabilities into bits (the lm and pc
 codecs, text-transform side streams, later weights, audio and KV bitstreams)
 codes through this package, so encoder and decoder tables are made one way.
+Names load on first use, so ``toolkit.entropy.varint`` (LEB128 counts) does not import torch.
 """
 
-from toolkit.entropy.core import (
-    CATEGORICAL,
-    DEFAULT_TOTAL_BITS,
-    MAX_TOTAL_BITS,
-    RangeCoder,
-    StreamDecoder,
-    decode_symbols,
-    encode_streams,
-    encode_symbols,
-    freqs_to_table,
-    ideal_bits,
-    logits_to_freqs,
-    probs_to_freqs,
-    probs_to_table,
-)
-from toolkit.entropy.varint import read_varint, varint
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "CATEGORICAL",
@@ -36,6 +25,12 @@ __all__ = [
     "logits_to_freqs",
     "probs_to_freqs",
     "probs_to_table",
-    "read_varint",
-    "varint",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        value = getattr(importlib.import_module("toolkit.entropy.core"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'toolkit.entropy' has no attribute {name!r}")

@@ -1,0 +1,43 @@
+"""Golden payloads: the lm codec's bytes for the shipped model are the bytes recorded before the refactors.
+
+The numbers a learned codec computes hold on the same torch build and CPU
+capability, so a case runs only where the recorded environment matches.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).parent / "golden"
+SAMPLES = Path(__file__).parent.parent / "toolkit" / "assets" / "samples"
+
+
+def _env() -> dict:
+    import torch
+
+    from toolkit.text.engines import native_bf16
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native_bf16()}
+
+
+LM = json.loads((GOLDEN / "lm_payloads.json").read_text())
+
+
+@pytest.mark.parametrize("case", LM["cases"], ids=lambda c: f"{c['sample']}-{c['settings']['dtype']}")
+def test_lm_payloads_are_byte_identical(case):
+    if _env() != LM["env"]:
+        pytest.skip(f"recorded on {LM['env']}, this machine is {_env()}")
+    from toolkit.codecs.lm import LMCodec, LMConfig
+
+    data = (SAMPLES / case["sample"]).read_bytes()[: case["bytes"]]
+    codec = LMCodec(LMConfig(**case["settings"]))
+    chunks = [data[i : i + codec.chunk_size] for i in range(0, len(data), codec.chunk_size)]
+    session = codec.open_encoder()
+    h = hashlib.sha256()
+    for b in range(0, len(chunks), codec.batch_chunks):
+        for p in session.encode_chunks(chunks[b : b + codec.batch_chunks]):
+            h.update((p or b"") + b"|")
+    assert h.hexdigest() == case["payloads_sha256"]
