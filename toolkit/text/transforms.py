@@ -36,9 +36,7 @@ float64, so both sides compute identical probabilities.
 from __future__ import annotations
 
 import re
-from typing import Any
 
-import constriction
 import numpy as np
 
 from toolkit import entropy
@@ -82,22 +80,17 @@ class _Counts:
         c = self.c[ctx]
         return (c / c.sum())[None, :]
 
-    def encode(self, enc: Any, ctx: int, sym: int) -> None:
-        """Code ``sym`` in context ``ctx``, then count it."""
-        enc.encode(np.array([sym], dtype=np.int32), entropy.CATEGORICAL, self.row(ctx))
-        self.c[ctx, sym] += 1.0
-
-    def decode(self, dec: Any, ctx: int) -> int:
-        """Decode a symbol in context ``ctx``, then count it."""
-        sym = int(dec.decode(entropy.CATEGORICAL, self.row(ctx))[0])
+    def code(self, coder: entropy.RangeCoder, ctx: int, sym: int | None = None) -> int:
+        """Code ``sym`` in context ``ctx`` (encoder) or decode one (decoder), then count it."""
+        sym = coder.code(self.row(ctx), sym)
         self.c[ctx, sym] += 1.0
         return sym
 
 
-def _decoder(words: bytes, what: str) -> Any:
+def _decoder(words: bytes, what: str) -> entropy.RangeCoder:
     if len(words) % 4:
         raise FormatError(f"{what} side data is not whole 32-bit words")
-    return constriction.stream.queue.RangeDecoder(np.frombuffer(words, dtype=np.uint32).copy())
+    return entropy.RangeCoder.decoder(words)
 
 
 def _if_it_pays(data: bytes, out: list[bytes], last: int, side: bytes, removed: int,
@@ -187,7 +180,7 @@ def unwrap(data: bytes, width: int | None = None,
         return data, b""
     wrap = _Counts(_CONTEXTS, 3, 0.4)
     indents = _Counts(1, MAX_INDENT + 1, 1.0 / 64)
-    enc = constriction.stream.queue.RangeEncoder()
+    enc = entropy.RangeCoder.encoder()
     lines = _Lines(_SPACES.match(data, 0).end())
     line_start = 0
     out: list[bytes] = []
@@ -205,22 +198,22 @@ def unwrap(data: bytes, width: int | None = None,
         indent = m.group(1)
         if indent is None:  # a space
             if ctx is not None:
-                wrap.encode(enc, ctx, SPACE)
+                wrap.code(enc, ctx, SPACE)
             continue
         line_start = p + len(eol)
         if ctx is None or len(indent) > MAX_INDENT:  # a break kept as it is
             lines.new_paragraph(len(indent))
             continue
         sym = BREAK_PRED if len(indent) == lines.predicted() else BREAK_INDENT
-        wrap.encode(enc, ctx, sym)
+        wrap.code(enc, ctx, sym)
         if sym == BREAK_INDENT:
-            indents.encode(enc, 0, len(indent))
+            indents.code(enc, 0, len(indent))
         lines.broke(len(indent))
         out.append(data[last:p])
         out.append(b" ")
         last = m.end()
         joined += 1
-    side = varint(2 * width + (eol == b"\r\n")) + enc.get_compressed().tobytes()
+    side = varint(2 * width + (eol == b"\r\n")) + enc.finish()
     return _if_it_pays(data, out, last, side, joined, saved_bits, 16)
 
 
@@ -251,13 +244,13 @@ def rewrap(text: bytes, side: bytes) -> bytes:
             ctx = _context(text, m.end(), p - line_start + shift, width, lines.first)
             if ctx is None:
                 continue
-            sym = wrap.decode(dec, ctx)
+            sym = wrap.code(dec, ctx)
             if sym == SPACE:
                 continue
             if sym == BREAK_PRED:
                 indent = lines.predicted()
             else:
-                indent = indents.decode(dec, 0)
+                indent = indents.code(dec, 0)
             lines.broke(indent)
             out.append(text[last:p])
             out.append(eol + b" " * indent)
@@ -301,7 +294,7 @@ def unnumber(data: bytes, saved_bits: float = SAVED_BITS_PER_NUMBER) -> tuple[by
     per number dropped (0: drop whatever can be dropped).
     """
     counts = _Counts(6, 3, 0.4)
-    enc = constriction.stream.queue.RangeEncoder()
+    enc = entropy.RangeCoder.encoder()
     out: list[bytes] = []
     last, prev, sym_before, dropped = 0, -1, 0, 0
     for a in _line_starts(data):
@@ -318,13 +311,13 @@ def unnumber(data: bytes, saved_bits: float = SAVED_BITS_PER_NUMBER) -> tuple[by
             elif digits == b"1":
                 sym = FIRST_NUMBER
             prev = int(digits)
-        counts.encode(enc, ctx, sym)
+        counts.code(enc, ctx, sym)
         sym_before = sym
         if sym != NO_NUMBER:
             out.append(data[last : num.start(2)])
             last = num.end()
             dropped += 1
-    return _if_it_pays(data, out, last, enc.get_compressed().tobytes(), dropped, saved_bits, 8)
+    return _if_it_pays(data, out, last, enc.finish(), dropped, saved_bits, 8)
 
 
 def renumber(text: bytes, side: bytes) -> bytes:
@@ -341,7 +334,7 @@ def renumber(text: bytes, side: bytes) -> bytes:
             if m is None:
                 continue
             ctx = 2 * sym_before + int(m.end() > a)
-            sym = counts.decode(dec, ctx)
+            sym = counts.code(dec, ctx)
             sym_before = sym
             if sym == NO_NUMBER:
                 num = _NUMBERED.match(text, a)
