@@ -412,3 +412,51 @@ def test_wrapped_text_is_coded_unwrapped_and_comes_back(tiny):
         blob = toolkit.compress(data, codec="lm", model=str(tiny), unwrap=unwrap, **settings)
         assert toolkit.info(blob)["header"]["config"]["unwrap"] is unwrap
         assert toolkit.decompress(blob) == data
+
+
+def test_damaged_lm_payloads_give_format_errors_only(tiny):
+    """Mutated payloads reach the lm payload parser and the lockstep decoder: only ToolkitErrors come out."""
+    import random
+
+    from toolkit.codecs.lm import LMCodec, LMConfig
+    from toolkit.errors import ToolkitError
+
+    data = CORPUS[:256]
+    codec = LMCodec(LMConfig(model=str(tiny), **SETTINGS))
+    (payload,) = codec.open_encoder().encode_chunks([data])
+    rng = random.Random(0)
+    outcomes = {"error": 0, "decoded": 0}
+    for trial in range(60):
+        p = bytearray(payload)
+        kind = trial % 4
+        if kind == 0:
+            for _ in range(rng.randint(1, 4)):
+                p[rng.randrange(len(p))] ^= 1 << rng.randrange(8)
+        elif kind == 1:
+            p = p[: rng.randrange(len(p))]
+        elif kind == 2:
+            p[rng.randrange(len(p)) : 0] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 6)))
+        else:  # forged leading counts: side length, token count, piece count
+            p[rng.randrange(min(4, len(p)))] = rng.choice([0, 1, 0x7F, 0xFF])
+        try:
+            out = codec.open_decoder().decode_chunks([bytes(p)], [len(data)], [None])
+        except ToolkitError:
+            outcomes["error"] += 1
+            continue
+        outcomes["decoded"] += 1
+        assert isinstance(out[0], bytes)  # wrong bytes are the container's digest check to catch
+    assert outcomes["error"] > 0
+
+
+def test_progress_moves_while_a_batch_is_coded(tiny):
+    """The bar advances as tokens are coded, not once per batch, and ends at the input size."""
+    import io
+
+    from toolkit.codecs import container
+    from toolkit.codecs.lm import LMCodec, LMConfig
+
+    data = CORPUS * 4
+    codec = LMCodec(LMConfig(model=str(tiny), segment=4096, streams=1, batch=1, piece=0, window=24, keep=8))
+    ticks: list[int] = []
+    container.write_stream(codec, io.BytesIO(data), io.BytesIO(), size=len(data), progress=ticks.append)
+    assert len(ticks) > 3 and sum(ticks) == len(data)

@@ -42,6 +42,8 @@ __all__ = [
 #: the same total pass through it unchanged in practice.
 DEFAULT_TOTAL_BITS = 24
 MAX_TOTAL_BITS = 24
+#: what constriction raises when it decodes words no encoder wrote (it asserts)
+_DAMAGED = (AssertionError, ValueError, RuntimeError)
 
 
 def _check_total(total_bits: int, num_symbols: int) -> int:
@@ -193,7 +195,10 @@ def decode_symbols(data: bytes, freqs: torch.Tensor | np.ndarray) -> np.ndarray:
     dec = constriction.stream.queue.RangeDecoder(_words(data))
     if table.shape[0] == 0:
         return np.zeros(0, dtype=np.int32)
-    return np.asarray(dec.decode(CATEGORICAL, table), dtype=np.int32)
+    try:
+        return np.asarray(dec.decode(CATEGORICAL, table), dtype=np.int32)
+    except _DAMAGED as e:
+        raise FormatError(f"range-coded data is damaged ({e})") from None
 
 
 def encode_streams(
@@ -227,7 +232,10 @@ class StreamDecoder:
         out = np.full(len(self._decoders), -1, dtype=np.int64)
         for i, dec in enumerate(self._decoders):
             if active is None or active[i]:
-                out[i] = int(dec.decode(CATEGORICAL, table[i : i + 1])[0])
+                try:
+                    out[i] = int(dec.decode(CATEGORICAL, table[i : i + 1])[0])
+                except _DAMAGED as e:
+                    raise FormatError(f"stream {i}: range-coded data is damaged ({e})") from None
         return out
 
 
@@ -256,7 +264,10 @@ class RangeCoder:
 
     def code(self, table: np.ndarray, symbol: int | None = None) -> int:
         if self.decoding:
-            return int(self._coder.decode(CATEGORICAL, table)[0])
+            try:
+                return int(self._coder.decode(CATEGORICAL, table)[0])
+            except _DAMAGED as e:  # constriction on words no encoder wrote
+                raise FormatError(f"range-coded data is damaged ({e})") from None
         self._coder.encode(np.array([symbol], dtype=np.int32), CATEGORICAL, table)
         return int(symbol)  # type: ignore[arg-type]
 
