@@ -1,181 +1,182 @@
-"""Entropy coding core: probabilities to integer frequency tables, and range coding.
+# test_getopt.py
+# David Goodger <dgoodger@bigfoot.com> 2000-08-19
 
-Learned codecs turn model outputs into symbols' probabilities. Encoder and
-decoder must use *bit-identical* tables, so every table passes through
-:func:`logits_to_freqs` / :func:`probs_to_freqs`: one deterministic
-float32 -> integer step with a fixed total ``2**total_bits`` and a floor of 1
-per symbol (so every symbol stays codable). The integer tables are then
-coded with constriction's range coder, which is exact for a given table.
+from test.support.os_helper import EnvironmentVarGuard
+import doctest
+import unittest
 
-Several independent streams are coded at once (one per segment or record):
-:func:`encode_streams` takes each stream's symbols and tables in one call;
-:class:`StreamDecoder` decodes one step of all streams at a time, which is
-what an autoregressive model needs.
-"""
+import getopt
 
-from __future__ import annotations
+sentinel = object()
 
-from collections.abc import Sequence
+class GetoptTests(unittest.TestCase):
+    def setUp(self):
+        self.env = self.enterContext(EnvironmentVarGuard())
+        if "POSIXLY_CORRECT" in self.env:
+            del self.env["POSIXLY_CORRECT"]
 
-import constriction
-import numpy as np
-import torch
+    def assertError(self, *args, **kwargs):
+        self.assertRaises(getopt.GetoptError, *args, **kwargs)
 
-from toolkit.errors import ConfigError, FormatError
+    def test_short_has_arg(self):
+        self.assertTrue(getopt.short_has_arg('a', 'a:'))
+        self.assertFalse(getopt.short_has_arg('a', 'a'))
+        self.assertError(getopt.short_has_arg, 'a', 'b')
 
-__all__ = [
-    "DEFAULT_TOTAL_BITS",
-    "logits_to_freqs",
-    "probs_to_freqs",
-    "ideal_bits",
-    "encode_symbols",
-    "decode_symbols",
-    "encode_streams",
-    "StreamDecoder",
-]
+    def test_long_has_args(self):
+        has_arg, option = getopt.long_has_args('abc', ['abc='])
+        self.assertTrue(has_arg)
+        self.assertEqual(option, 'abc')
 
-#: constriction's range coder quantizes probabilities to 24 bits; tables with
-#: the same total pass through it unchanged in practice.
-DEFAULT_TOTAL_BITS = 24
-MAX_TOTAL_BITS = 24
+        has_arg, option = getopt.long_has_args('abc', ['abc'])
+        self.assertFalse(has_arg)
+        self.assertEqual(option, 'abc')
 
+        has_arg, option = getopt.long_has_args('abc', ['abcd'])
+        self.assertFalse(has_arg)
+        self.assertEqual(option, 'abcd')
 
-def _check_total(total_bits: int, num_symbols: int) -> int:
-    if not 8 <= total_bits <= MAX_TOTAL_BITS:
-        raise ConfigError(f"total_bits must be in 8..{MAX_TOTAL_BITS}, got {total_bits}")
-    total = 1 << total_bits
-    if num_symbols < 1 or num_symbols * 2 > total:
-        raise ConfigError(
-            f"{num_symbols} symbols do not fit a table of total 2**{total_bits}"
-        )
-    return total
+        self.assertError(getopt.long_has_args, 'abc', ['def'])
+        self.assertError(getopt.long_has_args, 'abc', [])
+        self.assertError(getopt.long_has_args, 'abc', ['abcd','abcde'])
 
+    def test_do_shorts(self):
+        opts, args = getopt.do_shorts([], 'a', 'a', [])
+        self.assertEqual(opts, [('-a', '')])
+        self.assertEqual(args, [])
 
-def probs_to_freqs(probs: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) -> torch.Tensor:
-    """Quantize probabilities ``[..., K]`` to int64 frequencies summing to ``2**total_bits``.
+        opts, args = getopt.do_shorts([], 'a1', 'a:', [])
+        self.assertEqual(opts, [('-a', '1')])
+        self.assertEqual(args, [])
 
-    Each symbol gets ``1 + floor(p * (T - K))``; the rounding remainder goes to
-    the most probable symbol. The computation is done in float32 with a fixed
-    order of operations, so the same input gives the same table on every call.
-    Rows need not be normalized; a row of all zeros gives a uniform table.
+        #opts, args = getopt.do_shorts([], 'a=1', 'a:', [])
+        #self.assertEqual(opts, [('-a', '1')])
+        #self.assertEqual(args, [])
+
+        opts, args = getopt.do_shorts([], 'a', 'a:', ['1'])
+        self.assertEqual(opts, [('-a', '1')])
+        self.assertEqual(args, [])
+
+        opts, args = getopt.do_shorts([], 'a', 'a:', ['1', '2'])
+        self.assertEqual(opts, [('-a', '1')])
+        self.assertEqual(args, ['2'])
+
+        self.assertError(getopt.do_shorts, [], 'a1', 'a', [])
+        self.assertError(getopt.do_shorts, [], 'a', 'a:', [])
+
+    def test_do_longs(self):
+        opts, args = getopt.do_longs([], 'abc', ['abc'], [])
+        self.assertEqual(opts, [('--abc', '')])
+        self.assertEqual(args, [])
+
+        opts, args = getopt.do_longs([], 'abc=1', ['abc='], [])
+        self.assertEqual(opts, [('--abc', '1')])
+        self.assertEqual(args, [])
+
+        opts, args = getopt.do_longs([], 'abc=1', ['abcd='], [])
+        self.assertEqual(opts, [('--abcd', '1')])
+        self.assertEqual(args, [])
+
+        opts, args = getopt.do_longs([], 'abc', ['ab', 'abc', 'abcd'], [])
+        self.assertEqual(opts, [('--abc', '')])
+        self.assertEqual(args, [])
+
+        # Much like the preceding, except with a non-alpha character ("-") in
+        # option name that precedes "="; failed in
+        # http://python.org/sf/126863
+        opts, args = getopt.do_longs([], 'foo=42', ['foo-bar', 'foo=',], [])
+        self.assertEqual(opts, [('--foo', '42')])
+        self.assertEqual(args, [])
+
+        self.assertError(getopt.do_longs, [], 'abc=1', ['abc'], [])
+        self.assertError(getopt.do_longs, [], 'abc', ['abc='], [])
+
+    def test_getopt(self):
+        # note: the empty string between '-a' and '--beta' is significant:
+        # it simulates an empty string option argument ('-a ""') on the
+        # command line.
+        cmdline = ['-a', '1', '-b', '--alpha=2', '--beta', '-a', '3', '-a',
+                   '', '--beta', 'arg1', 'arg2']
+
+        opts, args = getopt.getopt(cmdline, 'a:b', ['alpha=', 'beta'])
+        self.assertEqual(opts, [('-a', '1'), ('-b', ''),
+                                ('--alpha', '2'), ('--beta', ''),
+                                ('-a', '3'), ('-a', ''), ('--beta', '')])
+        # Note ambiguity of ('-b', '') and ('-a', '') above. This must be
+        # accounted for in the code that calls getopt().
+        self.assertEqual(args, ['arg1', 'arg2'])
+
+        self.assertError(getopt.getopt, cmdline, 'a:b', ['alpha', 'beta'])
+
+    def test_gnu_getopt(self):
+        # Test handling of GNU style scanning mode.
+        cmdline = ['-a', 'arg1', '-b', '1', '--alpha', '--beta=2']
+
+        # GNU style
+        opts, args = getopt.gnu_getopt(cmdline, 'ab:', ['alpha', 'beta='])
+        self.assertEqual(args, ['arg1'])
+        self.assertEqual(opts, [('-a', ''), ('-b', '1'),
+                                ('--alpha', ''), ('--beta', '2')])
+
+        # recognize "-" as an argument
+        opts, args = getopt.gnu_getopt(['-a', '-', '-b', '-'], 'ab:', [])
+        self.assertEqual(args, ['-'])
+        self.assertEqual(opts, [('-a', ''), ('-b', '-')])
+
+        # Posix style via +
+        opts, args = getopt.gnu_getopt(cmdline, '+ab:', ['alpha', 'beta='])
+        self.assertEqual(opts, [('-a', '')])
+        self.assertEqual(args, ['arg1', '-b', '1', '--alpha', '--beta=2'])
+
+        # Posix style via POSIXLY_CORRECT
+        self.env["POSIXLY_CORRECT"] = "1"
+        opts, args = getopt.gnu_getopt(cmdline, 'ab:', ['alpha', 'beta='])
+        self.assertEqual(opts, [('-a', '')])
+        self.assertEqual(args, ['arg1', '-b', '1', '--alpha', '--beta=2'])
+
+    def test_issue4629(self):
+        longopts, shortopts = getopt.getopt(['--help='], '', ['help='])
+        self.assertEqual(longopts, [('--help', '')])
+        longopts, shortopts = getopt.getopt(['--help=x'], '', ['help='])
+        self.assertEqual(longopts, [('--help', 'x')])
+        self.assertRaises(getopt.GetoptError, getopt.getopt, ['--help='], '', ['help'])
+
+def test_libref_examples():
     """
-    if probs.ndim < 1:
-        raise ConfigError("probs must have a symbol dimension")
-    k = probs.shape[-1]
-    total = _check_total(total_bits, k)
-    p = probs.detach().to(torch.float32).clamp_min(0.0)
-    s = p.sum(dim=-1, keepdim=True)
-    uniform = torch.full_like(p, 1.0 / k)
-    p = torch.where(s > 0, p / torch.where(s > 0, s, torch.ones_like(s)), uniform)
-    return _finish(p, total)
+    Examples from the Library Reference:  Doc/lib/libgetopt.tex
+
+    An example using only Unix style options:
 
 
-def logits_to_freqs(logits: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) -> torch.Tensor:
-    """Softmax of ``logits[..., K]`` quantized like :func:`probs_to_freqs`.
+    >>> import getopt
+    >>> args = '-a -b -cfoo -d bar a1 a2'.split()
+    >>> args
+    ['-a', '-b', '-cfoo', '-d', 'bar', 'a1', 'a2']
+    >>> optlist, args = getopt.getopt(args, 'abc:d:')
+    >>> optlist
+    [('-a', ''), ('-b', ''), ('-c', 'foo'), ('-d', 'bar')]
+    >>> args
+    ['a1', 'a2']
 
-    This is the torch reference of the Triton kernel in
-    :mod:`toolkit.kernels.freqs`; CPU tensors always take this path.
-    """
-    k = logits.shape[-1]
-    total = _check_total(total_bits, k)
-    x = logits.detach().to(torch.float32)
-    x = x - x.amax(dim=-1, keepdim=True)
-    e = torch.exp(x)
-    p = e / e.sum(dim=-1, keepdim=True)
-    return _finish(p, total)
+    Using long option names is equally easy:
 
 
-def _finish(p: torch.Tensor, total: int) -> torch.Tensor:
-    k = p.shape[-1]
-    spare = float(total - k)
-    f = torch.floor(p * spare).to(torch.int64) + 1
-    rem = total - f.sum(dim=-1, keepdim=True)
-    # floor() leaves rem in [0, K]; float error may push it slightly negative,
-    # and the most probable symbol always has enough mass to absorb either.
-    top = torch.argmax(f, dim=-1, keepdim=True)
-    f.scatter_add_(-1, top, rem)
-    return f
-
-
-def ideal_bits(probs: torch.Tensor, symbols: torch.Tensor) -> float:
-    """Cross-entropy in bits of ``symbols`` under (normalized) ``probs[..., K]``."""
-    p = probs.to(torch.float64)
-    p = p / p.sum(dim=-1, keepdim=True)
-    picked = torch.gather(p, -1, symbols.to(torch.int64).unsqueeze(-1)).squeeze(-1)
-    return float(-torch.log2(picked).sum())
-
-
-def _as_table(freqs: torch.Tensor | np.ndarray) -> np.ndarray:
-    f = freqs.numpy() if isinstance(freqs, torch.Tensor) else np.asarray(freqs)
-    if f.ndim == 1:
-        f = f[None, :]
-    # Exact: integers below 2**24 are exact in float64, and the total is a power of 2.
-    f = f.astype(np.float64)
-    return f / f.sum(axis=-1, keepdims=True)
-
-
-_FAMILY = constriction.stream.model.Categorical(perfect=False)
-
-
-def encode_symbols(symbols: Sequence[int] | np.ndarray, freqs: torch.Tensor | np.ndarray) -> bytes:
-    """Range-code one stream: ``symbols[n]`` under integer tables ``freqs[n, K]``."""
-    sym = np.asarray(symbols, dtype=np.int32).reshape(-1)
-    table = _as_table(freqs)
-    if table.shape[0] != sym.shape[0]:
-        raise ConfigError(f"{sym.shape[0]} symbols but {table.shape[0]} tables")
-    if sym.size and (sym.min() < 0 or sym.max() >= table.shape[1]):
-        raise ConfigError("symbol outside the alphabet of its table")
-    enc = constriction.stream.queue.RangeEncoder()
-    if sym.size:
-        enc.encode(sym, _FAMILY, table)
-    return enc.get_compressed().tobytes()
-
-
-def _words(data: bytes) -> np.ndarray:
-    if len(data) % 4:
-        raise FormatError("range-coded stream length is not a multiple of 4 bytes")
-    return np.frombuffer(data, dtype=np.uint32).copy()
-
-
-def decode_symbols(data: bytes, freqs: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Decode ``len(freqs)`` symbols coded by :func:`encode_symbols`."""
-    table = _as_table(freqs)
-    dec = constriction.stream.queue.RangeDecoder(_words(data))
-    if table.shape[0] == 0:
-        return np.zeros(0, dtype=np.int32)
-    return np.asarray(dec.decode(_FAMILY, table), dtype=np.int32)
-
-
-def encode_streams(
-    symbols: Sequence[Sequence[int] | np.ndarray],
-    freqs: Sequence[torch.Tensor | np.ndarray],
-) -> list[bytes]:
-    """Code several independent streams; stream ``i`` is ``symbols[i]`` under ``freqs[i]``."""
-    if len(symbols) != len(freqs):
-        raise ConfigError("one table batch is needed per stream")
-    return [encode_symbols(s, f) for s, f in zip(symbols, freqs, strict=True)]
-
-
-class StreamDecoder:
-    """Decode many range-coded streams one step at a time, in lockstep.
-
-    ``step(freqs[S, K], active)`` decodes one symbol from each active stream,
-    using row ``i`` of the table batch for stream ``i``; inactive streams
-    (already finished) yield ``-1`` and consume nothing.
+    >>> s = '--condition=foo --testing --output-file abc.def -x a1 a2'
+    >>> args = s.split()
+    >>> args
+    ['--condition=foo', '--testing', '--output-file', 'abc.def', '-x', 'a1', 'a2']
+    >>> optlist, args = getopt.getopt(args, 'x', [
+    ...     'condition=', 'output-file=', 'testing'])
+    >>> optlist
+    [('--condition', 'foo'), ('--testing', ''), ('--output-file', 'abc.def'), ('-x', '')]
+    >>> args
+    ['a1', 'a2']
     """
 
-    def __init__(self, blobs: Sequence[bytes]):
-        self._decoders = [constriction.stream.queue.RangeDecoder(_words(b)) for b in blobs]
+def load_tests(loader, tests, pattern):
+    tests.addTest(doctest.DocTestSuite())
+    return tests
 
-    def __len__(self) -> int:
-        return len(self._decoders)
 
-    def step(self, freqs: torch.Tensor | np.ndarray, active: Sequence[bool] | None = None) -> np.ndarray:
-        table = _as_table(freqs)
-        if table.shape[0] != len(self._decoders):
-            raise ConfigError(f"{table.shape[0]} tables for {len(self._decoders)} streams")
-        out = np.full(len(self._decoders), -1, dtype=np.int64)
-        for i, dec in enumerate(self._decoders):
-            if active is None or active[i]:
-                out[i] = int(dec.decode(_FAMILY, table[i : i + 1])[0])
-        return out
+if __name__ == "__main__":
+    unittest.main()
