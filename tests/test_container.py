@@ -11,8 +11,9 @@ import zstandard
 
 import toolkit
 from toolkit.codecs import container
+from toolkit.codecs.container import varint
 from toolkit.codecs.registry import Codec, get_codec, list_codecs, register_codec
-from toolkit.entropy.varint import read_varint, varint
+from toolkit.entropy.varint import read_varint
 from toolkit.errors import ChecksumError, ConfigError, FormatError, UnknownCodecError, UnsupportedInputError
 
 DATA = b"The quick brown fox jumps over the lazy dog. " * 300
@@ -166,7 +167,7 @@ def test_incompressible_chunk_is_stored_not_grown(codec_settings):
         chunks = toolkit.info(blob)["chunks"]
         assert len(blob) <= len(store) + header_extra + 14 * chunks, name
         assert toolkit.decompress(blob) == noise
-    assert toolkit.info(toolkit.compress(noise, codec="xz"))["methods"]["stored"] == 1
+    assert toolkit.info(toolkit.compress(noise, codec="test-json"))["methods"]["stored"] == 1
 
 
 def test_unknown_codec_in_header():
@@ -271,13 +272,59 @@ def test_settings_are_typed_and_checked():
         toolkit.compress(DATA, codec="nope")
 
 
-def test_auto_picks_by_estimate():
+def test_auto_picks_by_cheap_statistics(monkeypatch):
     import os
 
-    from toolkit.api import choose_codec
+    from toolkit.codecs import auto
 
-    assert choose_codec(os.urandom(5000)) == "store"
-    assert choose_codec(DATA) in {"zstd", "xz"} | set(list_codecs())
+    def no_trials(sample):
+        raise AssertionError("lm trial-coded where the cheap test decides")
+
+    monkeypatch.setattr(auto, "_lm_bpb", no_trials)
+    choice = auto.choose_codec(os.urandom(5000), size=5000)
+    assert choice.codec == "store" and "binary" in choice.reason
+    # long text: the smaller classic codec, exactly, and a hint saying how to ask for lm
+    sizes = {name: len(toolkit.compress(DATA, codec=name)) for name in ("zstd", "xz")}
+    choice = auto.choose_codec(DATA, size=20_000_000)
+    assert choice.codec == min(sizes, key=sizes.get)
+    assert "--best" in choice.hint and "min" in choice.reason
+    assert auto.choose_codec(DATA, size=None).hint  # a pipe: length unknown, no lm
+    png = (SAMPLES.parent / "pc-patch").exists() and b"\x89PNG\r\n\x1a\n" + bytes(100)
+    assert auto.choose_codec(png, size=108).codec == "pc"
+    assert auto.choose_codec(b"\x93NUMPY" + bytes(100), size=106).hint.startswith("for records")
+    assert auto.choose_codec(b"", size=0).codec == "store"
+
+
+def test_auto_trial_codes_lm_only_for_text_it_can_finish_in_a_minute(monkeypatch):
+    from toolkit.codecs import auto
+
+    seen = []
+    monkeypatch.setattr(auto, "_lm_bpb", lambda sample: seen.append(len(sample)) or 0.001)
+    assert auto.choose_codec(DATA, size=len(DATA)).codec == "lm" and seen
+    seen.clear()
+    assert auto.choose_codec(DATA, size=10 * auto.LM_BYTES_PER_S * auto.LM_BUDGET_S).codec != "lm" and not seen
+    assert auto.choose_codec(DATA, size=10 * auto.LM_BYTES_PER_S * auto.LM_BUDGET_S, best=True).codec == "lm"
+    monkeypatch.setattr(auto, "_lm_bpb", lambda sample: 7.0)
+    assert auto.choose_codec(DATA, size=len(DATA)).codec in {"zstd", "xz"}
+
+
+def test_auto_falls_back_where_pc_refuses_a_png():
+    bad_png = b"\x89PNG\r\n\x1a\n" + b"not really a png " * 50
+    blob = toolkit.compress(bad_png)
+    assert toolkit.info(blob)["header"]["codec"] in {"zstd", "xz", "store"}
+    assert toolkit.decompress(blob) == bad_png
+
+
+def test_bytes_only_and_info_takes_a_path(tmp_path):
+    with pytest.raises(UnsupportedInputError, match="encode the text first"):
+        toolkit.compress("some text")
+    with pytest.raises(UnsupportedInputError, match="not int"):
+        toolkit.decompress(5)
+    blob = toolkit.compress(DATA, codec="zstd")
+    (tmp_path / "d.tkz").write_bytes(blob)
+    assert toolkit.info(tmp_path / "d.tkz") == toolkit.info(str(tmp_path / "d.tkz")) == toolkit.info(blob)
+    with pytest.raises(toolkit.ToolkitError, match="no such file"):
+        toolkit.info(tmp_path / "missing.tkz")
 
 
 def test_info_walks_framing_without_decoding():
