@@ -332,3 +332,27 @@ def test_info_walks_framing_without_decoding():
     data = toolkit.info(blob)
     assert data["raw_bytes"] == len(DATA) and data["file_bytes"] == len(blob)
     assert data["header"]["config"] == {"preset": 9, "extreme": True}
+
+
+class PanicException(BaseException):
+    """Stands in for pyo3's PanicException (constriction's Rust asserts): a BaseException, by name."""
+
+
+@pytest.mark.parametrize("raised,expected", [
+    (AssertionError("invalid compressed data"), FormatError),
+    (PanicException("range decoder"), FormatError),
+    (struct.error("unpack requires a buffer"), FormatError),
+    (MemoryError(), MemoryError),
+    (TypeError("a bug, not damage"), TypeError),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory"), RuntimeError),
+])
+def test_only_damage_becomes_cannot_decode(monkeypatch, raised, expected):
+    blob = toolkit.compress(DATA, codec="test-json")
+
+    def fail(self, payloads, sizes, known):
+        raise raised
+
+    monkeypatch.setattr(JsonHeaderCodec, "decode_chunks", fail)
+    with pytest.raises(expected) as info:
+        toolkit.decompress(blob)
+    assert (expected is FormatError) == ("cannot decode" in str(info.value))
