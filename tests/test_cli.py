@@ -293,3 +293,13 @@ def test_auto_prints_its_reason_and_hint(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "auto: text of 5,400 bytes" in err and "codec: hint:" in err and "--best" in err
     assert main(["compress", str(p), "--codec", "zstd", "--best", "-f"]) == 2
+
+
+def test_bench_speeds_read_and_empty_files_have_no_nan(tmp_path, capsys):
+    from toolkit.bench import speed
+
+    assert speed(0.0084) == "8.4 KB/s" and speed(12.345) == "12.35 MB/s"
+    (tmp_path / "empty").write_bytes(b"")
+    assert main(["bench", str(tmp_path / "empty"), "--codec", "zstd", "--no-rivals"]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out and "| empty | zstd |" in out

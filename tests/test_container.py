@@ -306,6 +306,11 @@ def test_auto_trial_codes_lm_only_for_text_it_can_finish_in_a_minute(monkeypatch
     assert auto.choose_codec(DATA, size=10 * auto.LM_BYTES_PER_S * auto.LM_BUDGET_S, best=True).codec == "lm"
     monkeypatch.setattr(auto, "_lm_bpb", lambda sample: 7.0)
     assert auto.choose_codec(DATA, size=len(DATA)).codec in {"zstd", "xz"}
+    # text that xz codes at 1.5 bits/byte or more goes to lm without a trial
+    prose = (SAMPLES / "prose.txt").read_bytes()
+    seen.clear()
+    monkeypatch.setattr(auto, "_lm_bpb", lambda sample: seen.append(len(sample)) or 7.0)
+    assert auto.choose_codec(prose, size=len(prose)).codec == "lm" and not seen
 
 
 def test_auto_falls_back_where_pc_refuses_a_png():
