@@ -303,3 +303,22 @@ def test_bench_speeds_read_and_empty_files_have_no_nan(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "empty"), "--codec", "zstd", "--no-rivals"]) == 0
     out = capsys.readouterr().out
     assert "nan" not in out and "| empty | zstd |" in out
+
+
+def test_torch_out_of_memory_is_named_when_torch_is_loaded(monkeypatch, capsys):
+    import types
+
+    import toolkit.cli as cli
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError))
+
+    def oom(args):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "cmd_list", oom)
+    assert cli.main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of GPU memory (torch)" in err

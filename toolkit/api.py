@@ -80,6 +80,8 @@ def compress_stream(
     With ``auto`` the summary also holds ``auto`` (the reason) and ``hint``.
     """
     if codec != "auto":
+        if best:
+            raise ConfigError("best is for codec='auto' (it lets lm compete on long text)")
         return container.write_stream(make_codec(codec, settings), src, dst, size=size, progress=progress)
     if settings:
         raise ConfigError("--set needs an explicit --codec (auto picks per input)")
