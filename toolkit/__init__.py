@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "compress": "toolkit.api",
@@ -23,6 +23,7 @@ _LAZY = {
     "decompress_stream": "toolkit.api",
     "info": "toolkit.api",
     "choose_codec": "toolkit.api",
+    "Choice": "toolkit.api",
     "register_codec": "toolkit.codecs.registry",
     "get_codec": "toolkit.codecs.registry",
     "list_codecs": "toolkit.codecs.registry",
@@ -32,6 +33,7 @@ _LAZY = {
     "ChecksumError": "toolkit.errors",
     "ModelMismatchError": "toolkit.errors",
     "UnsupportedInputError": "toolkit.errors",
+    "DependencyError": "toolkit.errors",
 }
 _SUBMODULES = {"codecs", "entropy", "kernels", "circuits", "models", "data", "notebook", "errors", "bench"}
 

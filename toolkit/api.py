@@ -4,56 +4,53 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from toolkit.codecs import container
-from toolkit.codecs.registry import Codec, get_codec, list_codecs
-from toolkit.errors import ConfigError
+from toolkit.codecs.auto import Choice, choose_codec
+from toolkit.codecs.registry import Codec, get_codec
+from toolkit.errors import ConfigError, DependencyError, InputError, UnsupportedInputError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["compress", "decompress", "compress_stream", "decompress_stream", "info",
-           "make_codec", "choose_codec"]
+           "make_codec", "choose_codec", "Choice"]
 
 #: bytes of the input that ``--codec auto`` looks at.
 AUTO_SAMPLE = 64 << 10
 
 
-def choose_codec(sample: bytes) -> str:
-    """Name of the registered codec with the lowest estimated bits per byte on ``sample``."""
-    best, best_bpb = "zstd", float("inf")
-    for name, cls in list_codecs().items():
-        try:
-            bpb = cls.estimate_bpb(sample)
-        except Exception as e:  # an optional codec (missing model) must not break auto
-            logger.info("auto: %s skipped (%s)", name, e)
-            continue
-        logger.info("auto: %s estimates %s bits/byte", name, bpb)
-        if bpb is not None and bpb < best_bpb:
-            best, best_bpb = name, bpb
-    return best
-
-
-def make_codec(codec: str | Codec = "auto", sample: bytes = b"", settings: dict | None = None) -> Codec:
-    """Build a codec from a name (``auto`` looks at ``sample``) and settings."""
+def make_codec(codec: str | Codec, settings: dict | None = None) -> Codec:
+    """Build a named codec with its settings (``auto`` is resolved by :func:`choose_codec` first)."""
     if isinstance(codec, Codec):
         if settings:
             raise ConfigError("settings are given with a codec name, not an instance")
         return codec
-    name = choose_codec(sample) if codec == "auto" else codec
-    if codec == "auto" and settings:
-        raise ConfigError("--set needs an explicit --codec (auto picks per input)")
-    cls = get_codec(name)
+    if codec == "auto":
+        raise ConfigError("auto picks a codec per input: call choose_codec first")
+    cls = get_codec(codec)
     return cls.from_settings({k: str(v) for k, v in (settings or {}).items()})
 
 
-def compress(data: bytes, codec: str | Codec = "auto", **settings: Any) -> bytes:
-    """Compress ``data`` into a complete .tkz file (bytes)."""
-    data = bytes(data)
-    c = make_codec(codec, data[:AUTO_SAMPLE], settings)
+def _as_bytes(data: Any, what: str) -> bytes:
+    if isinstance(data, str):
+        raise UnsupportedInputError(f"{what} takes bytes, not str: encode the text first (text.encode('utf-8'))")
+    try:
+        return bytes(memoryview(data))
+    except TypeError:
+        raise UnsupportedInputError(f"{what} takes bytes, not {type(data).__name__}") from None
+
+
+def compress(data: bytes, codec: str | Codec = "auto", best: bool = False, **settings: Any) -> bytes:
+    """Compress ``data`` into a complete .tkz file (bytes).
+
+    ``best``: with ``auto``, let the slow lm codec compete on text of any length.
+    """
+    data = _as_bytes(data, "compress")
     out = io.BytesIO()
-    container.write_stream(c, io.BytesIO(data), out, size=len(data))
+    compress_stream(io.BytesIO(data), out, codec=codec, settings=settings, size=len(data), best=best)
     return out.getvalue()
 
 
@@ -64,7 +61,7 @@ def decompress(blob: bytes, allow_mismatch: bool = False, **local: Any) -> bytes
     decodes a file recorded in another environment (the SHA-256 check decides).
     """
     out = io.BytesIO()
-    container.read_stream(io.BytesIO(bytes(blob)), out, local={k: str(v) for k, v in local.items()},
+    container.read_stream(io.BytesIO(_as_bytes(blob, "decompress")), out, local={k: str(v) for k, v in local.items()},
                           allow_mismatch=allow_mismatch)
     return out.getvalue()
 
@@ -76,15 +73,47 @@ def compress_stream(
     settings: dict | None = None,
     size: int | None = None,
     progress: Callable[[int], None] | None = None,
-    extra_header: dict | None = None,
+    best: bool = False,
 ) -> dict:
-    """Stream ``src`` into a .tkz stream on ``dst`` in bounded memory; returns a summary."""
-    head = b""
-    if codec == "auto":
-        head = src.read(AUTO_SAMPLE) or b""
-        src = _Prefixed(head, src)
-    c = make_codec(codec, head, settings)
-    return container.write_stream(c, src, dst, size=size, extra_header=extra_header, progress=progress)
+    """Stream ``src`` into a .tkz stream on ``dst`` in bounded memory; returns a summary.
+
+    With ``auto`` the summary also holds ``auto`` (the reason) and ``hint``.
+    """
+    if codec != "auto":
+        if best:
+            raise ConfigError("best is for codec='auto' (it lets lm compete on long text)")
+        return container.write_stream(make_codec(codec, settings), src, dst, size=size, progress=progress)
+    if settings:
+        raise ConfigError("--set needs an explicit --codec (auto picks per input)")
+    head = container._read_full(src, AUTO_SAMPLE)
+    if size is None and len(head) < AUTO_SAMPLE:
+        size = len(head)  # the sample is the whole input
+    choice = choose_codec(head, size=size, best=best)
+    logger.info("auto: %s (%s)", choice.codec, choice.reason)
+    src = _Prefixed(head, src)
+    if choice.fallback:
+        summary = _whole_or_fallback(choice, src, dst, size, progress)
+    else:
+        summary = container.write_stream(make_codec(choice.codec), src, dst, size=size, progress=progress)
+    return {**summary, "auto": choice.reason, "hint": choice.hint}
+
+
+def _whole_or_fallback(choice: Choice, src: BinaryIO, dst: BinaryIO, size: int | None,
+                       progress: Callable[[int], None] | None) -> dict:
+    """Code with ``choice.codec`` (a whole-file codec); where it refuses the input, with the fallback."""
+    data = container._read_full(src, container.MAX_CHUNK + 1)
+    out = io.BytesIO()
+    try:
+        summary = container.write_stream(make_codec(choice.codec), io.BytesIO(data), out, size=size)
+    except (UnsupportedInputError, DependencyError) as e:
+        logger.info("auto: %s refused the input (%s); using %s", choice.codec, e, choice.fallback)
+        choice.reason += f"; {choice.codec} refused it ({e}), so {choice.fallback}"
+        rest = _Prefixed(data, src)
+        return container.write_stream(make_codec(choice.fallback), rest, dst, size=size, progress=progress)
+    dst.write(out.getvalue())
+    if progress:
+        progress(len(data))
+    return summary
 
 
 def decompress_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None,
@@ -97,10 +126,21 @@ def decompress_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], No
                                  allow_mismatch=allow_mismatch)
 
 
-def info(blob_or_stream: bytes | BinaryIO) -> dict:
-    """Header and framing summary of a .tkz file without decoding it."""
-    src = io.BytesIO(blob_or_stream) if isinstance(blob_or_stream, bytes | bytearray) else blob_or_stream
-    return container.read_info(src).as_dict()
+def info(file: bytes | str | os.PathLike | BinaryIO) -> dict:
+    """Header and framing summary of a .tkz file without decoding it: bytes, a path or an open stream."""
+    if isinstance(file, str | os.PathLike):
+        try:
+            with open(file, "rb") as f:
+                return container.read_info(f).as_dict()
+        except FileNotFoundError:
+            raise InputError(f"{os.fspath(file)}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"{os.fspath(file)}: is a directory") from None
+    if isinstance(file, bytes | bytearray | memoryview):
+        return container.read_info(io.BytesIO(bytes(file))).as_dict()
+    if not hasattr(file, "read"):
+        raise UnsupportedInputError(f"info takes .tkz bytes, a path or a binary stream, not {type(file).__name__}")
+    return container.read_info(file).as_dict()
 
 
 class _Prefixed(io.RawIOBase):

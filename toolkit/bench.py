@@ -21,7 +21,8 @@ from pathlib import Path
 
 from toolkit.errors import InputError, ToolkitError
 
-__all__ = ["RIVALS", "LONG_RIVALS", "run_bench", "format_table", "write_json", "machine", "demo", "sample_files"]
+__all__ = ["RIVALS", "LONG_RIVALS", "run_bench", "format_table", "speed", "write_json", "machine", "demo",
+           "sample_files"]
 
 
 def _zstd() -> tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]:
@@ -143,14 +144,19 @@ def run_bench(files: list[str | Path], codecs: list[str] | None = None, rivals: 
 def format_table(rows: list[dict]) -> str:
     """A markdown table, with each codec's size relative to xz -9e on the same file."""
     xz = {r["file"]: r["out_bytes"] for r in rows if r["codec"] == "xz -9e"}
-    lines = ["| file | codec | bytes | bits/byte | vs xz -9e | compress MB/s | decompress MB/s |",
+    lines = ["| file | codec | bytes | bits/byte | vs xz -9e | compress | decompress |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         rel = f"{r['out_bytes'] / xz[r['file']]:.3f}" if r["file"] in xz and xz[r["file"]] else "-"
         bpb = f"{r['bpb']:.3f}" if r["bpb"] is not None else "-"
         lines.append(f"| {r['file']} | {r['codec']} | {r['out_bytes']} | {bpb} | {rel} | "
-                     f"{r['compress_MBps']:.2f} | {r['decompress_MBps']:.2f} |")
+                     f"{speed(r['compress_MBps'])} | {speed(r['decompress_MBps'])} |")
     return "\n".join(lines)
+
+
+def speed(mb_per_s: float) -> str:
+    """MB/s, or KB/s where MB/s would round to 0.00 (learned codecs run at kilobytes per second)."""
+    return f"{mb_per_s:.2f} MB/s" if mb_per_s >= 0.995 else f"{mb_per_s * 1000:.1f} KB/s"
 
 
 def write_json(path: str | Path, rows: list[dict], extra: dict | None = None) -> None:

@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -57,6 +58,55 @@ def _open_input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
         yield f, size
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt so that temporary files are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _terminable() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the duration (the cleanup in ``finally`` blocks then runs)."""
+    try:
+        old = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: str, force: bool) -> None:
+    """Give the finished temporary file its name; without ``force`` never replace an existing file."""
+    if force:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if the name exists, atomically
+    except FileExistsError:
+        raise OutputError(f"{path}: exists (use -f to overwrite)") from None
+    except OSError:
+        # no hard links here (some network and FAT file systems): claim the name exclusively,
+        # then move the finished file over that claim
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise OutputError(f"{path}: exists (use -f to overwrite)") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def _open_output(path: str, force: bool, src: str) -> Iterator[BinaryIO]:
     """Yield a file that becomes ``path`` only if the block succeeds."""
@@ -74,14 +124,17 @@ def _open_output(path: str, force: bool, src: str) -> Iterator[BinaryIO]:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=directory)
     except FileNotFoundError:
-        raise OutputError(f"{path}: directory does not exist") from None
+        if os.path.isdir(directory):  # /proc, /sys: the directory is there but takes no new files
+            raise OutputError(f"{path}: cannot create files in {directory}") from None
+        raise OutputError(f"{path}: directory {directory} does not exist") from None
     except OSError as e:
         raise OutputError(f"{path}: cannot write ({e.strerror})") from None
     ok = False
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; an output gets the user's usual mode
         with os.fdopen(fd, "wb") as f:
             yield f
-        os.replace(tmp, path)
+        _publish(tmp, path, force)
         ok = True
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -120,15 +173,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     out = args.output or _default_compress_out(args.input)
     settings = _parse_sets(args.set)
+    if args.best and args.codec != "auto":
+        raise ConfigError("--best is for --codec auto (it lets lm compete on long text)")
     with _open_input(args.input) as (src, size):
         with _open_output(out, args.force, args.input) as dst, _progress(size, args.quiet, "compress") as bar:
             summary = compress_stream(src, dst, codec=args.codec, settings=settings, size=size,
-                                      progress=bar.update if bar is not None else None)
-    if not args.quiet and out != "-":
+                                      progress=bar.update if bar is not None else None, best=args.best)
+    if args.quiet:
+        return 0
+    if out != "-":
         n, m = summary["in_bytes"], summary["out_bytes"]
-        bpb = 8 * m / n if n else float("nan")
-        print(f"{args.input} -> {out}: {n} -> {m} bytes ({bpb:.3f} bits/byte, codec {summary['codec']})",
-              file=sys.stderr)
+        bpb = f"{8 * m / n:.3f} bits/byte" if n else "empty input"
+        why = f"; auto: {summary['auto']}" if summary.get("auto") else ""
+        print(f"{args.input} -> {out}: {n} -> {m} bytes ({bpb}, codec {summary['codec']}{why})", file=sys.stderr)
+    if summary.get("hint"):
+        print(f"codec: hint: {summary['hint']}", file=sys.stderr)
     return 0
 
 
@@ -173,7 +232,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("codecs:")
     for name, cls in list_codecs().items():
         print(f"  {name:<8} v{cls.version}  {cls.description}")
-    print("  auto         picks per input by estimated bits per byte (the default)")
+    print("  auto     picks per input from cheap statistics, lm only where it takes about a minute (the default)")
     models = list_models()
     print("shipped models:" if models else "shipped models: none")
     for name, entry in models.items():
@@ -217,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="output path (default INPUT.tkz; - for stdout)")
     c.add_argument("--codec", default="auto", help="codec name, or auto (default)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="codec setting (repeatable)")
+    c.add_argument("--best", action="store_true",
+                   help="with auto: let the lm codec compete on text of any length (about 8 KB/s)")
     c.add_argument("-f", "--force", action="store_true", help="overwrite the output")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=cmd_compress)
@@ -260,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with _terminable():
+            return args.func(args)
     except ToolkitError as e:
         if args.debug:
             raise
@@ -269,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("codec: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("codec: terminated", file=sys.stderr)
+        return 143
+    except ModuleNotFoundError as e:
+        if args.debug:
+            raise
+        print(f"codec: error: {_missing_module(e.name or str(e))}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # the reader went away (e.g. `| head`); nothing useful to report
         with contextlib.suppress(OSError):
@@ -280,8 +350,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"codec: error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
     except MemoryError:
-        print("codec: error: out of memory", file=sys.stderr)
+        print("codec: error: out of memory (try a smaller --set batch= or chunk, or free memory)", file=sys.stderr)
         return 1
+    except Exception as e:
+        out_of = _out_of_memory(e)
+        if out_of is None or args.debug:
+            raise
+        print(f"codec: error: {out_of}", file=sys.stderr)
+        return 1
+
+
+#: importable name -> the extra that installs it (`pip install "toolkit[EXTRA]"`)
+_EXTRAS = {"papermill": "notebooks", "nbformat": "notebooks", "ipykernel": "notebooks", "jupyterlab": "notebooks",
+           "rdata": "corpus", "hypothesis": "test", "pytest": "test", "sklearn": "test", "skimage": "test"}
+
+
+def _missing_module(name: str) -> str:
+    top = name.split(".")[0]
+    if top in _EXTRAS:
+        return f"this needs {top}, which is optional: pip install 'toolkit[{_EXTRAS[top]}]'"
+    return f"this needs {top}, which is not installed: reinstall toolkit (pip install -e .) to get its dependencies"
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """A message for the allocator errors of the libraries that are loaded (torch is never imported for it)."""
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(e, oom):
+        return "out of GPU memory (torch): try a smaller --set batch= or free the device"
+    return None
 
 
 if __name__ == "__main__":

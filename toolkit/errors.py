@@ -66,3 +66,9 @@ class InputError(ToolkitError):
     """An input file is missing or unreadable."""
 
     exit_code = 2
+
+
+class DependencyError(ToolkitError):
+    """An optional library a feature needs is not installed; the message names the extra."""
+
+    exit_code = 2

@@ -1,8 +1,12 @@
 """Classical codecs: ``store``, ``zstd`` and ``xz``.
 
 They are the baselines every learned codec is measured against and the
-fallbacks the container and ``--codec auto`` use. Each chunk is coded
-independently, so decoding memory is bounded by the chunk size.
+fallbacks ``--codec auto`` uses. ``zstd`` and ``xz`` code a file as one
+stream that runs across the container's chunks, as the command-line tools
+do, so their dictionary never restarts: each chunk's payload is the stream
+up to a flush point (zstd's block flush, liblzma's sync flush) and decodes,
+after the pieces before it, to exactly that chunk. Memory stays bounded both
+ways: one chunk plus the coder's window.
 """
 
 from __future__ import annotations
@@ -12,46 +16,46 @@ from dataclasses import dataclass
 
 import zstandard
 
-from toolkit.codecs.registry import Codec, register_codec
+from toolkit.codecs.lzma_flush import LZMA2Encoder
+from toolkit.codecs.registry import Codec, DecodeSession, EncodeSession, register_codec
 from toolkit.errors import ConfigError, FormatError
 
 __all__ = ["StoreCodec", "ZstdCodec", "XzCodec"]
 
-#: larger chunks help the dictionary coders; 8 MiB keeps decode memory modest.
+#: raw bytes per chunk: the unit of CRCs, progress and memory; the stream runs across chunks.
 CLASSIC_CHUNK = 8 << 20
-
-
-class _PerChunk(Codec):
-    chunk_size = CLASSIC_CHUNK
-
-    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
-        return [self.encode(c) for c in chunks]
-
-    def decode_chunks(self, payloads, sizes, known):
-        return [k if p is None else self.decode(p, n) for p, n, k in zip(payloads, sizes, known, strict=True)]
-
-    def encode(self, raw: bytes) -> bytes:
-        raise NotImplementedError
-
-    def decode(self, payload: bytes, size: int) -> bytes:
-        raise NotImplementedError
+#: a damaged zstd piece is fed this many bytes at a time, so its output is checked against the
+#: chunk's size before it can grow: one zstd block (>= 3 bytes) yields at most 128 KiB.
+_ZSTD_FEED = 1 << 10
 
 
 @register_codec("store")
-class StoreCodec(_PerChunk):
+class StoreCodec(Codec):
     """Raw bytes inside the container: framing, CRCs and digest only."""
 
     description = "no compression (framing and checksums only)"
+    chunk_fallback = False
 
-    def encode(self, raw: bytes) -> bytes:
-        return raw
+    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
+        return list(chunks)
 
-    def decode(self, payload: bytes, size: int) -> bytes:
-        return payload
+    def decode_chunks(self, payloads, sizes, known):
+        return list(payloads)
 
-    @classmethod
-    def estimate_bpb(cls, sample: bytes) -> float | None:
-        return 8.0
+
+class _StreamCodec(Codec):
+    """A classic codec whose chunks are consecutive pieces of one stream."""
+
+    chunk_size = CLASSIC_CHUNK
+    chunk_fallback = False  # a piece replaced by raw bytes would leave a hole in the stream
+
+    def compress_whole(self, data: bytes) -> bytes:
+        """The codec's payload for ``data`` as one piece (what ``auto`` measures)."""
+        session = self.open_encoder()
+        try:
+            return session.encode_chunks([data])[0] if data else b""
+        finally:
+            session.close()
 
 
 @dataclass
@@ -63,25 +67,52 @@ class ZstdConfig:
             raise ConfigError(f"zstd level must be in 1..22, got {self.level}")
 
 
-@register_codec("zstd")
-class ZstdCodec(_PerChunk):
-    """Zstandard (python-zstandard), one frame per chunk."""
+class _ZstdEncoder(EncodeSession):
+    def __init__(self, level: int):
+        # level 19 with an unknown size takes zstd's large-input parameters (8 MiB window), as
+        # `zstd -19` does on a big file; magicless frames: the container already has a magic
+        params = zstandard.ZstdCompressionParameters.from_level(level, format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        self._c = zstandard.ZstdCompressor(compression_params=params).compressobj()
 
+    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
+        return [self._c.compress(c) + self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) for c in chunks]
+
+
+class _ZstdDecoder(DecodeSession):
+    def __init__(self):
+        dctx = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        self._d = dctx.decompressobj()
+
+    def decode_chunks(self, payloads, sizes, known):
+        out = []
+        for payload, size in zip(payloads, sizes, strict=True):
+            parts, got = [], 0
+            try:
+                for i in range(0, len(payload), _ZSTD_FEED):
+                    part = self._d.decompress(payload[i : i + _ZSTD_FEED])
+                    got += len(part)
+                    if got > size:
+                        raise FormatError("zstd piece decodes to more than its chunk")
+                    parts.append(part)
+            except zstandard.ZstdError as e:
+                raise FormatError(f"bad zstd data: {e}") from None
+            out.append(b"".join(parts))
+        return out
+
+
+@register_codec("zstd")
+class ZstdCodec(_StreamCodec):
+    """Zstandard (python-zstandard): one frame across the file, a block flush per chunk."""
+
+    version = 2
     description = "Zstandard, level 19 by default (set level=1..22)"
     Config = ZstdConfig
 
-    def encode(self, raw: bytes) -> bytes:
-        return zstandard.ZstdCompressor(level=self.config.level).compress(raw)
+    def open_encoder(self, progress=None) -> EncodeSession:
+        return _ZstdEncoder(self.config.level)
 
-    def decode(self, payload: bytes, size: int) -> bytes:
-        try:
-            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"bad zstd data: {e}") from None
-
-    @classmethod
-    def estimate_bpb(cls, sample: bytes) -> float | None:
-        return 8 * len(cls().encode(sample)) / max(1, len(sample))
+    def open_decoder(self, progress=None) -> DecodeSession:
+        return _ZstdDecoder()
 
 
 @dataclass
@@ -93,29 +124,47 @@ class XzConfig:
         if not 0 <= self.preset <= 9:
             raise ConfigError(f"xz preset must be in 0..9, got {self.preset}")
 
+    @property
+    def flags(self) -> int:
+        return self.preset | (lzma.PRESET_EXTREME if self.extreme else 0)
+
+
+class _XzEncoder(EncodeSession):
+    def __init__(self, preset: int):
+        self._e = LZMA2Encoder(preset)
+
+    def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
+        return [self._e.flush_piece(c) for c in chunks]
+
+    def close(self) -> None:
+        self._e.close()
+
+
+class _XzDecoder(DecodeSession):
+    def __init__(self, preset: int):
+        # a raw LZMA2 decoder needs only the dictionary size, which the preset sets
+        self._d = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": preset}])
+
+    def decode_chunks(self, payloads, sizes, known):
+        out = []
+        for payload, size in zip(payloads, sizes, strict=True):
+            try:
+                out.append(self._d.decompress(payload, max_length=size))  # bounded by the chunk
+            except (lzma.LZMAError, EOFError) as e:
+                raise FormatError(f"bad xz data: {e}") from None
+        return out
+
 
 @register_codec("xz")
-class XzCodec(_PerChunk):
-    """LZMA2 in a raw .xz stream (Python's lzma), one stream per chunk."""
+class XzCodec(_StreamCodec):
+    """xz / LZMA2 (liblzma): one raw LZMA2 stream across the file, a sync flush per chunk."""
 
+    version = 2
     description = "xz / LZMA2, preset 9 extreme by default"
     Config = XzConfig
 
-    def encode(self, raw: bytes) -> bytes:
-        preset = self.config.preset | (lzma.PRESET_EXTREME if self.config.extreme else 0)
-        return lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=preset)
+    def open_encoder(self, progress=None) -> EncodeSession:
+        return _XzEncoder(self.config.flags)
 
-    def decode(self, payload: bytes, size: int) -> bytes:
-        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        try:
-            # one byte of headroom lets a correct stream reach its end marker
-            out = d.decompress(payload, max_length=size + 1)
-        except lzma.LZMAError as e:
-            raise FormatError(f"bad xz data: {e}") from None
-        if not d.eof:
-            raise FormatError("xz stream does not end where the chunk does")
-        return out
-
-    @classmethod
-    def estimate_bpb(cls, sample: bytes) -> float | None:
-        return 8 * len(cls().encode(sample)) / max(1, len(sample))
+    def open_decoder(self, progress=None) -> DecodeSession:
+        return _XzDecoder(self.config.flags)

@@ -14,6 +14,7 @@ only its settings and models, so one instance codes any number of files.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import types
 import typing
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 from toolkit.errors import ConfigError, UnknownCodecError
 
 __all__ = ["Codec", "EncodeSession", "DecodeSession", "register_codec", "get_codec", "list_codecs",
-           "parse_settings"]
+           "codec_names", "parse_settings", "BUILTIN_CODECS"]
 
 ProgressFn = Callable[[int], None]
 
@@ -53,6 +54,13 @@ class Codec:
     #: settings a decoder may be given (``--set model_dir=...``): where to find things
     #: on this machine, never what changes the numbers.
     decode_settings: ClassVar[tuple[str, ...]] = ()
+    #: the codec needs its whole input as one chunk (the container's largest, 64 MiB); the
+    #: container refuses a larger input before any coding and ignores ``chunk_size``.
+    whole_file: ClassVar[bool] = False
+    #: the container may write a chunk as zstd or raw bytes where that is smaller than the
+    #: codec's payload. False for codecs whose chunks are pieces of one running stream (the
+    #: decoder needs every piece) and for ``store``, which exists to store.
+    chunk_fallback: ClassVar[bool] = True
 
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()
@@ -171,29 +179,36 @@ def register_codec(name: str) -> Callable[[type[Codec]], type[Codec]]:
     return deco
 
 
-def _load_builtin() -> None:
-    # Importing the modules runs their decorators; kept lazy so `import toolkit` stays quick.
-    import importlib
+#: built-in codec name -> the module that registers it; a module is imported only when its
+#: codec is asked for, so decoding a zstd file never imports torch. Later codecs add themselves.
+BUILTIN_CODECS: dict[str, str] = {
+    "store": "toolkit.codecs.classic",
+    "zstd": "toolkit.codecs.classic",
+    "xz": "toolkit.codecs.classic",
+    "lm": "toolkit.codecs.lm",
+    "pc": "toolkit.codecs.pc",
+}
 
-    for mod in _BUILTIN_MODULES:
-        importlib.import_module(mod)
 
-
-#: modules that register the built-in codecs; later codecs append themselves here.
-_BUILTIN_MODULES: list[str] = ["toolkit.codecs.classic", "toolkit.codecs.lm", "toolkit.codecs.pc"]
+def codec_names() -> list[str]:
+    """Every codec name that :func:`get_codec` accepts, without importing any codec."""
+    return sorted(set(_REGISTRY) | set(BUILTIN_CODECS))
 
 
 def get_codec(name: str) -> type[Codec]:
-    _load_builtin()
+    """The codec class registered as ``name``, importing only the module that defines it."""
+    if name not in _REGISTRY and name in BUILTIN_CODECS:
+        importlib.import_module(BUILTIN_CODECS[name])
     try:
         return _REGISTRY[name]
     except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnknownCodecError(f"unknown codec {name!r} (known: {known})") from None
+        raise UnknownCodecError(f"unknown codec {name!r} (known: {', '.join(codec_names())})") from None
 
 
 def list_codecs() -> dict[str, type[Codec]]:
-    _load_builtin()
+    """Every codec, built-in ones imported (learned codecs may import their libraries)."""
+    for module in sorted(set(BUILTIN_CODECS.values())):
+        importlib.import_module(module)
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -213,6 +228,9 @@ def environment_mismatch(recorded: dict, here: dict) -> list[str]:
         if recorded.get(key) != here.get(key):
             out.append(f"{key} {recorded.get(key)!r} in the file, {here.get(key)!r} here")
     return out
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _convert(value: str, typ: Any, key: str) -> Any:
@@ -237,7 +255,7 @@ def _convert(value: str, typ: Any, key: str) -> Any:
             return value
         return json.loads(value)
     except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"setting {key}={value!r} is not a valid {typ}") from None
+        raise ConfigError(f"setting {key}={value!r} is not {_TYPE_WORDS.get(typ, 'valid JSON')}") from None
 
 
 def parse_settings(config_cls: type, settings: dict[str, str]) -> Any:

@@ -1,0 +1,111 @@
+"""``--codec auto``: pick a codec from cheap statistics, trial-coding only where they cannot decide.
+
+The rule, in order:
+
+1. An empty input is stored.
+2. Magic bytes: a PNG goes to ``pc`` (the shipped patch model; should ``pc``
+   refuse that PNG, the classic pick below codes it). A ``.npy`` file needs
+   the user's circuit, so auto codes it classically and says how to use ``pc``.
+3. The classic codecs are measured on the sample (zstd -19, xz -9e, stored);
+   the smallest is the classic pick. On a sample that is the whole input the
+   sizes are exact.
+4. Text (nearly UTF-8, at most 1% control bytes) may go to ``lm``, whose
+   coder runs at about 8 KB/s each way on this project's 2-core machine.
+   ``lm`` competes only where its estimated time, size / 8 KB/s, stays within
+   a minute (about 480 KB), or with ``best``. On such text lm beats xz -9e by
+   20-30% where xz needs 1.5 bits/byte or more (prose, code, CSV:
+   benchmarks/lossless_text), so it is picked without a trial. Below that
+   (logs, repetitive text) the margin is unknown: lm trial-codes a few KiB
+   (``LMCodec.estimate_bpb``, the only step that loads torch) and wins if it
+   beats the classic pick. Longer or unsized text gets the classic pick and a
+   hint saying how to ask for lm.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from toolkit.codecs.registry import get_codec
+from toolkit.errors import ToolkitError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Choice", "choose_codec", "looks_like_text", "LM_BYTES_PER_S", "LM_BUDGET_S"]
+
+#: the lm codec's speed on the 2-core reference machine (each way), and what auto may spend on it
+LM_BYTES_PER_S = 8_000
+LM_BUDGET_S = 60
+_LM_MIN_SAMPLE = 512  # lm's estimate needs this much text
+#: classic bits per byte from which lm is picked for text without a trial
+LM_SURE_BPB = 1.5
+_PNG = b"\x89PNG\r\n\x1a\n"
+_NPY = b"\x93NUMPY"
+_CONTROLS = bytes(b for b in range(32) if b not in b"\t\n\r\f") + b"\x7f"
+
+
+@dataclass
+class Choice:
+    """What auto picked and why; ``fallback`` codes the input where ``codec`` refuses it."""
+
+    codec: str
+    reason: str
+    hint: str | None = None  # one line for the user: how to ask for a stronger mode
+    fallback: str | None = None
+
+
+def looks_like_text(sample: bytes) -> bool:
+    """At most 1% control bytes and at most 1% of the bytes outside UTF-8."""
+    if not sample:
+        return False
+    if 100 * (len(sample) - len(sample.translate(None, delete=_CONTROLS))) > len(sample):
+        return False
+    return 100 * sample.decode("utf-8", errors="replace").count("\ufffd") <= len(sample)
+
+
+def _classic(sample: bytes) -> tuple[str, float]:
+    """The smallest classic codec on ``sample`` and its bits per byte."""
+    sizes = {"store": len(sample)}
+    for name in ("zstd", "xz"):
+        sizes[name] = len(get_codec(name)().compress_whole(sample))
+    name = min(sizes, key=lambda k: (sizes[k], k != "zstd"))  # ties: the fastest that is not store
+    return name, 8 * sizes[name] / len(sample)
+
+
+def _lm_bpb(sample: bytes) -> float | None:
+    try:
+        return get_codec("lm").estimate_bpb(sample)
+    except (ToolkitError, ImportError) as e:  # no torch, no model: auto goes on without lm
+        logger.info("auto: lm unavailable (%s)", e)
+        return None
+
+
+def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> Choice:
+    """Pick a codec for an input that starts with ``sample`` and has ``size`` bytes (None: unknown).
+
+    ``best`` lets ``lm`` compete on text of any length, however long it takes.
+    """
+    if not sample:
+        return Choice("store", "empty input")
+    classic, classic_bpb = _classic(sample)
+    if sample.startswith(_PNG):
+        return Choice("pc", "a PNG image: probabilistic circuits", fallback=classic)
+    if sample.startswith(_NPY):
+        return Choice(classic, f"a .npy file: {classic} at {classic_bpb:.2f} bits/byte on the sample",
+                      hint="for records coded with your circuit: --codec pc --set model=DIR")
+    if not looks_like_text(sample):
+        return Choice(classic, f"binary data: {classic} at {classic_bpb:.2f} bits/byte on the sample")
+    seconds = None if size is None else size / LM_BYTES_PER_S
+    if len(sample) < _LM_MIN_SAMPLE:
+        return Choice(classic, f"short text: {classic} at {classic_bpb:.2f} bits/byte")
+    if not best and (seconds is None or seconds > LM_BUDGET_S):
+        took = "of unknown length" if seconds is None else f"of {size:,} bytes (lm: about {seconds / 60:.0f} min)"
+        return Choice(classic, f"text {took}: {classic} at {classic_bpb:.2f} bits/byte on the sample",
+                      hint="for the strongest (slow) mode add --best to codec compress, or use --codec lm")
+    if classic_bpb >= LM_SURE_BPB:
+        return Choice("lm", f"text: {classic} needs {classic_bpb:.2f} bits/byte, where lm does better")
+    lm_bpb = _lm_bpb(sample)
+    if lm_bpb is not None and lm_bpb < classic_bpb:
+        return Choice("lm", f"text: lm estimates {lm_bpb:.2f} bits/byte, {classic} {classic_bpb:.2f}")
+    estimate = "unavailable" if lm_bpb is None else f"{lm_bpb:.2f}"
+    return Choice(classic, f"text: {classic} at {classic_bpb:.2f} bits/byte (lm estimate {estimate})")
