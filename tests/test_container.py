@@ -129,7 +129,7 @@ def test_small_files_cost_a_few_bytes_over_zstd_19(sample):
     data = (SAMPLES / sample).read_bytes()
     rival = len(zstandard.ZstdCompressor(level=19).compress(data))
     sizes = {name: len(toolkit.compress(data, codec=name)) for name in ("store", "zstd", "xz")}
-    assert min(sizes.values()) <= rival + 16, sizes
+    assert min(sizes.values()) <= rival + 20, sizes  # magic, version, codec id, one chunk record, a short digest
     assert sizes["zstd"] <= rival + 20, sizes  # zstd's own frame header + the container's framing
 
 

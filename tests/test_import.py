@@ -3,8 +3,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 
 def test_import_is_quick_and_does_not_touch_cuda():
     code = (
@@ -65,7 +63,6 @@ def test_classic_commands_do_not_import_torch(tmp_path):
     assert not _torch_after(["compress", "n.bin", "-q"], tmp_path)  # auto: binary, decided cheaply
 
 
-@pytest.mark.xfail(strict=True, reason="toolkit/codecs/lm.py imports torch at module level (being made lazy)")
 def test_codec_list_does_not_import_torch(tmp_path):
     assert not _torch_after(["list"], tmp_path)
 

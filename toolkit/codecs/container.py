@@ -35,6 +35,7 @@ from typing import BinaryIO
 import zstandard
 
 from toolkit.codecs.registry import Codec, DecodeSession, environment_mismatch, get_codec
+from toolkit.entropy.varint import varint
 from toolkit.errors import (
     ChecksumError,
     EnvironmentMismatchError,
@@ -112,17 +113,6 @@ def _read_varint(f: BinaryIO, what: str) -> int:
             return n
         shift += 7
     raise FormatError(f"{what}: overlong number")
-
-
-def varint(n: int) -> bytes:
-    """``n >= 0`` as LEB128, as :mod:`toolkit.entropy.varint` writes it. Not imported from there:
-    ``toolkit.entropy`` loads torch, and reading a zstd file must not."""
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _mib(n: int) -> str:
