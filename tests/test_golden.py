@@ -41,3 +41,25 @@ def test_lm_payloads_are_byte_identical(case):
         for p in session.encode_chunks(chunks[b : b + codec.batch_chunks]):
             h.update((p or b"") + b"|")
     assert h.hexdigest() == case["payloads_sha256"]
+
+
+TKZ = json.loads((GOLDEN / "tkz_files.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(TKZ))
+def test_committed_tkz_files_decode_byte_identically(name):
+    """Files written by this format version keep decoding: classic ones anywhere, learned ones where their env is."""
+    import toolkit
+
+    blob = (GOLDEN / name).read_bytes()
+    header = toolkit.info(blob)["header"]
+    if header.get("env"):
+        from toolkit.codecs.registry import environment_mismatch, get_codec
+
+        cls = get_codec(header["codec"])
+        here = cls.from_header(header).environment()
+        if environment_mismatch(header["env"], here):
+            pytest.skip(f"recorded where {header['env']}; here {here}")
+    data = toolkit.decompress(blob)
+    assert len(data) == TKZ[name]["bytes"]
+    assert hashlib.sha256(data).hexdigest() == TKZ[name]["original_sha256"]
