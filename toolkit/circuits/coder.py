@@ -53,7 +53,6 @@ from toolkit.circuits.layers import input_layer, upward_pass
 from toolkit.entropy import (
     CATEGORICAL,
     DEFAULT_TOTAL_BITS,
-    encode_symbols,
     freqs_to_table,
     logits_to_freqs,
 )
@@ -226,6 +225,15 @@ def _path_plan(circuit: Circuit) -> list[tuple[torch.Tensor, list[tuple[int, tor
 _STATES = {"partial": _PartialState, "naive": _NaiveState, "context": _ContextState}
 
 
+def _table(state, v: int, total_bits: int) -> np.ndarray:
+    """Variable ``v``'s coding tables for the batch, ``float64 [B, K]``: made one way for both sides.
+
+    Exact in float64 (integers below 2**24 over a power-of-two total), so the
+    decoder hands constriction the very probabilities the encoder did.
+    """
+    return freqs_to_table(logits_to_freqs(state.logits(v).cpu(), total_bits))
+
+
 def _check_records(circuit: Circuit, records: np.ndarray | torch.Tensor) -> np.ndarray:
     x = records.cpu().numpy() if isinstance(records, torch.Tensor) else np.asarray(records)
     if x.ndim != 2 or x.shape[1] != circuit.num_vars:
@@ -271,12 +279,14 @@ def encode_records(
     for lo in range(0, n, batch_size):
         xb = torch.from_numpy(x[lo : lo + batch_size]).to(dev)
         state = _STATES[method](circuit, xb.shape[0], plan)
-        tables = []
+        # One variable's tables at a time: the range coder's queue appends, so
+        # coding variable by variable writes the same words as one call over
+        # all D*B tables would, without holding those [D*B, K] tables at once.
+        enc = constriction.stream.queue.RangeEncoder()
         for v in order:
-            tables.append(logits_to_freqs(state.logits(v).cpu(), total_bits))
+            enc.encode(x[lo : lo + batch_size, v].astype(np.int32), CATEGORICAL, _table(state, v, total_bits))
             state.fix(v, xb[:, v])
-        symbols = xb[:, list(order)].t().reshape(-1).cpu().numpy()
-        blobs.append(encode_symbols(symbols, torch.cat(tables)))
+        blobs.append(enc.get_compressed().tobytes())
     head = _HEADER.pack(_MAGIC, _VERSION, METHODS.index(method), total_bits, n, d,
                         circuit.num_cats, batch_size)
     lengths = struct.pack(f"<{len(blobs)}I", *(len(b) for b in blobs))
@@ -328,12 +338,8 @@ def decode_records(circuit: Circuit, data: bytes, n: int | None = None) -> np.nd
         state = _STATES[METHODS[meth]](circuit, bsz, plan)
         part = np.zeros((bsz, d), dtype=dtype)
         for v in order:
-            freqs = logits_to_freqs(state.logits(v).cpu(), total_bits).numpy()
-            # Exact in float64 (integers below 2**24 over a power-of-two
-            # total): the same probabilities the encoder handed constriction.
-            table = freqs_to_table(freqs)
             try:
-                sym = np.asarray(dec.decode(CATEGORICAL, table), dtype=np.int64)
+                sym = np.asarray(dec.decode(CATEGORICAL, _table(state, v, total_bits)), dtype=np.int64)
             except Exception as exc:  # constriction reports damage as its own errors
                 raise FormatError(f"damaged PC stream in batch {j}: {exc}") from exc
             part[:, v] = sym
