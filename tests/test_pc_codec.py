@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 import toolkit
-from toolkit.circuits import PatchModel, encode_png, fit_hclt, train_patch_model
+from toolkit.circuits import PatchModel, fit_hclt, train_patch_model
 from toolkit.errors import ModelMismatchError, ToolkitError, UnsupportedInputError
+from toolkit.formats import encode_png
 
 torch.set_num_threads(1)
 
@@ -174,3 +175,14 @@ def test_shipped_patch_model_round_trip_and_manifest():
         blob = toolkit.compress(data, codec="pc")
         assert toolkit.info(blob)["header"]["model_sha256"] == entry["sha256"]
         assert toolkit.decompress(blob) == data
+
+
+def test_pc_codec_imports_without_torch():
+    # `codec list` imports every codec module and builds configs; none of that may load torch.
+    code = ("import sys\n"
+            "from toolkit.codecs.pc import PCCodec, PCConfig\n"
+            "PCCodec(PCConfig(method='partial', batch=7))\n"
+            "import toolkit.circuits, toolkit.formats\n"
+            "print(toolkit.circuits.METHODS, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False", out

@@ -50,6 +50,7 @@ import torch
 
 from toolkit.circuits.circuit import Circuit
 from toolkit.circuits.layers import input_layer, upward_pass
+from toolkit.circuits.settings import MAX_BATCH, METHODS
 from toolkit.entropy import (
     CATEGORICAL,
     DEFAULT_TOTAL_BITS,
@@ -64,9 +65,6 @@ __all__ = ["encode_records", "decode_records", "model_bits", "METHODS"]
 _MAGIC = b"PCR"
 _VERSION = 1
 _HEADER = struct.Struct("<3sBBBIHHI")
-METHODS = ("partial", "naive", "context")
-#: bounds the per-batch state a (possibly damaged) stream can make the decoder allocate.
-MAX_BATCH = 1 << 16
 
 
 class _PartialState:
