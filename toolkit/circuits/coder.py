@@ -320,6 +320,10 @@ def decode_records(circuit: Circuit, data: bytes, n: int | None = None) -> np.nd
     lengths = struct.unpack_from(f"<{nb}I", data, _HEADER.size)
     if pos + sum(lengths) != len(data) or any(ln % 4 for ln in lengths):
         raise FormatError("PC stream lengths do not match its size")
+    # A batch of records always codes to at least one word; empty batches would let a
+    # few bytes claim any number of records.
+    if 0 in lengths:
+        raise FormatError("PC stream has an empty batch")
     order = circuit.structure.order
     dev = circuit.leaf_logp.device
     dtype = np.uint8 if k <= 256 else np.int64
