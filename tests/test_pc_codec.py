@@ -116,21 +116,23 @@ def _swap_model(blob: bytes, new_path: str) -> bytes:
 
 def test_bad_inputs_give_clean_errors(digits_circuit, patch_model):
     path, held = digits_circuit
+    # each case: the input, the model, and a phrase its one-line message must carry
     bad = {
-        "text": (b"just some notes\n" * 20, patch_model),
-        "wrong shape": (_npy(held.reshape(len(held), 4, 9)[:, :3]), path),
-        "wrong values": (_npy(np.full((3, 36), 9, np.uint8)), path),
-        "wrong dtype": (_npy(held.astype(np.int16)), path),
-        "pickle": (_pickled_npy(), path),
-        "npy for patch model": (_npy(held), patch_model),
-        "png for circuit": (_png(_photo(8, 8, False)), path),
-        "rgba png": (_png(np.zeros((5, 5, 4), np.uint8)), patch_model),
-        "truncated png": (_png(_photo(20, 20, False))[:-30], patch_model),
+        "text": (b"just some notes\n" * 20, patch_model, "neither"),
+        "wrong shape": (_npy(held.reshape(len(held), 4, 9)[:, :3]), path, "27 values"),
+        "wrong values": (_npy(np.full((3, 36), 9, np.uint8)), path, "values up to 9"),
+        "wrong dtype": (_npy(held.astype(np.int16)), path, "int16"),
+        "pickle": (_pickled_npy(), path, "never unpickled"),
+        "npy for patch model": (_npy(held), patch_model, "model=DIR"),
+        "png for circuit": (_png(_photo(8, 8, False)), path, "patch model"),
+        "rgba png": (_png(np.zeros((5, 5, 4), np.uint8)), patch_model, "colour type 6"),
+        "truncated png": (_png(_photo(20, 20, False))[:-30], patch_model, "PNG"),
     }
-    for what, (data, model) in bad.items():
-        with pytest.raises(UnsupportedInputError):
+    for what, (data, model, phrase) in bad.items():
+        with pytest.raises(UnsupportedInputError) as caught:
             toolkit.compress(data, codec="pc", model=model)
-        assert what
+        message = str(caught.value)
+        assert phrase in message and "\n" not in message, (what, message)
     with pytest.raises(ModelMismatchError):
         toolkit.compress(_npy(held), codec="pc", model=path + "-missing")
     with pytest.raises(ToolkitError):
