@@ -155,3 +155,18 @@ def test_record_stream_of_empty_batches():
     circuit = Circuit.load(CIRCUIT)
     with _watchdog(), pytest.raises(FormatError):
         decode_records(circuit, _empty_batches_stream(2**31, 36, 5, word_bytes=0))
+
+
+def test_stream_method_not_the_headers(image_codec):
+    # the header's config says context; a damaged method byte must not switch the decoder
+    # to naive (a full pass over B*K records per variable: seconds for even four patches)
+    from toolkit.formats import encode_png
+
+    data = encode_png(np.arange(11 * 13, dtype=np.uint8).reshape(11, 13))
+    (payload,) = image_codec.open_encoder().encode_chunks([data])
+    (n,) = struct.unpack_from("<I", payload, 1)
+    method = 5 + n + 4
+    assert payload[method] == 2  # context
+    forged = payload[:method] + bytes([1]) + payload[method + 1 :]
+    with _watchdog(), pytest.raises(FormatError, match="method"):
+        _decode(image_codec, forged, len(data))

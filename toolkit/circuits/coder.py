@@ -292,28 +292,39 @@ def encode_records(
 
 
 @torch.no_grad()
-def decode_records(circuit: Circuit, data: bytes, n: int | None = None) -> np.ndarray:
+def decode_records(
+    circuit: Circuit,
+    data: bytes,
+    n: int | None = None,
+    method: str | None = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
     """Decode what :func:`encode_records` wrote: ``uint8`` (or wider) array ``[N, D]``.
 
-    ``n``, when given, must match the record count in the stream; a caller
-    that knows the count from a checked header should pass it, since a
-    damaged range-coded stream still decodes (to wrong symbols).
+    ``n``, ``method`` and ``batch_size``, when given, must match the stream; a
+    caller that knows them from a checked header should pass them, since a
+    damaged range-coded stream still decodes (to wrong symbols), and a
+    damaged method byte could turn a quick decode into a naive one.
     """
     if len(data) < _HEADER.size:
         raise FormatError("PC stream too short for its header")
-    magic, version, meth, total_bits, count, d, k, batch_size = _HEADER.unpack_from(data)
+    magic, version, meth, total_bits, count, d, k, batch = _HEADER.unpack_from(data)
     if magic != _MAGIC or version != _VERSION:
         raise FormatError("not a version-1 PC record stream")
-    if meth >= len(METHODS) or not 8 <= total_bits <= 24 or not 1 <= batch_size <= MAX_BATCH:
+    if meth >= len(METHODS) or not 8 <= total_bits <= 24 or not 1 <= batch <= MAX_BATCH:
         raise FormatError("bad PC stream settings")
     if n is not None and n != count:
         raise FormatError(f"stream holds {count} records, {n} expected")
+    if method is not None and method != METHODS[meth]:
+        raise FormatError(f"stream was coded with method {METHODS[meth]!r}, {method!r} expected")
+    if batch_size is not None and batch_size != batch:
+        raise FormatError(f"stream was coded in batches of {batch}, {batch_size} expected")
     if d != circuit.num_vars or k != circuit.num_cats:
         raise FormatError(
             f"stream is for {d} variables x {k} categories, the circuit has "
             f"{circuit.num_vars} x {circuit.num_cats}"
         )
-    nb = math.ceil(count / batch_size)
+    nb = -(-count // batch)
     pos = _HEADER.size + 4 * nb
     if len(data) < pos:
         raise FormatError("PC stream truncated in its length table")
@@ -332,8 +343,8 @@ def decode_records(circuit: Circuit, data: bytes, n: int | None = None) -> np.nd
     # a count read from the stream.
     parts = []
     for j, ln in enumerate(lengths):
-        lo = j * batch_size
-        bsz = min(batch_size, count - lo)
+        lo = j * batch
+        bsz = min(batch, count - lo)
         words = np.frombuffer(data, dtype=np.uint32, count=ln // 4, offset=pos).copy()
         pos += ln
         dec = constriction.stream.queue.RangeDecoder(words)

@@ -260,8 +260,7 @@ class PCCodec(Codec):
             raise FormatError(f"pc chunk decoded to {len(out)} bytes, expected {size}")
         return out
 
-    @staticmethod
-    def _decode_npy(model, head: bytes, stream: bytes, size: int) -> bytes:
+    def _decode_npy(self, model, head: bytes, stream: bytes, size: int) -> bytes:
         from toolkit.circuits.coder import decode_records
 
         try:
@@ -276,10 +275,10 @@ class PCCodec(Codec):
         if header.record_width != model.num_vars:
             raise FormatError(f"the pc payload holds records of {header.record_width} values; "
                               f"the circuit has {model.num_vars} variables")
-        return rebuild_npy(head, header, decode_records(model, stream, header.records))
+        records = decode_records(model, stream, header.records, self.config.method, self.config.batch)
+        return rebuild_npy(head, header, records)
 
-    @staticmethod
-    def _decode_png(model, head: bytes, stream: bytes, size: int) -> bytes:
+    def _decode_png(self, model, head: bytes, stream: bytes, size: int) -> bytes:
         from toolkit.circuits.coder import decode_records
         from toolkit.circuits.images import records_to_image
 
@@ -292,7 +291,7 @@ class PCCodec(Codec):
                               f"not the chunk's {size} bytes")
         p = model.patch
         patches = (-(-layout.height // p)) * (-(-layout.width // p))
-        recs = decode_records(circuit, stream, patches)
+        recs = decode_records(circuit, stream, patches, self.config.method, self.config.batch)
         pixels = records_to_image(recs, layout.height, layout.width, layout.channels, p)
         return rebuild_png(PngImage(pixels, layout))
 
