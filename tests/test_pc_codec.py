@@ -188,3 +188,14 @@ def test_pc_codec_imports_without_torch():
             "print(toolkit.circuits.METHODS, 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-1] == "False", out
+
+
+def test_file_over_one_chunk_gets_the_limit_message():
+    # the whole file must be one chunk: a PNG over 64 MiB is refused as too large (not as a
+    # damaged PNG, which is all its first chunk would look like) and before any parsing
+    from toolkit.codecs.pc import PCCodec
+
+    assert PCCodec.whole_file is True
+    big = encode_png(np.zeros((4, 4), np.uint8)) + bytes(PCCodec.chunk_size)
+    with pytest.raises(UnsupportedInputError, match="smaller than 64 MiB"):
+        toolkit.compress(big, codec="pc")
