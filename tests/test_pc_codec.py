@@ -199,3 +199,19 @@ def test_file_over_one_chunk_gets_the_limit_message():
     big = encode_png(np.zeros((4, 4), np.uint8)) + bytes(PCCodec.chunk_size)
     with pytest.raises(UnsupportedInputError, match="smaller than 64 MiB"):
         toolkit.compress(big, codec="pc")
+
+
+def test_notebook_states_the_shipped_patch_size():
+    # notebook 11 once said 4x4 patches while the shipped model used 8x8
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    from toolkit.codecs.pc import DEFAULT_PATCH_MODEL
+
+    patch = PatchModel.load(DEFAULT_PATCH_MODEL).patch
+    nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / "11_pc_lossless.ipynb", as_version=4)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    stated = {int(a) for a, b in re.findall(r"(\d+)\s*x\s*(\d+) patch", text) if a == b}
+    assert stated <= {patch}, f"notebook 11 states {sorted(stated)}x patches; the shipped model uses {patch}"
