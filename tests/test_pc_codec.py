@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 import toolkit
-from toolkit.circuits import PatchModel, encode_png, fit_hclt, train_patch_model
+from toolkit.circuits import PatchModel, fit_hclt, train_patch_model
 from toolkit.errors import ModelMismatchError, ToolkitError, UnsupportedInputError
+from toolkit.formats import encode_png
 
 torch.set_num_threads(1)
 
@@ -115,21 +116,23 @@ def _swap_model(blob: bytes, new_path: str) -> bytes:
 
 def test_bad_inputs_give_clean_errors(digits_circuit, patch_model):
     path, held = digits_circuit
+    # each case: the input, the model, and a phrase its one-line message must carry
     bad = {
-        "text": (b"just some notes\n" * 20, patch_model),
-        "wrong shape": (_npy(held.reshape(len(held), 4, 9)[:, :3]), path),
-        "wrong values": (_npy(np.full((3, 36), 9, np.uint8)), path),
-        "wrong dtype": (_npy(held.astype(np.int16)), path),
-        "pickle": (_pickled_npy(), path),
-        "npy for patch model": (_npy(held), patch_model),
-        "png for circuit": (_png(_photo(8, 8, False)), path),
-        "rgba png": (_png(np.zeros((5, 5, 4), np.uint8)), patch_model),
-        "truncated png": (_png(_photo(20, 20, False))[:-30], patch_model),
+        "text": (b"just some notes\n" * 20, patch_model, "neither"),
+        "wrong shape": (_npy(held.reshape(len(held), 4, 9)[:, :3]), path, "27 values"),
+        "wrong values": (_npy(np.full((3, 36), 9, np.uint8)), path, "values up to 9"),
+        "wrong dtype": (_npy(held.astype(np.int16)), path, "int16"),
+        "pickle": (_pickled_npy(), path, "never unpickled"),
+        "npy for patch model": (_npy(held), patch_model, "model=DIR"),
+        "png for circuit": (_png(_photo(8, 8, False)), path, "patch model"),
+        "rgba png": (_png(np.zeros((5, 5, 4), np.uint8)), patch_model, "colour type 6"),
+        "truncated png": (_png(_photo(20, 20, False))[:-30], patch_model, "PNG"),
     }
-    for what, (data, model) in bad.items():
-        with pytest.raises(UnsupportedInputError):
+    for what, (data, model, phrase) in bad.items():
+        with pytest.raises(UnsupportedInputError) as caught:
             toolkit.compress(data, codec="pc", model=model)
-        assert what
+        message = str(caught.value)
+        assert phrase in message and "\n" not in message, (what, message)
     with pytest.raises(ModelMismatchError):
         toolkit.compress(_npy(held), codec="pc", model=path + "-missing")
     with pytest.raises(ToolkitError):
@@ -174,3 +177,41 @@ def test_shipped_patch_model_round_trip_and_manifest():
         blob = toolkit.compress(data, codec="pc")
         assert toolkit.info(blob)["header"]["model_sha256"] == entry["sha256"]
         assert toolkit.decompress(blob) == data
+
+
+def test_pc_codec_imports_without_torch():
+    # `codec list` imports every codec module and builds configs; none of that may load torch.
+    code = ("import sys\n"
+            "from toolkit.codecs.pc import PCCodec, PCConfig\n"
+            "PCCodec(PCConfig(method='partial', batch=7))\n"
+            "import toolkit.circuits, toolkit.formats\n"
+            "print(toolkit.circuits.METHODS, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "False", out
+
+
+def test_file_over_one_chunk_gets_the_limit_message():
+    # the whole file must be one chunk: a PNG over 64 MiB is refused as too large (not as a
+    # damaged PNG, which is all its first chunk would look like) and before any parsing
+    from toolkit.codecs.pc import PCCodec
+
+    assert PCCodec.whole_file is True
+    big = encode_png(np.zeros((4, 4), np.uint8)) + bytes(PCCodec.chunk_size)
+    with pytest.raises(UnsupportedInputError, match="smaller than 64 MiB"):
+        toolkit.compress(big, codec="pc")
+
+
+def test_notebook_states_the_shipped_patch_size():
+    # notebook 11 once said 4x4 patches while the shipped model used 8x8
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    from toolkit.codecs.pc import DEFAULT_PATCH_MODEL
+
+    patch = PatchModel.load(DEFAULT_PATCH_MODEL).patch
+    nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / "11_pc_lossless.ipynb", as_version=4)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    stated = {int(a) for a, b in re.findall(r"(\d+)\s*x\s*(\d+) patch", text) if a == b}
+    assert stated <= {patch}, f"notebook 11 states {sorted(stated)}x patches; the shipped model uses {patch}"

@@ -143,6 +143,25 @@ def test_empty_and_bad_streams(circuit: Circuit, tiny: Circuit) -> None:
         encode_records(circuit, np.full((2, 10), 6, dtype=np.uint8))
 
 
+def test_encoder_holds_one_variables_tables_at_a_time() -> None:
+    # A batch's [D*B, K] float64 tables were once built at once (1.6 GB for one
+    # 1024-patch batch of the shipped RGB model); numpy's allocations show in
+    # tracemalloc, so its peak tells whether they still are.
+    import tracemalloc
+
+    d, b, k = 64, 64, 256
+    c = Circuit(random_tree(d, num_cats=k, num_latents=2, seed=0), seed=0)
+    x = np.random.default_rng(0).integers(0, k, (b, d)).astype(np.uint8)
+    tracemalloc.start()
+    try:
+        encode_records(c, x, batch_size=b)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    all_tables = d * b * k * 8
+    assert peak < all_tables / 8, f"encoder peak {peak} bytes; all of a batch's tables are {all_tables}"
+
+
 @pytest.mark.gpu
 def test_roundtrip_on_cuda(circuit: Circuit) -> None:
     gpu = Circuit(circuit.structure, circuit.leaf_logp, circuit.edge_logw, circuit.root_logw).cuda()

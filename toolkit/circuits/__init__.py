@@ -4,52 +4,53 @@ Implements the circuits of "Lossless Compression with Probabilistic Circuits"
 (Liu, Mandt, Van den Broeck, ICLR 2022) on plain PyTorch: learn a hidden
 Chow-Liu tree (:func:`learn_hclt`), compile it (:class:`Circuit`), train it
 (:func:`fit_em`; :func:`fit_hclt` does both steps), query it (marginals, conditionals, samples) and code
-records with it (:func:`encode_records` / :func:`decode_records`).
+records with it (:func:`encode_records` / :func:`decode_records`). Images become
+records through :mod:`toolkit.circuits.images` (patch models); reading and
+rebuilding image files is :mod:`toolkit.formats`.
+
+Names resolve on first use, so importing this package (or its torch-free
+:mod:`toolkit.circuits.settings`, which a codec's config checks) loads no torch.
 """
 
-from toolkit.circuits.circuit import Circuit
-from toolkit.circuits.coder import METHODS, decode_records, encode_records, model_bits
-from toolkit.circuits.em import EMConfig, expected_flows, fit_em, mean_log_likelihood
-from toolkit.circuits.images import (
-    PatchModel,
-    encode_png,
-    image_to_records,
-    load_image_bytes,
-    parse_png,
-    records_to_image,
-    train_patch_model,
-)
-from toolkit.circuits.structure import (
-    TreeStructure,
-    chow_liu_tree,
-    learn_hclt,
-    pairwise_mutual_information,
-    random_tree,
-)
-from toolkit.circuits.train import circuit_sha256, fit_hclt
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "Circuit",
-    "EMConfig",
-    "PatchModel",
-    "TreeStructure",
-    "chow_liu_tree",
-    "circuit_sha256",
-    "encode_png",
-    "decode_records",
-    "encode_records",
-    "expected_flows",
-    "fit_em",
-    "fit_hclt",
-    "image_to_records",
-    "learn_hclt",
-    "load_image_bytes",
-    "mean_log_likelihood",
-    "model_bits",
-    "pairwise_mutual_information",
-    "parse_png",
-    "random_tree",
-    "records_to_image",
-    "train_patch_model",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "METHODS": "toolkit.circuits.settings",
+    "MAX_BATCH": "toolkit.circuits.settings",
+    "Circuit": "toolkit.circuits.circuit",
+    "decode_records": "toolkit.circuits.coder",
+    "encode_records": "toolkit.circuits.coder",
+    "model_bits": "toolkit.circuits.coder",
+    "EMConfig": "toolkit.circuits.em",
+    "expected_flows": "toolkit.circuits.em",
+    "fit_em": "toolkit.circuits.em",
+    "mean_log_likelihood": "toolkit.circuits.em",
+    "PatchModel": "toolkit.circuits.images",
+    "image_to_records": "toolkit.circuits.images",
+    "records_to_image": "toolkit.circuits.images",
+    "train_patch_model": "toolkit.circuits.images",
+    "TreeStructure": "toolkit.circuits.structure",
+    "chow_liu_tree": "toolkit.circuits.structure",
+    "learn_hclt": "toolkit.circuits.structure",
+    "pairwise_mutual_information": "toolkit.circuits.structure",
+    "random_tree": "toolkit.circuits.structure",
+    "circuit_sha256": "toolkit.circuits.train",
+    "fit_hclt": "toolkit.circuits.train",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'toolkit.circuits' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -50,10 +50,10 @@ import torch
 
 from toolkit.circuits.circuit import Circuit
 from toolkit.circuits.layers import input_layer, upward_pass
+from toolkit.circuits.settings import MAX_BATCH, METHODS
 from toolkit.entropy import (
     CATEGORICAL,
     DEFAULT_TOTAL_BITS,
-    encode_symbols,
     freqs_to_table,
     logits_to_freqs,
 )
@@ -65,9 +65,6 @@ __all__ = ["encode_records", "decode_records", "model_bits", "METHODS"]
 _MAGIC = b"PCR"
 _VERSION = 1
 _HEADER = struct.Struct("<3sBBBIHHI")
-METHODS = ("partial", "naive", "context")
-#: bounds the per-batch state a (possibly damaged) stream can make the decoder allocate.
-MAX_BATCH = 1 << 16
 
 
 class _PartialState:
@@ -226,6 +223,15 @@ def _path_plan(circuit: Circuit) -> list[tuple[torch.Tensor, list[tuple[int, tor
 _STATES = {"partial": _PartialState, "naive": _NaiveState, "context": _ContextState}
 
 
+def _table(state, v: int, total_bits: int) -> np.ndarray:
+    """Variable ``v``'s coding tables for the batch, ``float64 [B, K]``: made one way for both sides.
+
+    Exact in float64 (integers below 2**24 over a power-of-two total), so the
+    decoder hands constriction the very probabilities the encoder did.
+    """
+    return freqs_to_table(logits_to_freqs(state.logits(v).cpu(), total_bits))
+
+
 def _check_records(circuit: Circuit, records: np.ndarray | torch.Tensor) -> np.ndarray:
     x = records.cpu().numpy() if isinstance(records, torch.Tensor) else np.asarray(records)
     if x.ndim != 2 or x.shape[1] != circuit.num_vars:
@@ -271,12 +277,14 @@ def encode_records(
     for lo in range(0, n, batch_size):
         xb = torch.from_numpy(x[lo : lo + batch_size]).to(dev)
         state = _STATES[method](circuit, xb.shape[0], plan)
-        tables = []
+        # One variable's tables at a time: the range coder's queue appends, so
+        # coding variable by variable writes the same words as one call over
+        # all D*B tables would, without holding those [D*B, K] tables at once.
+        enc = constriction.stream.queue.RangeEncoder()
         for v in order:
-            tables.append(logits_to_freqs(state.logits(v).cpu(), total_bits))
+            enc.encode(x[lo : lo + batch_size, v].astype(np.int32), CATEGORICAL, _table(state, v, total_bits))
             state.fix(v, xb[:, v])
-        symbols = xb[:, list(order)].t().reshape(-1).cpu().numpy()
-        blobs.append(encode_symbols(symbols, torch.cat(tables)))
+        blobs.append(enc.get_compressed().tobytes())
     head = _HEADER.pack(_MAGIC, _VERSION, METHODS.index(method), total_bits, n, d,
                         circuit.num_cats, batch_size)
     lengths = struct.pack(f"<{len(blobs)}I", *(len(b) for b in blobs))
@@ -284,34 +292,49 @@ def encode_records(
 
 
 @torch.no_grad()
-def decode_records(circuit: Circuit, data: bytes, n: int | None = None) -> np.ndarray:
+def decode_records(
+    circuit: Circuit,
+    data: bytes,
+    n: int | None = None,
+    method: str | None = None,
+    batch_size: int | None = None,
+) -> np.ndarray:
     """Decode what :func:`encode_records` wrote: ``uint8`` (or wider) array ``[N, D]``.
 
-    ``n``, when given, must match the record count in the stream; a caller
-    that knows the count from a checked header should pass it, since a
-    damaged range-coded stream still decodes (to wrong symbols).
+    ``n``, ``method`` and ``batch_size``, when given, must match the stream; a
+    caller that knows them from a checked header should pass them, since a
+    damaged range-coded stream still decodes (to wrong symbols), and a
+    damaged method byte could turn a quick decode into a naive one.
     """
     if len(data) < _HEADER.size:
         raise FormatError("PC stream too short for its header")
-    magic, version, meth, total_bits, count, d, k, batch_size = _HEADER.unpack_from(data)
+    magic, version, meth, total_bits, count, d, k, batch = _HEADER.unpack_from(data)
     if magic != _MAGIC or version != _VERSION:
         raise FormatError("not a version-1 PC record stream")
-    if meth >= len(METHODS) or not 8 <= total_bits <= 24 or not 1 <= batch_size <= MAX_BATCH:
+    if meth >= len(METHODS) or not 8 <= total_bits <= 24 or not 1 <= batch <= MAX_BATCH:
         raise FormatError("bad PC stream settings")
     if n is not None and n != count:
         raise FormatError(f"stream holds {count} records, {n} expected")
+    if method is not None and method != METHODS[meth]:
+        raise FormatError(f"stream was coded with method {METHODS[meth]!r}, {method!r} expected")
+    if batch_size is not None and batch_size != batch:
+        raise FormatError(f"stream was coded in batches of {batch}, {batch_size} expected")
     if d != circuit.num_vars or k != circuit.num_cats:
         raise FormatError(
             f"stream is for {d} variables x {k} categories, the circuit has "
             f"{circuit.num_vars} x {circuit.num_cats}"
         )
-    nb = math.ceil(count / batch_size)
+    nb = -(-count // batch)
     pos = _HEADER.size + 4 * nb
     if len(data) < pos:
         raise FormatError("PC stream truncated in its length table")
     lengths = struct.unpack_from(f"<{nb}I", data, _HEADER.size)
     if pos + sum(lengths) != len(data) or any(ln % 4 for ln in lengths):
         raise FormatError("PC stream lengths do not match its size")
+    # A batch of records always codes to at least one word; empty batches would let a
+    # few bytes claim any number of records.
+    if 0 in lengths:
+        raise FormatError("PC stream has an empty batch")
     order = circuit.structure.order
     dev = circuit.leaf_logp.device
     dtype = np.uint8 if k <= 256 else np.int64
@@ -320,20 +343,16 @@ def decode_records(circuit: Circuit, data: bytes, n: int | None = None) -> np.nd
     # a count read from the stream.
     parts = []
     for j, ln in enumerate(lengths):
-        lo = j * batch_size
-        bsz = min(batch_size, count - lo)
+        lo = j * batch
+        bsz = min(batch, count - lo)
         words = np.frombuffer(data, dtype=np.uint32, count=ln // 4, offset=pos).copy()
         pos += ln
         dec = constriction.stream.queue.RangeDecoder(words)
         state = _STATES[METHODS[meth]](circuit, bsz, plan)
         part = np.zeros((bsz, d), dtype=dtype)
         for v in order:
-            freqs = logits_to_freqs(state.logits(v).cpu(), total_bits).numpy()
-            # Exact in float64 (integers below 2**24 over a power-of-two
-            # total): the same probabilities the encoder handed constriction.
-            table = freqs_to_table(freqs)
             try:
-                sym = np.asarray(dec.decode(CATEGORICAL, table), dtype=np.int64)
+                sym = np.asarray(dec.decode(CATEGORICAL, _table(state, v, total_bits)), dtype=np.int64)
             except Exception as exc:  # constriction reports damage as its own errors
                 raise FormatError(f"damaged PC stream in batch {j}: {exc}") from exc
             part[:, v] = sym

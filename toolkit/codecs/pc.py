@@ -1,17 +1,19 @@
 """The ``pc`` codec: lossless coding with probabilistic circuits (PNG images and .npy record sets).
 
-Two inputs, told apart by their magic bytes:
+A thin adapter: it maps settings and payload bytes to the libraries that do
+the work, :mod:`toolkit.formats` (the files) and :mod:`toolkit.circuits`
+(the model and the record coder). Two inputs, told apart by their magic bytes:
 
 - **dataset mode**, a ``.npy`` file of ``uint8`` records ``[N, D]`` (or
   ``[N, H, W, ...]``, flattened per record) coded with a circuit the user
   trained (:func:`toolkit.circuits.fit_hclt`, saved with ``Circuit.save``)
-  and names with ``--set model=DIR``. The ``.npy`` header is parsed with
-  :mod:`numpy.lib.format` (never unpickled) and kept verbatim.
+  and names with ``--set model=DIR``. The ``.npy`` header is parsed by
+  :mod:`toolkit.formats.npy` (never unpickled) and kept verbatim.
 - **image mode**, an 8-bit grey or RGB PNG coded patch by patch with the
   shipped patch model (``toolkit/assets/pc-patch``) or another one trained by
   :func:`toolkit.circuits.train_patch_model`. The codec's output is the
-  pixels plus what rebuilds the exact PNG bytes from them (see
-  :mod:`toolkit.circuits.images`), so ``decompress`` returns the input file.
+  pixels plus the PNG's layout, what rebuilds the exact file bytes from them
+  (:mod:`toolkit.formats.png`), so ``decompress`` returns the input file.
 
 Anything else is refused with :class:`~toolkit.errors.UnsupportedInputError`
 rather than silently stored: asking for ``pc`` on a text file is a mistake a
@@ -19,33 +21,45 @@ user should hear about. The header records the model's SHA-256; decoding
 with a different model raises :class:`~toolkit.errors.ModelMismatchError`.
 
 Payload of the single chunk: kind byte ``N`` or ``I``, a u32 length, that
-many bytes (the raw ``.npy`` header, or the zstd-compressed PNG wrapper),
-then the record stream of :func:`toolkit.circuits.encode_records`.
+many bytes (the raw ``.npy`` header, or the zstd-compressed PNG layout),
+then the record stream of :func:`toolkit.circuits.encode_records`. The
+decoder checks every count in it (records, record width, image size,
+patches) against the model and the chunk's size before any coding work.
+
+Importing this module loads no torch (``codec list`` imports every codec);
+the circuit libraries are imported when a file is coded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import zstandard
 
+from toolkit.circuits.settings import MAX_BATCH, METHODS
 from toolkit.codecs.registry import Codec, register_codec
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError, UnsupportedInputError
+from toolkit.formats.npy import NPY_MAGIC, check_uint8_records, npy_records, read_npy_header, rebuild_npy
+from toolkit.formats.png import (
+    MAX_INFLATE_RATIO,
+    MAX_PIXELS,
+    PNG_SIGNATURE,
+    PngImage,
+    PngLayout,
+    parse_png,
+    rebuild_png,
+)
 
-__all__ = ["PCCodec", "PCConfig", "DEFAULT_PATCH_MODEL", "NPY_MAGIC"]
+__all__ = ["PCCodec", "PCConfig", "DEFAULT_PATCH_MODEL"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PATCH_MODEL = Path(__file__).resolve().parent.parent / "assets" / "pc-patch"
-NPY_MAGIC = b"\x93NUMPY"
-_PNG = b"\x89PNG\r\n\x1a\n"
 #: the whole file must be one container chunk (the container's largest).
 _CHUNK = 64 << 20
 _LEN = struct.Struct("<I")
@@ -61,8 +75,6 @@ class PCConfig:
     batch: int = 1024
 
     def __post_init__(self):
-        from toolkit.circuits.coder import MAX_BATCH, METHODS
-
         if self.method not in METHODS:
             raise ConfigError(f"pc method must be one of {METHODS}, got {self.method!r}")
         if not 1 <= self.batch <= MAX_BATCH:
@@ -114,35 +126,42 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def _read_npy_header(data: bytes) -> tuple[int, tuple[int, ...], bool, np.dtype]:
-    """(header length, shape, fortran order, dtype) of a .npy file, without unpickling anything."""
-    f = io.BytesIO(data)
+def _split_payload(payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """(kind, side data, record stream) of a payload."""
+    if len(payload) < 1 + _LEN.size:
+        raise FormatError("pc payload too short")
+    (n,) = _LEN.unpack_from(payload, 1)
+    head = payload[1 + _LEN.size : 1 + _LEN.size + n]
+    if len(head) != n:
+        raise FormatError("pc payload truncated")
+    return payload[:1], head, payload[1 + _LEN.size + n :]
+
+
+def _layout_limit(size: int) -> int:
+    """The largest serialized layout a PNG of ``size`` bytes can have.
+
+    The layout is the file minus its image data, plus 29 bytes of fields and
+    one filter byte per row; a row is at least 2 bytes of inflated data and
+    deflate expands at most :data:`MAX_INFLATE_RATIO`-fold, so a file has at
+    most ``MAX_INFLATE_RATIO / 2`` rows per byte (and at most MAX_PIXELS).
+    """
+    return size + 29 + min(MAX_PIXELS, MAX_INFLATE_RATIO // 2 * size)
+
+
+def _read_layout(head: bytes, size: int) -> PngLayout:
+    """The zstd-compressed PNG layout of a payload; its declared size is checked before it is allocated."""
     try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unknown .npy version {version}")
-    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
-        raise UnsupportedInputError(f"bad .npy header: {exc}") from None
-    return f.tell(), tuple(int(s) for s in shape), bool(fortran), np.dtype(dtype)
-
-
-def _npy_records(data: bytes) -> tuple[int, np.ndarray]:
-    hlen, shape, fortran, dtype = _read_npy_header(data)
-    if dtype.hasobject:
-        raise UnsupportedInputError(".npy holds Python objects (a pickle); the pc codec never unpickles")
-    if dtype != np.uint8:
-        raise UnsupportedInputError(f"pc codes uint8 records; this .npy holds {dtype}")
-    if len(shape) < 2:
-        raise UnsupportedInputError(f"pc codes records [N, D] or [N, H, W]; this .npy has shape {shape}")
-    n = int(np.prod(shape))
-    if len(data) - hlen != n:
-        raise UnsupportedInputError(f".npy holds {len(data) - hlen} data bytes, its shape {shape} needs {n}")
-    arr = np.frombuffer(data, dtype=np.uint8, offset=hlen).reshape(shape, order="F" if fortran else "C")
-    return hlen, np.ascontiguousarray(arr).reshape(shape[0], -1)
+        declared = zstandard.frame_content_size(head)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"damaged PNG layout in pc payload: {exc}") from None
+    # the encoder always records the size; a frame without it could make zstd allocate the limit
+    if declared < 0 or declared > _layout_limit(size):
+        raise FormatError(f"the PNG layout in the pc payload cannot come from a {size}-byte PNG")
+    try:
+        blob = zstandard.ZstdDecompressor().decompress(head, max_output_size=declared)
+    except zstandard.ZstdError as exc:
+        raise FormatError(f"damaged PNG layout in pc payload: {exc}") from None
+    return PngLayout.from_bytes(blob)
 
 
 @register_codec("pc")
@@ -154,6 +173,8 @@ class PCCodec(Codec):
     Config = PCConfig
     chunk_size = _CHUNK
     batch_chunks = 1
+    #: the whole input is one chunk: the container refuses larger files before any work.
+    whole_file = True
 
     def header_fields(self) -> dict:
         _, sha = _model(self.config)
@@ -176,37 +197,48 @@ class PCCodec(Codec):
             return [self._encode(c) for c in chunks]
 
     def _encode(self, data: bytes) -> bytes:
+        # A full chunk may be the start of a longer file, which one chunk cannot hold.
+        if len(data) >= self.chunk_size:
+            raise UnsupportedInputError(f"pc codes files smaller than {self.chunk_size >> 20} MiB")
+        if data.startswith(NPY_MAGIC):
+            return self._encode_npy(data)
+        if data.startswith(PNG_SIGNATURE):
+            return self._encode_png(data)
+        raise UnsupportedInputError("pc codes PNG images and uint8 .npy record arrays; this input is neither")
+
+    def _encode_npy(self, data: bytes) -> bytes:
         from toolkit.circuits.circuit import Circuit
         from toolkit.circuits.coder import encode_records
-        from toolkit.circuits.images import PatchModel, image_to_records, parse_png
 
         model, _ = _model(self.config)
-        cfg = self.config
-        if data.startswith(NPY_MAGIC):
-            if not isinstance(model, Circuit):
-                raise UnsupportedInputError(
-                    "dataset mode codes .npy records with your circuit: --set model=DIR (a saved Circuit)")
-            hlen, x = _npy_records(data)
-            if x.shape[1] != model.num_vars or (x.size and int(x.max()) >= model.num_cats):
-                raise UnsupportedInputError(
-                    f"records of {x.shape[1]} values up to {int(x.max()) if x.size else 0} do not fit the "
-                    f"circuit ({model.num_vars} variables, values 0..{model.num_cats - 1})")
-            stream = encode_records(model, x, batch_size=cfg.batch, method=cfg.method)
-            return b"N" + _LEN.pack(hlen) + data[:hlen] + stream
-        if data.startswith(_PNG):
-            if not isinstance(model, PatchModel):
-                raise UnsupportedInputError("image mode needs a patch model (leave model unset for the shipped one)")
-            img = parse_png(data)
-            ch = 1 if img.pixels.ndim == 2 else 3
-            if ch not in model.circuits:
-                raise UnsupportedInputError(f"the patch model has no {ch}-channel circuit")
-            x = image_to_records(img.pixels, model.patch)
-            stream = encode_records(model.circuits[ch], x, batch_size=cfg.batch, method=cfg.method)
-            wrapper = zstandard.ZstdCompressor(level=19).compress(img.wrapper())
-            return b"I" + _LEN.pack(len(wrapper)) + wrapper + stream
-        if len(data) == self.chunk_size:
-            raise UnsupportedInputError("pc codes files of at most 64 MiB")
-        raise UnsupportedInputError("pc codes PNG images and uint8 .npy record arrays; this input is neither")
+        if not isinstance(model, Circuit):
+            raise UnsupportedInputError(
+                "dataset mode codes .npy records with your circuit: --set model=DIR (a saved Circuit)")
+        try:
+            header, x = npy_records(data, width=model.num_vars)
+        except UnsupportedInputError as exc:
+            raise UnsupportedInputError(f"{exc} (the circuit has {model.num_vars} variables)") from None
+        if x.size and int(x.max()) >= model.num_cats:
+            raise UnsupportedInputError(
+                f"record values up to {int(x.max())} do not fit the circuit (values 0..{model.num_cats - 1})")
+        stream = encode_records(model, x, batch_size=self.config.batch, method=self.config.method)
+        return b"N" + _LEN.pack(header.length) + data[: header.length] + stream
+
+    def _encode_png(self, data: bytes) -> bytes:
+        from toolkit.circuits.coder import encode_records
+        from toolkit.circuits.images import PatchModel, image_to_records
+
+        model, _ = _model(self.config)
+        if not isinstance(model, PatchModel):
+            raise UnsupportedInputError("image mode needs a patch model (leave model unset for the shipped one)")
+        img = parse_png(data)
+        circuit = model.circuits.get(img.layout.channels)
+        if circuit is None:
+            raise UnsupportedInputError(f"the patch model has no {img.layout.channels}-channel circuit")
+        x = image_to_records(img.pixels, model.patch)
+        stream = encode_records(circuit, x, batch_size=self.config.batch, method=self.config.method)
+        layout = zstandard.ZstdCompressor(level=19).compress(img.layout.to_bytes())
+        return b"I" + _LEN.pack(len(layout)) + layout + stream
 
     def decode_chunks(self, payloads, sizes, known):
         with _one_thread():
@@ -214,49 +246,54 @@ class PCCodec(Codec):
 
     def _decode(self, payload: bytes, size: int) -> bytes:
         from toolkit.circuits.circuit import Circuit
-        from toolkit.circuits.coder import decode_records
-        from toolkit.circuits.images import PatchModel, PngImage, rebuild_png, records_to_image
+        from toolkit.circuits.images import PatchModel
 
-        if len(payload) < 1 + _LEN.size:
-            raise FormatError("pc payload too short")
-        kind = payload[:1]
-        (n,) = _LEN.unpack_from(payload, 1)
-        head = payload[5 : 5 + n]
-        stream = payload[5 + n :]
-        if len(head) != n:
-            raise FormatError("pc payload truncated")
+        kind, head, stream = _split_payload(payload)
         model, _ = _model(self.config)
         if kind == b"N" and isinstance(model, Circuit):
-            try:
-                hlen, shape, fortran, dtype = _read_npy_header(head)
-            except UnsupportedInputError as exc:
-                raise FormatError(f"damaged .npy header in pc payload: {exc}") from None
-            if hlen != n or dtype != np.uint8 or len(shape) < 2 or n + int(np.prod(shape)) != size:
-                raise FormatError("the .npy header in the pc payload does not match the chunk size")
-            x = decode_records(model, stream, shape[0])
-            arr = x.astype(np.uint8).reshape(shape)
-            out = head + arr.tobytes(order="F" if fortran else "C")
+            out = self._decode_npy(model, head, stream, size)
         elif kind == b"I" and isinstance(model, PatchModel):
-            try:
-                wrapper = zstandard.ZstdDecompressor().decompress(head, max_output_size=max(size, 1 << 16) + 4096)
-            except zstandard.ZstdError as exc:
-                raise FormatError(f"damaged PNG wrapper in pc payload: {exc}") from None
-            fields, h, w, ch = PngImage.read_wrapper(wrapper)
-            if ch not in model.circuits:
-                raise FormatError(f"pc payload is a {ch}-channel image; the model has no such circuit")
-            # deflate shrinks at most ~1032:1, so a PNG of `size` bytes cannot hold more pixels:
-            # a damaged or forged header must not make the decoder run over a huge image.
-            if h * (w * ch + 1) > 1032 * size:
-                raise FormatError(f"a {w}x{h} image cannot come from a PNG of {size} bytes")
-            p = model.patch
-            recs = decode_records(model.circuits[ch], stream, (-(-h // p)) * (-(-w // p)))
-            pixels = records_to_image(recs, h, w, ch, p)
-            out = rebuild_png(PngImage(pixels=pixels, **fields))
+            out = self._decode_png(model, head, stream, size)
         else:
             raise FormatError(f"pc payload kind {kind!r} does not fit the model")
         if len(out) != size:
             raise FormatError(f"pc chunk decoded to {len(out)} bytes, expected {size}")
         return out
+
+    def _decode_npy(self, model, head: bytes, stream: bytes, size: int) -> bytes:
+        from toolkit.circuits.coder import decode_records
+
+        try:
+            header = read_npy_header(head)
+            check_uint8_records(header)
+        except UnsupportedInputError as exc:
+            raise FormatError(f"damaged .npy header in pc payload: {exc}") from None
+        # exact integers: the records' bytes fill the chunk, and each record is one circuit's worth
+        if header.length != len(head) or header.length + header.data_bytes != size:
+            raise FormatError(f"the .npy header in the pc payload (shape {header.shape}) does not match "
+                              f"the chunk size {size}")
+        if header.record_width != model.num_vars:
+            raise FormatError(f"the pc payload holds records of {header.record_width} values; "
+                              f"the circuit has {model.num_vars} variables")
+        records = decode_records(model, stream, header.records, self.config.method, self.config.batch)
+        return rebuild_npy(head, header, records)
+
+    def _decode_png(self, model, head: bytes, stream: bytes, size: int) -> bytes:
+        from toolkit.circuits.coder import decode_records
+        from toolkit.circuits.images import records_to_image
+
+        layout = _read_layout(head, size)
+        circuit = model.circuits.get(layout.channels)
+        if circuit is None:
+            raise FormatError(f"pc payload is a {layout.channels}-channel image; the model has no such circuit")
+        if layout.file_size != size:
+            raise FormatError(f"the PNG layout in the pc payload makes a {layout.file_size}-byte file, "
+                              f"not the chunk's {size} bytes")
+        p = model.patch
+        patches = (-(-layout.height // p)) * (-(-layout.width // p))
+        recs = decode_records(circuit, stream, patches, self.config.method, self.config.batch)
+        pixels = records_to_image(recs, layout.height, layout.width, layout.channels, p)
+        return rebuild_png(PngImage(pixels, layout))
 
     @classmethod
     def estimate_bpb(cls, sample: bytes) -> float | None:
