@@ -94,24 +94,18 @@ def test_fresh_process_decode(digits_circuit, patch_model, tmp_path):
 
 
 def test_model_mismatch_refused(digits_circuit, tmp_path):
+    """A circuit changed on disk at the same path is noticed (the store re-reads changed files) and refused."""
+    import shutil
+
     path, held = digits_circuit
-    blob = toolkit.compress(_npy(held), codec="pc", model=path)
+    mine = tmp_path / "circuit"
+    shutil.copytree(path, mine)
+    blob = toolkit.compress(_npy(held), codec="pc", model=str(mine))
     other, _ = fit_hclt(held, num_latents=3, epochs=1, num_cats=5, seed=7)
-    other.save(path + "-other")
+    shutil.rmtree(mine)
+    other.save(str(mine))
     with pytest.raises(ModelMismatchError):
-        toolkit.decompress(_swap_model(blob, path + "-other"))
-
-
-def _swap_model(blob: bytes, new_path: str) -> bytes:
-    """The same file with its header's model path replaced (as if the user's circuit changed)."""
-    import json
-    import struct
-
-    (hlen,) = struct.unpack_from("<I", blob, 6)
-    header = json.loads(blob[10 : 10 + hlen])
-    header["config"]["model"] = new_path
-    new = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return blob[:6] + struct.pack("<I", len(new)) + new + blob[10 + hlen :]
+        toolkit.decompress(blob)
 
 
 def test_bad_inputs_give_clean_errors(digits_circuit, patch_model):
@@ -197,7 +191,7 @@ def test_file_over_one_chunk_gets_the_limit_message():
 
     assert PCCodec.whole_file is True
     big = encode_png(np.zeros((4, 4), np.uint8)) + bytes(PCCodec.chunk_size)
-    with pytest.raises(UnsupportedInputError, match="smaller than 64 MiB"):
+    with pytest.raises(UnsupportedInputError, match="64 MiB"):
         toolkit.compress(big, codec="pc")
 
 
@@ -215,3 +209,31 @@ def test_notebook_states_the_shipped_patch_size():
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     stated = {int(a) for a, b in re.findall(r"(\d+)\s*x\s*(\d+) patch", text) if a == b}
     assert stated <= {patch}, f"notebook 11 states {sorted(stated)}x patches; the shipped model uses {patch}"
+
+
+def test_pc_decoder_pointed_at_another_model_dir(tmp_path):
+    """The pc codec finds its model through the store: a moved model decodes with --set model_dir=DIR."""
+    import shutil
+
+    import numpy as np
+
+    import toolkit
+    from toolkit.circuits import fit_hclt
+    from toolkit.errors import ModelMismatchError
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, size=(200, 6)).astype(np.uint8)
+    circuit, _ = fit_hclt(x, num_latents=4, epochs=2, num_cats=4)
+    where = tmp_path / "mine" / "circ"
+    circuit.save(where)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, x)
+    blob = toolkit.compress(buf.getvalue(), codec="pc", model=str(where))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(str(where), moved / "circ")
+    with pytest.raises(ModelMismatchError):
+        toolkit.decompress(blob)
+    assert toolkit.decompress(blob, model_dir=str(moved)) == buf.getvalue()

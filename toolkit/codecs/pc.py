@@ -33,11 +33,9 @@ the circuit libraries are imported when a file is coded.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import zstandard
 
@@ -54,12 +52,15 @@ from toolkit.formats.png import (
     parse_png,
     rebuild_png,
 )
+from toolkit.models import store
+from toolkit.models.store import Located
 
 __all__ = ["PCCodec", "PCConfig", "DEFAULT_PATCH_MODEL"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PATCH_MODEL = Path(__file__).resolve().parent.parent / "assets" / "pc-patch"
+_SHIPPED = "pc-patch"
+DEFAULT_PATCH_MODEL = store.ASSETS / _SHIPPED
 #: the whole file must be one container chunk (the container's largest).
 _CHUNK = 64 << 20
 _LEN = struct.Struct("<I")
@@ -81,30 +82,26 @@ class PCConfig:
             raise ConfigError(f"pc batch must be in 1..{MAX_BATCH}")
 
 
-@functools.lru_cache(maxsize=8)
-def _load_model(path: str, stamp: tuple):
-    """A Circuit or PatchModel from ``path`` and its SHA-256; cached per file modification times."""
+def _load_model(where: Located) -> tuple:
+    """A Circuit or PatchModel from a directory and its SHA-256 (of structure and parameters)."""
     from toolkit.circuits.circuit import Circuit
     from toolkit.circuits.images import PatchModel
     from toolkit.circuits.train import circuit_sha256
 
-    if PatchModel.is_patch_model(path):
-        m = PatchModel.load(path)
-        return m, m.sha256()
-    c = Circuit.load(path)
-    return c, circuit_sha256(c)
-
-
-def _model(config: PCConfig):
-    path = Path(config.model) if config.model else DEFAULT_PATCH_MODEL
-    if not path.is_dir():
-        what = "the shipped patch model (toolkit/assets/pc-patch)" if not config.model else repr(str(path))
-        raise ModelMismatchError(f"pc model {what} is not installed or not a directory")
-    stamp = tuple(sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in path.rglob("*") if p.is_file()))
+    path = str(where.path)
     try:
-        return _load_model(str(path.resolve()), stamp)
+        if PatchModel.is_patch_model(path):
+            m = PatchModel.load(path)
+            return m, m.sha256()
+        c = Circuit.load(path)
+        return c, circuit_sha256(c)
     except FormatError as exc:
-        raise ModelMismatchError(f"cannot load pc model {str(path)!r}: {exc}") from None
+        raise ModelMismatchError(f"cannot load pc model {where.name!r}: {exc}") from None
+
+
+def _model(config: PCConfig, model_dir: str | None = None) -> tuple:
+    """The config's model (the shipped patch model when unset) and its hash, through the model store."""
+    return store.load("pc", _load_model, config.model or _SHIPPED, model_dir=model_dir)
 
 
 @contextlib.contextmanager
@@ -176,14 +173,21 @@ class PCCodec(Codec):
     #: the whole input is one chunk: the container refuses larger files before any work.
     whole_file = True
 
+    decode_settings = ("model_dir",)
+
+    def __init__(self, config: PCConfig | None = None, model_dir: str | None = None):
+        super().__init__(config)
+        self.model_dir = model_dir
+
     def header_fields(self) -> dict:
-        _, sha = _model(self.config)
-        return {"model": self.config.model or "pc-patch", "model_sha256": sha}
+        _, sha = _model(self.config, self.model_dir)
+        return {"model": self.config.model or _SHIPPED, "model_sha256": sha}
 
     @classmethod
     def from_header(cls, header: dict, local: dict[str, str] | None = None) -> PCCodec:
-        codec = super().from_header(header, local)
-        _, sha = _model(codec.config)
+        base = super().from_header(header, local)
+        codec = cls(base.config, model_dir=(local or {}).get("model_dir"))
+        _, sha = _model(codec.config, codec.model_dir)
         want = header.get("model_sha256")
         if want != sha:
             raise ModelMismatchError(
@@ -210,7 +214,7 @@ class PCCodec(Codec):
         from toolkit.circuits.circuit import Circuit
         from toolkit.circuits.coder import encode_records
 
-        model, _ = _model(self.config)
+        model, _ = _model(self.config, self.model_dir)
         if not isinstance(model, Circuit):
             raise UnsupportedInputError(
                 "dataset mode codes .npy records with your circuit: --set model=DIR (a saved Circuit)")
@@ -228,7 +232,7 @@ class PCCodec(Codec):
         from toolkit.circuits.coder import encode_records
         from toolkit.circuits.images import PatchModel, image_to_records
 
-        model, _ = _model(self.config)
+        model, _ = _model(self.config, self.model_dir)
         if not isinstance(model, PatchModel):
             raise UnsupportedInputError("image mode needs a patch model (leave model unset for the shipped one)")
         img = parse_png(data)
@@ -249,7 +253,7 @@ class PCCodec(Codec):
         from toolkit.circuits.images import PatchModel
 
         kind, head, stream = _split_payload(payload)
-        model, _ = _model(self.config)
+        model, _ = _model(self.config, self.model_dir)
         if kind == b"N" and isinstance(model, Circuit):
             out = self._decode_npy(model, head, stream, size)
         elif kind == b"I" and isinstance(model, PatchModel):
