@@ -123,6 +123,7 @@ def test_bench_table(sample, tmp_path, capsys):
     assert all(r["out_bytes"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_demo_verifies_samples(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out

@@ -27,6 +27,7 @@ LM = json.loads((GOLDEN / "lm_payloads.json").read_text())
 
 
 @pytest.mark.parametrize("case", LM["cases"], ids=lambda c: f"{c['sample']}-{c['settings']['dtype']}")
+@pytest.mark.slow
 def test_lm_payloads_are_byte_identical(case):
     if _env() != LM["env"]:
         pytest.skip(f"recorded on {LM['env']}, this machine is {_env()}")

@@ -241,6 +241,7 @@ def test_hf_bf16_engine_does_not_touch_the_cached_model(tiny):
     assert all(torch.equal(a, b) for a, b in zip(before, fresh, strict=True))
 
 
+@pytest.mark.slow
 def test_one_instance_codes_two_files_that_fresh_processes_decode(tiny, tmp_path):
     """Coding state lives in a session per file: a reused codec instance writes files any fresh decoder reads."""
     from toolkit.codecs.lm import LMCodec, LMConfig
@@ -267,6 +268,7 @@ def test_kv_cache_beyond_memory_is_refused_before_allocating(tiny):
                          segment=256, keep=8)
 
 
+@pytest.mark.slow
 def test_decode_in_fresh_process(tiny, tmp_path):
     data = CORPUS * 4 + b"\x00\x01binary\xff" + CORPUS
     src = tmp_path / "in.txt"
@@ -317,6 +319,7 @@ SHIPPED = (Path(__file__).parent.parent / "toolkit" / "assets" / "lm-default" / 
 
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped LM not built yet (python -m toolkit.models.train_lm)")
+@pytest.mark.slow
 def test_shipped_model_is_the_default_and_beats_xz_on_prose(capsys):
     from toolkit.bench import sample_files
     from toolkit.cli import main

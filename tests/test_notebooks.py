@@ -45,6 +45,7 @@ def run_notebook(name: str, tmp_path, monkeypatch, parameters: dict | None = Non
 
 
 @pytest.mark.notebook
+@pytest.mark.slow
 def test_quickstart(tmp_path, monkeypatch):
     rec = run_notebook("00_quickstart.ipynb", tmp_path, monkeypatch)
     bpb = rec["bpb"]
@@ -61,6 +62,7 @@ def test_quickstart(tmp_path, monkeypatch):
 
 
 @pytest.mark.notebook
+@pytest.mark.slow
 def test_lm_lossless(tmp_path, monkeypatch):
     rec = run_notebook("10_lm_lossless.ipynb", tmp_path, monkeypatch)
     assert rec["loss_last"] < rec["loss_first"] - 1.0  # the small model learned something
@@ -78,6 +80,7 @@ def test_lm_lossless(tmp_path, monkeypatch):
 
 
 @pytest.mark.notebook
+@pytest.mark.slow
 def test_pc_lossless(tmp_path, monkeypatch):
     rec = run_notebook("11_pc_lossless.ipynb", tmp_path, monkeypatch)
     assert rec["roundtrip_exact"] is True and rec["photo_exact"] is True

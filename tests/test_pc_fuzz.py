@@ -124,6 +124,7 @@ def _tiny_photo(colour: bool) -> bytes:
 
 
 @pytest.mark.parametrize("mode, cases", [("npy", 160), ("grey", 70), ("rgb", 70)])
+@pytest.mark.slow
 def test_damaged_payloads_raise_only_toolkit_errors(mode, cases):
     if mode == "npy":
         codec, data = PCCodec(PCConfig(model=str(DATA / "circuit"), batch=5)), _npy_bytes()
