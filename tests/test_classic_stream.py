@@ -35,6 +35,7 @@ def test_repeats_across_chunk_boundaries_match_like_one_stream(name):
     assert toolkit.decompress(blob) == DATA
 
 
+@pytest.mark.slow
 def test_sizes_match_the_command_line_tools_settings():
     text = b"".join(b"line %d of a changelog: fixed bug #%d in module %d\n" % (i, i * 7 % 1000, i % 37)
                     for i in range(40000))
