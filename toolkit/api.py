@@ -90,7 +90,7 @@ def compress_stream(
         size = len(head)  # the sample is the whole input
     choice = choose_codec(head, size=size, best=best)
     logger.info("auto: %s (%s)", choice.codec, choice.reason)
-    src = _Prefixed(head, src)
+    src = container._Prefixed(head, src)
     if choice.fallback:
         summary = _whole_or_fallback(choice, src, dst, size, progress)
     else:
@@ -108,7 +108,7 @@ def _whole_or_fallback(choice: Choice, src: BinaryIO, dst: BinaryIO, size: int |
     except (UnsupportedInputError, DependencyError) as e:
         logger.info("auto: %s refused the input (%s); using %s", choice.codec, e, choice.fallback)
         choice.reason += f"; {choice.codec} refused it ({e}), so {choice.fallback}"
-        rest = _Prefixed(data, src)
+        rest = container._Prefixed(data, src)
         return container.write_stream(make_codec(choice.fallback), rest, dst, size=size, progress=progress)
     dst.write(out.getvalue())
     if progress:
@@ -141,22 +141,3 @@ def info(file: bytes | str | os.PathLike | BinaryIO) -> dict:
     if not hasattr(file, "read"):
         raise UnsupportedInputError(f"info takes .tkz bytes, a path or a binary stream, not {type(file).__name__}")
     return container.read_info(file).as_dict()
-
-
-class _Prefixed(io.RawIOBase):
-    """A stream that yields ``head`` and then the rest of ``tail`` (for sniffed stdin)."""
-
-    def __init__(self, head: bytes, tail: BinaryIO):
-        self.head, self.tail = head, tail
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            if n < 0:
-                out, self.head = self.head + self.tail.read(), b""
-                return out
-            out, self.head = self.head[:n], self.head[n:]
-            return out
-        return self.tail.read(n)

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 
 from toolkit.codecs.registry import get_codec
 from toolkit.errors import ToolkitError
+from toolkit.text.detect import looks_like_text  # the lm codec's own test: auto offers lm what lm codes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Choice", "choose_codec", "looks_like_text", "LM_BYTES_PER_S", "LM_BUDGET_S"]
+__all__ = ["Choice", "choose_codec", "LM_BYTES_PER_S", "LM_BUDGET_S"]
 
 #: the lm codec's speed on the 2-core reference machine (each way), and what auto may spend on it
 LM_BYTES_PER_S = 8_000
@@ -41,7 +42,6 @@ _LM_MIN_SAMPLE = 512  # lm's estimate needs this much text
 LM_SURE_BPB = 1.5
 _PNG = b"\x89PNG\r\n\x1a\n"
 _NPY = b"\x93NUMPY"
-_CONTROLS = bytes(b for b in range(32) if b not in b"\t\n\r\f") + b"\x7f"
 
 
 @dataclass
@@ -52,15 +52,6 @@ class Choice:
     reason: str
     hint: str | None = None  # one line for the user: how to ask for a stronger mode
     fallback: str | None = None
-
-
-def looks_like_text(sample: bytes) -> bool:
-    """At most 1% control bytes and at most 1% of the bytes outside UTF-8."""
-    if not sample:
-        return False
-    if 100 * (len(sample) - len(sample.translate(None, delete=_CONTROLS))) > len(sample):
-        return False
-    return 100 * sample.decode("utf-8", errors="replace").count("\ufffd") <= len(sample)
 
 
 def _classic(sample: bytes) -> tuple[str, float]:

@@ -418,14 +418,21 @@ def _iter_records(src: BinaryIO, chunk_size: int, skip_payload: bool = False) ->
         total += raw_len
 
 
-class _Prefixed:
-    """``head`` and then ``tail``: the first byte of a record, read to tell the end from EOF."""
+class _Prefixed(io.RawIOBase):
+    """``head`` and then the rest of ``tail``: a record's first byte read to tell the end from EOF,
+    or a sniffed sample put back in front of stdin."""
 
     def __init__(self, head: bytes, tail: BinaryIO):
         self.head, self.tail = head, tail
 
-    def read(self, n: int) -> bytes:
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
         if self.head:
+            if n < 0:
+                out, self.head = self.head + self.tail.read(), b""
+                return out
             out, self.head = self.head[:n], self.head[n:]
             return out
         return self.tail.read(n)

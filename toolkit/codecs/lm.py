@@ -170,7 +170,8 @@ class LMCodec(Codec):
         return dataclasses.asdict(self.settings)
 
     def header_fields(self) -> dict:
-        return {"model": self.coding_model.header()}
+        # the name as the user gave it (``default``), not where the store found it
+        return {"model": {**self.coding_model.header(), "name": self.config.model}}
 
     def environment(self) -> dict:
         import torch

@@ -86,9 +86,7 @@ class CodingModel:
 
 def load_coding_model(name: str, model_dir: str | None = None) -> CodingModel:
     """The shipped default (``default``), a local directory or a Hugging Face id, through the store."""
-    target = SHIPPED_LM if name == "default" else name
-    cm = store.load("lm", _load, target, model_dir=model_dir, hub=True)
-    return dataclasses.replace(cm, name=name) if cm.name != name else cm
+    return store.load("lm", _load, SHIPPED_LM if name == "default" else name, model_dir=model_dir, hub=True)
 
 
 def _weight_files(path: Path) -> list[Path]:
