@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["dispatch", "triton_available", "logits_to_freqs"]
+__all__ = ["dispatch", "triton_available", "logits_to_freqs", "quant_matmul"]
 
 
 def triton_available() -> bool:
@@ -45,4 +45,8 @@ def __getattr__(name: str) -> Any:
         from toolkit.kernels.freqs import logits_to_freqs
 
         return logits_to_freqs
+    if name == "quant_matmul":
+        from toolkit.kernels.qmatmul import quant_matmul
+
+        return quant_matmul
     raise AttributeError(name)
