@@ -163,6 +163,10 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> P
 
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     cfg = config.to_dict()
+    get_head = getattr(model, "get_output_embeddings", None)
+    if cfg.get("tie_word_embeddings") and callable(get_head) and isinstance(get_head(), QuantizedLinear):
+        # A quantized head is no longer the embedding: loaders must not tie them.
+        cfg["tie_word_embeddings"] = False
     cfg["quantization_config"] = qcfg
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = getattr(model, "generation_config", None)
@@ -297,7 +301,8 @@ def load_quantized(directory: str | Path, device=None, dtype: torch.dtype | None
     for name, q in shells.items():
         _check_layer(name, q, state)
     model.load_state_dict(state, strict=False)
-    if tied and hasattr(model, "tie_weights"):
+    # A quantized lm_head has no weight to tie (its input embedding stays float).
+    if tied and hasattr(model, "tie_weights") and not isinstance(model.get_output_embeddings(), QuantizedLinear):
         model.tie_weights()
     if dtype is not None:
         model.to(dtype)

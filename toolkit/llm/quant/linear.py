@@ -129,13 +129,13 @@ class QuantizedLinear(nn.Module):
         return torch.sparse_csr_tensor(self.outlier_crow.long(), self.outlier_col.long(), self.outlier_val.float(),
                                        size=(self.out_features, self.in_features))
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weight [out, in] this layer computes with."""
+    def dequantize(self, outliers: bool = True) -> torch.Tensor:
+        """The float32 weight [out, in] this layer computes with (without the sparse outliers if ``outliers=False``)."""
         s, z = self.scales_and_zeros()
         groups = self.group_index()
         z = torch.zeros_like(s) if z is None else z
         w = grid.dequantize(self.codes(), s[:, groups], z[:, groups])
-        sparse = self.outliers()
+        sparse = self.outliers() if outliers else None
         if sparse is not None:
             w = w + sparse.to_dense()
         return w
@@ -180,7 +180,8 @@ class QuantizedLinear(nn.Module):
                     flat = flat.index_select(1, perm)
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), weight, gs, sz)
                 return y.reshape(*x.shape[:-1], self.out_features)
-        return nn.functional.linear(x, self.dequantize().to(x.dtype))
+        # forward() adds the sparse outliers itself, as on the packed paths.
+        return nn.functional.linear(x, self.dequantize(outliers=False).to(x.dtype))
 
     def _int4_cpu(self):
         """The layer repacked for torch's CPU int4 kernel, or None where its layout does not apply."""
@@ -221,6 +222,11 @@ class QuantizedLinear(nn.Module):
                 result = None
         self._cache[key] = result
         return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # Loading copies into the buffers in place (same data_ptr): drop the int4 repack keyed on it.
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # Moves carry the buffers to the new device but never change their
