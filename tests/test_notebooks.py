@@ -93,3 +93,23 @@ def test_pc_lossless(tmp_path, monkeypatch):
     sizes = rec["method_stream_bytes"]
     assert set(sizes) == {"naive", "partial", "context"}
     assert max(sizes.values()) - min(sizes.values()) <= 0.01 * min(sizes.values()) + 8
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_llm_quantization(tmp_path, monkeypatch):
+    rec = run_notebook("20_llm_quantization.ipynb", tmp_path, monkeypatch)
+    base = rec["float_ppl"]
+    assert 1 < base < 200  # the shipped model on held-out text
+    # 4-bit GPTQ is nearly free; at 3 bits GPTQ beats rounding; at 2 bits outliers beat both
+    assert rec["gptq4_ppl"] < 1.05 * base and 4 < rec["gptq4_bpw"] < 4.3
+    assert rec["gptq3_ppl"] < rec["rtn3_ppl"]
+    assert rec["outlier2_ppl"] < min(rec["gptq2_ppl"], rec["rtn2_ppl"]) and rec["outlier2_bpw"] < 3
+    # on one layer GPTQ's output error on held-out inputs is below RTN's, for every linear of the block
+    assert rec["layer_error_ratio"] < 1 and max(rec["layer_error_ratios"].values()) < 1
+    # a saved checkpoint reloads to the same logits (and transformers reads it, where compressed-tensors is there)
+    assert rec["reload_identical"] is True and rec["hf_identical"] in (True, None)
+    assert rec["checkpoint_bytes"]["gptq4"] < rec["checkpoint_bytes"]["float"] / 2
+    # the bfloat16 int4 CPU path computes nearly the same model
+    assert abs(rec["bf16_ppl"] / rec["gptq4_ppl"] - 1) < 0.02 and rec["bf16_top1_agreement"] > 0.9
+    assert rec["top1_agreement_gptq4"] > rec["top1_agreement_rtn2"]

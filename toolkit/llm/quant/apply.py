@@ -109,7 +109,8 @@ def _check_layers(model: nn.Module, targets: list[str], configs: dict[str, Quant
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise ConfigError(
             f"group size does not divide the input width of {shown}; choose a group size that divides it, "
-            "give those layers their own config, e.g. overrides={'re:.*down_proj': GPTQConfig(group_size=64)}, "
+            "give those layers their own config, e.g. "
+            "overrides={'re:.*down_proj': dataclasses.replace(config, group_size=64)}, "
             "or leave them out with ignore=[...]")
 
 

@@ -21,6 +21,8 @@ copy made on first use; otherwise the weight is dequantized per call.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -90,7 +92,9 @@ class QuantizedLinear(nn.Module):
             q.scale_step.copy_(torch.stack([p["step"] for p in parts], dim=0))
             q.scale_low.copy_(torch.stack([p["low"] for p in parts], dim=0))
             q.zero_codes.copy_(torch.stack([p["codes"] for p in sol.stats["zero"]], dim=1))
-            csr = sol.outliers.coalesce().to_sparse_csr()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch flags sparse CSR as beta
+                csr = sol.outliers.coalesce().to_sparse_csr()
             q.outlier_crow.copy_(csr.crow_indices().to(torch.int32))
             q.outlier_col.copy_(csr.col_indices().to(q.outlier_col.dtype))
             q.outlier_val.copy_(csr.values().half())
@@ -126,8 +130,10 @@ class QuantizedLinear(nn.Module):
     def outliers(self) -> torch.Tensor | None:
         if not self.coded_stats or self.outlier_val.numel() == 0:
             return None
-        return torch.sparse_csr_tensor(self.outlier_crow.long(), self.outlier_col.long(), self.outlier_val.float(),
-                                       size=(self.out_features, self.in_features))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch flags sparse CSR as beta
+            return torch.sparse_csr_tensor(self.outlier_crow.long(), self.outlier_col.long(),
+                                           self.outlier_val.float(), size=(self.out_features, self.in_features))
 
     def dequantize(self, outliers: bool = True) -> torch.Tensor:
         """The float32 weight [out, in] this layer computes with (without the sparse outliers if ``outliers=False``)."""
@@ -155,7 +161,9 @@ class QuantizedLinear(nn.Module):
         sparse = self.outliers()
         if sparse is not None:
             flat = x.reshape(-1, self.in_features).float()
-            y = y + (sparse @ flat.t()).t().reshape(y.shape).to(y.dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                y = y + (sparse @ flat.t()).t().reshape(y.shape).to(y.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
