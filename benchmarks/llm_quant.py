@@ -340,7 +340,8 @@ def main() -> None:
         # The 2-bit GPTQ curve the outlier rows are compared on, at their effective bits.
         plan += [("gptq", 2, g, False, {}) for g in (64, 32, 16)]
         plan += [("outlier", 2, 16, False, {"outlier_fraction": f}) for f in (0.002, 0.005)]
-        plan += [("outlier", 2, 32, False, {"outlier_fraction": 0.005}),
+        plan += [("outlier", 2, 16, False, {"outlier_fraction": 0.002, "stat_group": 32}),
+                 ("outlier", 2, 32, False, {"outlier_fraction": 0.005}),
                  ("outlier", 3, 16, False, {"outlier_fraction": 0.005})]
     for method, bits, group, sym, extra in plan:
         row = ours(method, bits, group, calib, evals, sym, **extra)

@@ -138,9 +138,15 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, outliers: bool = True) -> torch.Tensor:
         """The float32 weight [out, in] this layer computes with (without the sparse outliers if ``outliers=False``)."""
         s, z = self.scales_and_zeros()
-        groups = self.group_index()
         z = torch.zeros_like(s) if z is None else z
-        w = grid.dequantize(self.codes(), s[:, groups], z[:, groups])
+        if getattr(self, "weight_g_idx", None) is None:
+            # Contiguous groups: broadcast the statistics instead of gathering them per column.
+            g = s.shape[1]
+            q = self.codes().view(self.out_features, g, self.in_features // g)
+            w = grid.dequantize(q, s.unsqueeze(-1), z.unsqueeze(-1)).view(self.out_features, self.in_features)
+        else:
+            groups = self.group_index()
+            w = grid.dequantize(self.codes(), s[:, groups], z[:, groups])
         sparse = self.outliers() if outliers else None
         if sparse is not None:
             w = w + sparse.to_dense()

@@ -12,6 +12,7 @@ wasted.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -55,6 +56,17 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int = 1) -> 
     if dim == 0:
         packed = packed.t()
     rows = packed.shape[0]
+    if 32 % bits == 0 and sys.byteorder == "little":
+        # Codes never straddle bytes: on a little-endian machine the words'
+        # bytes are the stream in order, and byte-wide shifts unpack them.
+        data = packed.contiguous().view(torch.uint8)
+        if bits == 8:
+            value = data
+        else:
+            shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+            value = ((data.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)
+        codes = (value[:, :length].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+        return codes.t().contiguous() if dim == 0 else codes.contiguous()
     words = packed.to(torch.int64) & 0xFFFFFFFF
     # One spare zero word so that a straddling code can always read its next word.
     words = torch.nn.functional.pad(words, (0, 1))
