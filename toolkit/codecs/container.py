@@ -355,7 +355,9 @@ def _codec_for(header: dict, local: dict[str, str] | None = None, allow_mismatch
     recorded = header.get("env", {})
     if not isinstance(recorded, dict):
         raise FormatError("header field 'env' is not an object")
-    diff = environment_mismatch(recorded, codec.environment())
+    # Files that record no environment (pc files before it was recorded) decode as
+    # before; the content digest still turns any difference into an error.
+    diff = environment_mismatch(recorded, codec.environment()) if recorded else []
     if diff:
         if not allow_mismatch:
             raise EnvironmentMismatchError(

@@ -179,6 +179,12 @@ class PCCodec(Codec):
         super().__init__(config)
         self.model_dir = model_dir
 
+    def environment(self) -> dict:
+        # The circuit's float arithmetic, and so the coded bits, follow the torch build and CPU kernels.
+        import torch
+
+        return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
     def header_fields(self) -> dict:
         _, sha = _model(self.config, self.model_dir)
         return {"model": self.config.model or _SHIPPED, "model_sha256": sha}
