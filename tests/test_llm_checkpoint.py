@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from llm_tiny import VOCAB, one_thread, shape  # noqa: F401  (one_thread: autouse fixture)
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -16,31 +17,15 @@ from toolkit.errors import ConfigError, FormatError
 from toolkit.llm import GPTQConfig, OutlierConfig, QuantizedLinear, RTNConfig, load_quantized, quantize_, save_quantized
 from toolkit.llm.quant.pack import packed_words
 
-VOCAB = 128
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: intra-op threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _shape(tied: bool) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied)
-
 
 def tiny_llama(tied: bool = True, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**_shape(tied))).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape(tie_word_embeddings=tied))).eval()
 
 
 def tiny_qwen2(tied: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_shape(tied))).eval()
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape(tie_word_embeddings=tied))).eval()
 
 
 def calib_batches(n: int = 3, seed: int = 0) -> list[torch.Tensor]:

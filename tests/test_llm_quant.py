@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import transformers
+from llm_tiny import VOCAB, one_thread, shape  # noqa: F401  (one_thread: autouse fixture)
 from torch import nn
 from torch.nn import functional as F
 
@@ -23,34 +24,18 @@ from toolkit.llm.quant.apply import build_calibration
 from toolkit.llm.quant.gptq import round_to_nearest, solve
 from toolkit.llm.quant.pack import pack_int32, packed_words, unpack_int32
 
-VOCAB = 128
 LINEAR_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These matrices are tiny: on a shared machine, intra-op threads only add
-    # contention (10x slower GPTQ under load). Restore for the other modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _shape(**kw) -> dict:
-    return dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
 
 
 def tiny_llama(tied: bool = True, seed: int = 0, **kw) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**_shape(tie_word_embeddings=tied, **kw))
+    cfg = transformers.LlamaConfig(**shape(tie_word_embeddings=tied, **kw))
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def tiny_qwen2(tied: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(**_shape(tie_word_embeddings=tied))
+    cfg = transformers.Qwen2Config(**shape(tie_word_embeddings=tied))
     return transformers.Qwen2ForCausalLM(cfg).eval()
 
 
@@ -352,7 +337,7 @@ def test_calibration_from_texts_with_a_tokenizer(byte_tok) -> None:
     assert len(batches) == n_ids // 16 and all(b.shape == (1, 16) for b in batches)
     assert build_calibration(TEXTS, byte_tok, seq_len=16, num_samples=3).__len__() == 3
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**_shape(tie_word_embeddings=True), "vocab_size": byte_tok.vocab_size})
+    cfg = transformers.LlamaConfig(**{**shape(tie_word_embeddings=True), "vocab_size": byte_tok.vocab_size})
     model = transformers.LlamaForCausalLM(cfg).eval()
     quantize_(model, GPTQConfig(bits=4, group_size=32), TEXTS, tokenizer=byte_tok, seq_len=32, progress=False)
     assert all(isinstance(m, QuantizedLinear) for m in decoder_linears(model).values())
@@ -757,7 +742,7 @@ def test_perplexity_on_token_ids() -> None:
 
 def test_perplexity_of_text_with_tokenizer(byte_tok) -> None:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**{**_shape(tie_word_embeddings=True), "vocab_size": byte_tok.vocab_size})
+    cfg = transformers.LlamaConfig(**{**shape(tie_word_embeddings=True), "vocab_size": byte_tok.vocab_size})
     model = transformers.LlamaForCausalLM(cfg).eval()
     text = TEXTS[0] + TEXTS[1]
     res = llm_eval.perplexity(model, text, byte_tok, window=16)

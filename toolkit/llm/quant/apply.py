@@ -41,7 +41,7 @@ class _Captured(Exception):
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     for pat in patterns:
         if pat.startswith("re:"):
-            if re.fullmatch(pat[3:], name) or re.search(pat[3:], name):
+            if re.search(pat[3:], name):
                 return True
         elif fnmatch.fnmatchcase(name, pat) or name == pat or name.endswith("." + pat):
             return True

@@ -252,17 +252,13 @@ class QuantizedLinear(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            probe = fn(torch.zeros(1, dtype=self._dtype, device=self.weight_packed_device(buffers)))
+            probe = fn(torch.zeros(1, dtype=self._dtype, device=buffers["weight_packed"].device))
             for name, buf in buffers.items():
                 buffers[name] = None if buf is None else buf.to(probe.device)
             self._buffers = buffers
         if probe.is_floating_point():
             self._dtype = probe.dtype
         return self
-
-    @staticmethod
-    def weight_packed_device(buffers) -> torch.device:
-        return buffers["weight_packed"].device
 
     def storage_bits(self) -> int:
         """Bits this layer stores for its weight: codes, statistics, group index and outliers."""
