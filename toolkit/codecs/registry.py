@@ -187,6 +187,7 @@ BUILTIN_CODECS: dict[str, str] = {
     "xz": "toolkit.codecs.classic",
     "lm": "toolkit.codecs.lm",
     "pc": "toolkit.codecs.pc",
+    "kv": "toolkit.codecs.kv",
 }
 
 

@@ -276,3 +276,63 @@ class RangeCoder:
         if self.decoding:
             raise ConfigError("finish() is the encoder's: a decoder has no output")
         return self._coder.get_compressed().tobytes()
+
+
+def encode_iid(symbols: Sequence[int] | np.ndarray, freqs: torch.Tensor | np.ndarray) -> bytes:
+    """Range-code a stream of symbols that all share one integer table ``freqs[K]``.
+
+    The fast path for streams with a static model (quantized tensors, KV
+    bitstreams): one model for the whole stream, coded in one call.
+    """
+    sym = np.asarray(symbols, dtype=np.int32).reshape(-1)
+    table = freqs_to_table(freqs)
+    if table.shape[0] != 1:
+        raise ConfigError("encode_iid takes one table [K]")
+    if sym.size and (sym.min() < 0 or sym.max() >= table.shape[1] or (table[0, sym] == 0).any()):
+        raise ConfigError("symbol outside the alphabet of its table, or with frequency 0")
+    enc = constriction.stream.queue.RangeEncoder()
+    if sym.size:
+        enc.encode(sym, constriction.stream.model.Categorical(table[0], perfect=False))
+    return enc.get_compressed().tobytes()
+
+
+def decode_iid(data: bytes, freqs: torch.Tensor | np.ndarray, count: int) -> np.ndarray:
+    """Decode ``count`` symbols coded by :func:`encode_iid` under the same table."""
+    table = freqs_to_table(freqs)
+    if table.shape[0] != 1:
+        raise ConfigError("decode_iid takes one table [K]")
+    if count == 0:
+        return np.zeros(0, dtype=np.int32)
+    dec = constriction.stream.queue.RangeDecoder(_words(data))
+    try:
+        return np.asarray(dec.decode(constriction.stream.model.Categorical(table[0], perfect=False), count),
+                          dtype=np.int32)
+    except _DAMAGED as e:
+        raise FormatError(f"range-coded data is damaged ({e})") from None
+
+
+def counts_to_freqs(counts: np.ndarray, total_bits: int = 16) -> np.ndarray:
+    """Integer frequencies summing to ``2**total_bits`` from symbol counts; absent symbols get 0.
+
+    Each present symbol gets at least 1; the rounding remainder goes to the
+    most frequent one. Integer arithmetic only, so the table is the same everywhere.
+    """
+    c = np.asarray(counts, dtype=np.int64).reshape(-1)
+    total = 1 << total_bits
+    present = c > 0
+    if present.sum() == 0:
+        raise ConfigError("counts_to_freqs needs at least one symbol")
+    if present.sum() > total:
+        raise ConfigError(f"{int(present.sum())} symbols do not fit a total of 2**{total_bits}")
+    f = np.where(present, np.maximum(1, (c * total) // c.sum()), 0)
+    diff = total - int(f.sum())
+    order = np.argsort(-f, kind="stable")
+    i = 0
+    while diff != 0:
+        j = order[i % int(present.sum())]
+        step = 1 if diff > 0 else -1
+        if step > 0 or f[j] > 1:
+            f[j] += step
+            diff -= step
+        i += 1
+    return f

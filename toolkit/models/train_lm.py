@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from toolkit.data.corpus import DOC_SEP
+from toolkit.data.recall import make_task, make_training_row
 from toolkit.models.lm import (
     MANIFEST,
     WEIGHTS_FILE,
@@ -123,11 +124,35 @@ def validation_bpb(
     return total_bits / max(1, total_bytes)
 
 
+@torch.no_grad()
+def recall_accuracy(model: torch.nn.Module, tok: ByteTokenizer, val: np.ndarray, seq_len: int,
+                    n_tasks: int, n_facts: int, seed: int = 1234) -> float:
+    """Share of recall tasks (context of ``seq_len`` minus the question) answered exactly.
+
+    Teacher-forced: every answer token must be the argmax, which equals
+    greedy generation of the answer.
+    """
+    model.eval()
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n_tasks):
+        probe = make_task(tok, val, rng, context_len=8, n_facts=1)
+        room = seq_len - len(probe.query) - len(probe.answer) - 8
+        task = make_task(tok, val, rng, context_len=room, n_facts=n_facts)
+        ids = task.context + task.query + task.answer
+        x = torch.tensor([ids[:-1]])
+        pred = model(input_ids=x, use_cache=False).logits[0, -len(task.answer):].argmax(-1)
+        hits += int(pred.tolist() == task.answer)
+    model.train()
+    return hits / max(1, n_tasks)
+
+
 def save_checkpoint(path: Path, model, opt, step: int, elapsed: float, tokens: int,
-                    gen: torch.Generator, history: list) -> None:
+                    gen: torch.Generator, history: list, np_rng: np.random.Generator) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                 "elapsed": elapsed, "tokens": tokens, "rng": gen.get_state(),
+                "np_rng": json.dumps(np_rng.bit_generator.state),
                 "history": json.dumps(history)}, tmp)
     tmp.replace(path)  # atomic: a kill mid-write keeps the previous checkpoint
 
@@ -214,6 +239,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--recall-fraction", type=float, default=0.0,
+                    help="share of batch rows that are synthetic key-value recall sequences "
+                         "(toolkit.data.recall); 0 trains on text only")
+    ap.add_argument("--answer-weight", type=float, default=4.0,
+                    help="loss weight of recall answer tokens relative to text tokens")
+    ap.add_argument("--max-facts", type=int, default=16)
     ap.add_argument("--init", type=Path,
                     help="start from this model directory's weights (fresh optimizer and schedule); "
                          "its tokenizer is used unless --tokenizer is given")
@@ -270,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
     )
     gen = torch.Generator().manual_seed(args.seed)
+    np_rng = np.random.default_rng(args.seed)
     step, elapsed, tokens_seen, history = 0, 0.0, 0, []
     ckpt = args.run_dir / "ckpt.pt"
     if args.resume and ckpt.exists():
@@ -279,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         gen.set_state(state["rng"])
         step, elapsed, tokens_seen = state["step"], state["elapsed"], state["tokens"]
         history = json.loads(state["history"])
+        if "np_rng" in state:
+            np_rng.bit_generator.state = json.loads(state["np_rng"])
         logger.info("resumed at step %d, %.1f min trained", step, elapsed / 60)
     logger.info("model %s: %d params; %d train tokens (%.3f B/tok), %d val tokens",
                 json.dumps(shape.to_dict()), n_params, len(train_ids), bytes_per_token,
@@ -298,13 +332,21 @@ def main(argv: list[str] | None = None) -> int:
             g["lr"] = lr
         starts = torch.randint(0, max_start, (args.batch,), generator=gen)
         x = torch.stack([train_t[s:s + args.seq_len + 1] for s in starts.tolist()])
+        weight = torch.ones(args.batch, args.seq_len)
+        n_recall = int(round(args.recall_fraction * args.batch))
+        for r in range(n_recall):
+            ids, kind = make_training_row(tok, train_ids, np_rng, args.seq_len, args.max_facts)
+            x[r] = torch.from_numpy(ids)
+            k = torch.from_numpy(kind.astype(np.int64))
+            weight[r] = torch.where(k == 1, args.answer_weight, torch.where(k < 0, 0.0, 1.0))
         inp, tgt = x[:, :-1], x[:, 1:].clone()
-        tgt[tgt == tok.bos_id] = IGNORE
+        weight[tgt == tok.bos_id] = 0.0
         with autocast:
             # No KV cache in training: HF would otherwise build one every step.
             logits = model(input_ids=inp, use_cache=False).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                               ignore_index=IGNORE)
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                             reduction="none")
+        loss = (ce * weight.reshape(-1)).sum() / weight.sum().clamp_min(1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -325,24 +367,31 @@ def main(argv: list[str] | None = None) -> int:
             loss_acc, loss_n, log_mark = 0.0, 0, elapsed
         if elapsed - last_eval >= args.eval_minutes * 60:
             bpb = validation_bpb(model, tok, val_ids, args.seq_len, args.val_windows)
-            history.append({"step": step, "minutes": round(elapsed / 60, 2), "val_bpb": bpb,
-                            "tokens": tokens_seen})
-            logger.info("step %d  val %.4f bpb", step, bpb)
+            point = {"step": step, "minutes": round(elapsed / 60, 2), "val_bpb": bpb,
+                     "tokens": tokens_seen}
+            if args.recall_fraction > 0:
+                point["recall"] = recall_accuracy(model, tok, val_ids, args.seq_len, 32, 8)
+            history.append(point)
+            logger.info("step %d  val %.4f bpb  recall %s", step, bpb, point.get("recall"))
             last_eval = elapsed
             t_mark = time.time()  # validation time is not training time
         if elapsed - last_ckpt >= args.ckpt_minutes * 60:
-            save_checkpoint(ckpt, model, opt, step, elapsed, tokens_seen, gen, history)
+            save_checkpoint(ckpt, model, opt, step, elapsed, tokens_seen, gen, history, np_rng)
             logger.info("checkpoint step %d -> %s", step, ckpt)
             last_ckpt = elapsed
             t_mark = time.time()
 
-    save_checkpoint(ckpt, model, opt, step, elapsed, tokens_seen, gen, history)
+    save_checkpoint(ckpt, model, opt, step, elapsed, tokens_seen, gen, history, np_rng)
     model.eval()
     final_bpb = validation_bpb(model, tok, val_ids, args.seq_len, args.final_val_windows)
     val_tokens = len(val_window_starts(len(val_ids), args.seq_len, args.final_val_windows)) \
         * args.seq_len
     logger.info("final: step %d, %d tokens, val %.4f bpb (%d of %d val tokens)",
                 step, tokens_seen, final_bpb, val_tokens, len(val_ids))
+    final_recall = (recall_accuracy(model, tok, val_ids, args.seq_len, 200, 8)
+                    if args.recall_fraction > 0 else None)
+    if final_recall is not None:
+        logger.info("final recall accuracy (8 facts, %d-token rows): %.3f", args.seq_len, final_recall)
     save_lm(model, tok, args.out)
     sources = json.loads((args.corpus / "sources.json").read_text())
     entry = {
@@ -364,11 +413,14 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
             "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay,
             "bf16_autocast": args.bf16, "threads": args.threads, "seed": args.seed,
+            "recall_fraction": args.recall_fraction, "answer_weight": args.answer_weight,
+            "max_facts": args.max_facts,
             "train_minutes": round(elapsed / 60, 2),
             "wall_minutes": round((time.time() - wall0) / 60, 2),
             "torch": torch.__version__,
         },
         "validation": {"bpb": final_bpb, "val_tokens": val_tokens,
+                       "recall_accuracy_8_facts": final_recall,
                        "val_file_bytes": sources["val_bytes"],
                        "history": history},
         "train_bytes_per_token": bytes_per_token,

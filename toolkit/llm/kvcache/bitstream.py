@@ -1,0 +1,361 @@
+"""KV bitstreams, CacheGen-style: a prompt's KV cache as bytes, reloaded without a prefill.
+
+CacheGen (Liu et al., SIGCOMM 2024) stores a context's KV cache instead of its
+text, because loading and decoding a compact cache can be faster than
+recomputing it. Here a cache becomes:
+
+* per layer, kind (keys, values), head and channel, uniform codes with a step
+  of ``key_step``/``value_step`` standard deviations around the channel's mean
+  (the entropy coder makes the step, not a bit width, the knob);
+* keys taken back before their rotary embedding, where a channel keeps one
+  offset for all tokens instead of rotating with position (KVQuant's
+  observation), and rotated again after decoding;
+* the first ``sink_tokens`` tokens in float16: attention sinks have outlying
+  states that would stretch every statistic;
+* codes range-coded with one static table per (layer, kind, head) stream
+  (:func:`toolkit.entropy.encode_iid`); where the measured entropy says so, a
+  group of ``anchor_every`` tokens codes its first token as is and the others
+  as deltas from it (CacheGen's token locality).
+
+:func:`lossy` applies exactly the quantization to a cache, so a test can
+check that a decoded bitstream continues generation with the same tokens as
+the lossy cache. The cache must hold positions ``0..T-1`` (a prefill from the
+start of a sequence).
+
+Byte layout (integers little-endian; varints are LEB128)::
+
+    magic b"TKKV" | version u8 = 1 | header length u32 | header JSON | sections
+    section (per layer, keys before values):
+        sinks float16[N, S, D] | mean float16[N, D] | step float16[N, D]
+        per head n < N = batch * heads: 1 stream (plain) or 2 (anchors, deltas):
+            alphabet varint | frequency varint * alphabet (sum 2**16) | byte length varint | bytes
+
+The header names the model by the SHA-256 of its weights; :func:`decode`
+refuses a bitstream made with other weights.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+
+from toolkit.entropy import counts_to_freqs, decode_iid, encode_iid
+from toolkit.entropy.varint import varint
+from toolkit.errors import ConfigError, FormatError, ModelMismatchError
+from toolkit.llm.kvcache.config import BitstreamConfig
+
+__all__ = ["MAGIC", "decode", "encode", "lossy", "model_fingerprint"]
+
+MAGIC = b"TKKV"
+VERSION = 1
+TABLE_BITS = 16
+_MAX_HEADER = 1 << 20
+_MAX_LAYERS = 1024
+_MAX_TOKENS = 1 << 20
+_MAX_HEADS = 1 << 12
+_MAX_HEAD_DIM = 1 << 12
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights (state dict in name order; see :func:`toolkit.models.lm.weights_sha256`)."""
+    from toolkit.models.lm import weights_sha256
+
+    return weights_sha256(model)
+
+
+def _layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values
+        if not isinstance(k, torch.Tensor) or k.ndim != 4 or k.shape != v.shape:
+            raise ConfigError(f"layer {i} of the cache holds no full-precision keys and values "
+                              "(encode a DynamicCache from a prefill)")
+        out.append((k, v))
+    if not out:
+        raise ConfigError("the cache is empty: run a prefill first")
+    shape = out[0][0].shape
+    for i, (k, _) in enumerate(out):
+        if k.shape != shape:
+            raise ConfigError(f"layer {i} has shape {tuple(k.shape)}, layer 0 {tuple(shape)}")
+    return out
+
+
+def _rotary(model: torch.nn.Module, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos, sin [1, T, D]`` of the model's rotary embedding at positions ``0..T-1``."""
+    inner = getattr(model, "model", model)
+    rope = getattr(inner, "rotary_emb", None)
+    if rope is None:
+        raise ConfigError("the model has no rotary_emb: encode with pre_rope=False")
+    cos, sin = rope(like, torch.arange(t, device=like.device)[None])
+    return cos.float(), sin.float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+def _quantize(x: torch.Tensor, ratio: float, sink: int, k_max: int
+              ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
+    """``x[N, T, D]`` float32 to (sinks fp16, symbols uint8[N, T-S, D] in ``[0, 2K]``, mean fp16, step fp16)."""
+    sinks = x[:, :sink].to(torch.float16)
+    body = x[:, sink:]
+    mean = body.mean(1).to(torch.float16)
+    step = (ratio * body.std(1, unbiased=False)).to(torch.float16)
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    q = torch.round((body - mean.float()[:, None]) / step.float()[:, None]).clamp(-k_max, k_max)
+    return sinks, (q + k_max).to(torch.uint8).numpy(), mean, step
+
+
+def _dequantize(sinks: torch.Tensor, sym: np.ndarray, mean: torch.Tensor, step: torch.Tensor,
+                k_max: int) -> torch.Tensor:
+    body = (torch.from_numpy(sym).to(torch.float32) - k_max) * step.float()[:, None] + mean.float()[:, None]
+    return torch.cat([sinks.float(), body], dim=1)
+
+
+def _entropy_bits(symbols: np.ndarray, alphabet: int) -> float:
+    c = np.bincount(symbols.reshape(-1), minlength=alphabet).astype(np.float64)
+    p = c[c > 0] / c.sum()
+    return float(-(c[c > 0] * np.log2(p)).sum() + 16 * (c > 0).sum())
+
+
+def _split(q: np.ndarray, alphabet: int, anchor: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor rows (every ``anchor``-th token) and the others' offsets from their anchor (shifted to >= 0)."""
+    t = q.shape[0]
+    idx = np.arange(t)
+    base = q[(idx // anchor) * anchor].astype(np.int16)
+    is_anchor = idx % anchor == 0
+    delta = q.astype(np.int16) - base + (alphabet - 1)
+    return q[is_anchor], delta[~is_anchor].astype(np.uint16)
+
+
+def _join(anchors: np.ndarray, deltas: np.ndarray, t: int, d: int, alphabet: int, anchor: int) -> np.ndarray:
+    idx = np.arange(t)
+    is_anchor = idx % anchor == 0
+    out = np.empty((t, d), dtype=np.int16)
+    out[is_anchor] = anchors.reshape(-1, d)
+    base = out[(idx // anchor) * anchor][~is_anchor]
+    out[~is_anchor] = base + deltas.reshape(-1, d).astype(np.int16) - (alphabet - 1)
+    if out.size and (out.min() < 0 or out.max() >= alphabet):
+        raise FormatError("KV bitstream is damaged: a delta leaves the code range")
+    return out.astype(np.uint8)
+
+
+def _code_stream(symbols: np.ndarray, alphabet: int) -> bytes:
+    counts = np.bincount(symbols.reshape(-1), minlength=alphabet)
+    freqs = counts_to_freqs(counts, TABLE_BITS)
+    coded = encode_iid(symbols.reshape(-1), freqs)
+    return (varint(alphabet) + b"".join(varint(int(f)) for f in freqs)
+            + varint(len(coded)) + coded)
+
+
+def _plan(q_heads: np.ndarray, alphabet: int, anchor: int) -> bool:
+    """True where anchor-plus-delta coding measures smaller than plain codes for this tensor."""
+    if anchor <= 1 or q_heads.shape[1] <= anchor:
+        return False
+    plain = sum(_entropy_bits(q, alphabet) for q in q_heads)
+    delta = 0.0
+    for q in q_heads:
+        a, dlt = _split(q, alphabet, anchor)
+        delta += _entropy_bits(a, alphabet) + _entropy_bits(dlt, 2 * alphabet - 1)
+    return delta < plain
+
+
+def _tensors(cache: Cache, model: torch.nn.Module, cfg: BitstreamConfig):
+    """(layer, kind, float32 tensor[N, T, D] as quantized, step ratio) over the cache, keys first."""
+    layers = _layers(cache)
+    b, h, t, d = layers[0][0].shape
+    rope = _rotary(model, t, layers[0][0]) if cfg.pre_rope else None
+    for i, (k, v) in enumerate(layers):
+        kf = k.float()
+        if rope is not None:  # undo k_rot = k cos + rotate_half(k) sin
+            cos, sin = rope[0][:, None], rope[1][:, None]
+            kf = kf * cos - _rotate_half(kf) * sin
+        yield i, "k", kf.reshape(b * h, t, d), cfg.key_step
+        yield i, "v", v.float().reshape(b * h, t, d), cfg.value_step
+
+
+def _rebuild(parts: list[torch.Tensor], shape, dtype, model, cfg: BitstreamConfig) -> DynamicCache:
+    """Decoded float32 ``[N, T, D]`` tensors (layer by layer, keys first) back into a cache."""
+    b, h, t, d = shape
+    rope = _rotary(model, t, parts[0]) if cfg.pre_rope else None
+    out = DynamicCache()
+    for i in range(len(parts) // 2):
+        k = parts[2 * i].reshape(b, h, t, d)
+        if rope is not None:
+            cos, sin = rope[0][:, None], rope[1][:, None]
+            k = k * cos + _rotate_half(k) * sin
+        out.update(k.to(dtype), parts[2 * i + 1].reshape(b, h, t, d).to(dtype), i)
+    return out
+
+
+def _k_max(cfg: BitstreamConfig) -> int:
+    return (1 << (cfg.code_bits - 1)) - 1
+
+
+def lossy(cache: Cache, model: torch.nn.Module, config: BitstreamConfig | None = None) -> DynamicCache:
+    """The cache that :func:`decode` of :func:`encode` gives back, without making the bytes."""
+    cfg = config or BitstreamConfig()
+    layers = _layers(cache)
+    k_max = _k_max(cfg)
+    sink = min(cfg.sink_tokens, layers[0][0].shape[2])
+    parts = [_dequantize(*_quantize(x, ratio, sink, k_max), k_max) for _, _, x, ratio in _tensors(cache, model, cfg)]
+    return _rebuild(parts, layers[0][0].shape, layers[0][0].dtype, model, cfg)
+
+
+def encode(cache: Cache, model: torch.nn.Module, config: BitstreamConfig | None = None,
+           model_sha256: str | None = None) -> bytes:
+    """A prefill's cache (a transformers ``DynamicCache``) as a bitstream for ``model``.
+
+    ``model_sha256``: the model's :func:`model_fingerprint`, when the caller has it already.
+    """
+    cfg = config or BitstreamConfig()
+    sha = model_sha256 or model_fingerprint(model)
+    layers = _layers(cache)
+    b, h, t, d = layers[0][0].shape
+    dtype = str(layers[0][0].dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"cache dtype {dtype} is not one of {sorted(_DTYPES)}")
+    k_max = _k_max(cfg)
+    alphabet = 2 * k_max + 1
+    sink = min(cfg.sink_tokens, t)
+    entries, sections = [], []
+    for i, kind, x, ratio in _tensors(cache, model, cfg):
+        sinks, q, mean, step = _quantize(x, ratio, sink, k_max)
+        delta = _plan(q, alphabet, cfg.anchor_every)
+        body = [sinks.numpy().tobytes(), mean.numpy().tobytes(), step.numpy().tobytes()]
+        for qh in q:
+            if delta:
+                a, dl = _split(qh, alphabet, cfg.anchor_every)
+                body += [_code_stream(a, alphabet), _code_stream(dl, 2 * alphabet - 1)]
+            else:
+                body.append(_code_stream(qh, alphabet))
+        entries.append({"layer": i, "kind": kind, "delta": delta})
+        sections.append(b"".join(body))
+    header = json.dumps({
+        "model_sha256": sha, "layers": len(layers), "batch": b, "heads": h, "tokens": t,
+        "head_dim": d, "dtype": dtype, "config": cfg.to_dict(), "entries": entries,
+    }, separators=(",", ":")).encode()
+    return MAGIC + bytes([VERSION]) + struct.pack("<I", len(header)) + header + b"".join(sections)
+
+
+class _Reader:
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.mv, self.pos = memoryview(data), pos
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or self.pos + n > len(self.mv):
+            raise FormatError(f"KV bitstream is truncated ({what})")
+        out = self.mv[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def varint(self, what: str) -> int:
+        n = shift = 0
+        for _ in range(10):
+            if self.pos >= len(self.mv):
+                break
+            byte = self.mv[self.pos]
+            self.pos += 1
+            n |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return n
+            shift += 7
+        raise FormatError(f"KV bitstream is truncated or damaged ({what})")
+
+
+def read_header(data: bytes) -> tuple[dict, int]:
+    """The bitstream's header and where its sections start; validated before anything is allocated."""
+    if len(data) < 9 or data[:4] != MAGIC:
+        raise FormatError("not a KV bitstream (bad magic)")
+    if data[4] != VERSION:
+        raise FormatError(f"KV bitstream version {data[4]} is not supported (this reads {VERSION})")
+    (n,) = struct.unpack_from("<I", data, 5)
+    if n > _MAX_HEADER or 9 + n > len(data):
+        raise FormatError("KV bitstream header length is out of range")
+    try:
+        head = json.loads(bytes(data[9:9 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"KV bitstream header is damaged ({e})") from None
+    limits = {"layers": _MAX_LAYERS, "batch": _MAX_HEADS, "heads": _MAX_HEADS, "tokens": _MAX_TOKENS,
+              "head_dim": _MAX_HEAD_DIM}
+    if not isinstance(head, dict):
+        raise FormatError("KV bitstream header is not an object")
+    for key, top in limits.items():
+        v = head.get(key)
+        if not isinstance(v, int) or not 1 <= v <= top:
+            raise FormatError(f"KV bitstream header field {key!r} is missing or out of range")
+    if head.get("dtype") not in _DTYPES or not isinstance(head.get("model_sha256"), str):
+        raise FormatError("KV bitstream header names no dtype or model")
+    entries = head.get("entries")
+    if not isinstance(entries, list) or len(entries) != 2 * head["layers"]:
+        raise FormatError("KV bitstream header lists the wrong number of tensors")
+    for j, e in enumerate(entries):
+        if (not isinstance(e, dict) or e.get("layer") != j // 2 or e.get("kind") != "kv"[j % 2]
+                or not isinstance(e.get("delta"), bool)):
+            raise FormatError(f"KV bitstream header entry {j} is damaged")
+    try:
+        cfg = BitstreamConfig(**head.get("config", {}))
+    except (TypeError, ConfigError) as e:
+        raise FormatError(f"KV bitstream header config is damaged ({e})") from None
+    head["config"] = cfg
+    return head, 9 + n
+
+
+def _read_stream(r: _Reader, count: int, alphabet: int) -> np.ndarray:
+    k = r.varint("alphabet")
+    if k != alphabet:
+        raise FormatError(f"KV bitstream is damaged (alphabet {k}, expected {alphabet})")
+    freqs = np.array([r.varint("frequency") for _ in range(k)], dtype=np.int64)
+    if freqs.sum() != 1 << TABLE_BITS:
+        raise FormatError("KV bitstream is damaged (a frequency table does not sum to 2**16)")
+    n = r.varint("stream length")
+    blob = bytes(r.take(n, "stream"))
+    sym = decode_iid(blob, freqs, count)
+    if sym.size and (freqs[sym] == 0).any():
+        raise FormatError("KV bitstream is damaged (a symbol has frequency 0)")
+    return sym
+
+
+def decode(data: bytes, model: torch.nn.Module, model_sha256: str | None = None) -> DynamicCache:
+    """A ``DynamicCache`` from :func:`encode`'s bytes; refuses a bitstream of other weights.
+
+    ``model_sha256``: the model's :func:`model_fingerprint`, when the caller has it already.
+    """
+    head, pos = read_header(data)
+    want = model_sha256 or model_fingerprint(model)
+    if head["model_sha256"] != want:
+        raise ModelMismatchError(f"this KV bitstream was made by the model with weights "
+                                 f"{head['model_sha256'][:12]}..., not this one ({want[:12]}...)")
+    cfg: BitstreamConfig = head["config"]
+    b, h, t, d = head["batch"], head["heads"], head["tokens"], head["head_dim"]
+    n = b * h
+    k_max = _k_max(cfg)
+    alphabet = 2 * k_max + 1
+    sink = min(cfg.sink_tokens, t)
+    body_t = t - sink
+    anchor = cfg.anchor_every
+    n_anchor = (body_t + anchor - 1) // anchor
+    r = _Reader(data, pos)
+    parts: list[torch.Tensor] = []
+    for e in head["entries"]:
+        sinks = torch.frombuffer(bytearray(r.take(2 * n * sink * d, "sinks")), dtype=torch.float16)
+        mean = torch.frombuffer(bytearray(r.take(2 * n * d, "mean")), dtype=torch.float16).reshape(n, d)
+        step = torch.frombuffer(bytearray(r.take(2 * n * d, "step")), dtype=torch.float16).reshape(n, d)
+        q = np.empty((n, body_t, d), dtype=np.uint8)
+        for j in range(n):
+            if e["delta"]:
+                a = _read_stream(r, n_anchor * d, alphabet)
+                dl = _read_stream(r, (body_t - n_anchor) * d, 2 * alphabet - 1)
+                q[j] = _join(a, dl, body_t, d, alphabet, anchor)
+            else:
+                q[j] = _read_stream(r, body_t * d, alphabet).reshape(body_t, d)
+        parts.append(_dequantize(sinks.reshape(n, sink, d), q, mean, step, k_max))
+    if r.pos != len(data):
+        raise FormatError(f"KV bitstream has {len(data) - r.pos} trailing bytes")
+    return _rebuild(parts, (b, h, t, d), _DTYPES[head["dtype"]], model, cfg)
