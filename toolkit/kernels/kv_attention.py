@@ -178,3 +178,16 @@ def _example_inputs(bits: int = 2, n: int = 3, nq: int = 2, t: int = 70, d: int 
     return (q, kc.reshape(n, t, -1), ks.reshape(n, t // k_group, d), kl.reshape(n, t // k_group, d),
             vc.reshape(n, t, -1), vs.reshape(n, t, -1), vl.reshape(n, t, -1),
             bits, k_group, v_group, d ** -0.5), {}
+
+
+def _example_cases(*specs: list) -> tuple[tuple, dict]:
+    """Several :func:`_example_inputs` cases at once, so one interpreter subprocess checks them all."""
+    return ([_example_inputs(*spec) for spec in specs],), {}
+
+
+def _cases_triton(cases: list) -> tuple[torch.Tensor, ...]:
+    return tuple(t for args, kwargs in cases for t in packed_attention_triton(*args, **kwargs))
+
+
+def _cases_reference(cases: list) -> tuple[torch.Tensor, ...]:
+    return tuple(t for args, kwargs in cases for t in packed_attention_reference(*args, **kwargs))

@@ -205,3 +205,16 @@ def _example_inputs(bits: int = 2, axis: str = "token", rows: int = 40, d: int =
     x[:, 3] *= 12.0  # an outlier channel, as keys have
     x[5] = 0.25  # a constant row: scale falls back to 1
     return (x, bits, group, axis), {}
+
+
+def _example_cases(*specs: list) -> tuple[tuple, dict]:
+    """Several :func:`_example_inputs` cases at once, so one interpreter subprocess checks them all."""
+    return ([_example_inputs(*spec) for spec in specs],), {}
+
+
+def _cases_triton(cases: list) -> tuple[torch.Tensor, ...]:
+    return tuple(t for args, kwargs in cases for t in kv_quantize_triton(*args, **kwargs))
+
+
+def _cases_reference(cases: list) -> tuple[torch.Tensor, ...]:
+    return tuple(t for args, kwargs in cases for t in kv_quantize_reference(*args, **kwargs))

@@ -136,9 +136,8 @@ def recall_accuracy(model: torch.nn.Module, tok: ByteTokenizer, val: np.ndarray,
     rng = np.random.default_rng(seed)
     hits = 0
     for _ in range(n_tasks):
-        probe = make_task(tok, val, rng, context_len=8, n_facts=1)
-        room = seq_len - len(probe.query) - len(probe.answer) - 8
-        task = make_task(tok, val, rng, context_len=room, n_facts=n_facts)
+        # A query and its answer take well under 48 tokens.
+        task = make_task(tok, val, rng, context_len=seq_len - 48, n_facts=n_facts)
         ids = task.context + task.query + task.answer
         x = torch.tensor([ids[:-1]])
         pred = model(input_ids=x, use_cache=False).logits[0, -len(task.answer):].argmax(-1)

@@ -43,7 +43,9 @@ def slerp_merge(a: torch.Tensor, b: torch.Tensor, t: float = 0.5
     wb = torch.where(lin, torch.full_like(so, t), torch.sin(t * omega) / so.where(~lin, 1.0))
     e = wa * ua + wb * ub
     e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return e, na[..., 0], nb[..., 0], (omega / math.pi)[..., 0]
+    # A zero vector is rebuilt exactly by its zero norm, whatever the direction.
+    dist = torch.where((na > 1e-12) & (nb > 1e-12), omega / math.pi, torch.zeros_like(omega))
+    return e, na[..., 0], nb[..., 0], dist[..., 0]
 
 
 class _Merged:
