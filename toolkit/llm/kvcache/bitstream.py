@@ -12,8 +12,8 @@ recomputing it. Here a cache becomes:
   observation), and rotated again after decoding;
 * the first ``sink_tokens`` tokens in float16: attention sinks have outlying
   states that would stretch every statistic;
-* codes range-coded with one static table per (layer, kind, head) stream
-  (:func:`toolkit.entropy.encode_iid`); where the measured entropy says so, a
+* codes entropy-coded with one static table per (layer, kind, head) stream
+  (:func:`toolkit.entropy.encode_iid`, rANS); where the measured entropy says so, a
   group of ``anchor_every`` tokens codes its first token as is and the others
   as deltas from it (CacheGen's token locality).
 
@@ -62,10 +62,22 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's weights (state dict in name order; see :func:`toolkit.models.lm.weights_sha256`)."""
+    """SHA-256 of a model's weights (state dict in name order; see :func:`toolkit.models.lm.weights_sha256`).
+
+    Hashing takes longer than decoding a small cache, so the digest is kept on
+    the model, keyed by every tensor's storage address and version counter:
+    any in-place change or replacement of a weight changes the key.
+    """
     from toolkit.models.lm import weights_sha256
 
-    return weights_sha256(model)
+    state = model.state_dict()
+    key = tuple((name, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype)) for name, t in state.items())
+    memo = getattr(model, "_toolkit_fingerprint", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    digest = weights_sha256(model)
+    model._toolkit_fingerprint = (key, digest)
+    return digest
 
 
 def _layers(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

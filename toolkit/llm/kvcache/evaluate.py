@@ -115,12 +115,15 @@ def score_cache(model, windows: Sequence[torch.Tensor], prefix_len: int, make_ca
 
 
 @torch.no_grad()
-def recall(model, tasks, make_cache: CacheFactory) -> float:
+def recall(model, tasks, make_cache: CacheFactory,
+           after_prefill: Callable[[Cache], Cache] | None = None) -> float:
     """Share of recall tasks (:class:`toolkit.data.recall.RecallTask`) answered exactly through the cache."""
     hits = 0
     for task in tasks:
         cache = make_cache()
         model(input_ids=torch.tensor([task.context]), past_key_values=cache, use_cache=True)
+        if after_prefill is not None:
+            cache = after_prefill(cache)
         out = model(input_ids=torch.tensor([task.query]), past_key_values=cache, use_cache=True)
         got = []
         for _ in range(len(task.answer)):
