@@ -113,3 +113,23 @@ def test_llm_quantization(tmp_path, monkeypatch):
     # the bfloat16 int4 CPU path computes nearly the same model
     assert abs(rec["bf16_ppl"] / rec["gptq4_ppl"] - 1) < 0.02 and rec["bf16_top1_agreement"] > 0.9
     assert rec["top1_agreement_gptq4"] > rec["top1_agreement_rtn2"]
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_kv_cache(tmp_path, monkeypatch):
+    rec = run_notebook("21_kv_cache.ipynb", tmp_path, monkeypatch)
+    err = rec["quant_errors"]
+    # keys' outlier channels: per-channel groups at least halve the 2-bit error of per-token groups
+    assert err["keys, per channel"] < 0.7 * err["keys, per token"]
+    assert rec["kivi2_codes_dtype"] == "torch.uint8" and rec["kivi2_bytes_fraction"] < 0.4
+    c = rec["curve"]
+    # more bits, less divergence; GEAR's correction improves on plain 2-bit KIVI
+    assert c["KIVI-4"]["kl"] < c["KIVI-2"]["kl"] and c["GEAR-2"]["kl"] < c["KIVI-2"]["kl"]
+    assert c["KIVI-4"]["bytes_per_token"] < 4096 / 2
+    assert c["bitstream 0.5 sd"]["kl"] < c["bitstream 1.2 sd"]["kl"]
+    assert c["bitstream 1.2 sd"]["bytes_per_token"] < c["bitstream 0.5 sd"]["bytes_per_token"] < 4096 / 4
+    assert rec["recall"]["full"] >= 0.5 and rec["recall"]["KIVI-4"] >= rec["recall"]["full"] - 0.34
+    assert 0 <= rec["minicache_retained"] <= 1
+    assert rec["reload_same_tokens"] is True and rec["bitstream_fraction"] < 0.25
+    assert rec["load_speedup"] > 1
