@@ -10,9 +10,9 @@ from toolkit.errors import UnsupportedInputError
 
 # Learned codecs are slow per call; they get fewer examples (and their own tests).
 FAST = {"store", "zstd", "xz"}
-# Codecs of structured files (pc: PNG images and .npy records) refuse other bytes
+# Codecs of structured files (pc: PNG images and .npy records; kv: KV-cache bitstreams) refuse other bytes
 # with a clear error instead of silently storing them.
-STRUCTURED = {"pc"}
+STRUCTURED = {"pc", "kv"}
 blobs = st.one_of(
     st.binary(max_size=3000),
     st.text(max_size=2000).map(lambda s: s.encode("utf-8")),

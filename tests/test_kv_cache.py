@@ -296,9 +296,10 @@ def test_iid_range_coding_round_trip() -> None:
 
 def test_recall_tasks_hold_their_answer_in_the_context() -> None:
     from toolkit.data.recall import make_task, make_training_row
+    from toolkit.models import locate
     from toolkit.models.tokenizer import ByteTokenizer
 
-    tok = ByteTokenizer.load("toolkit/assets/lm-default/tokenizer.json")
+    tok = ByteTokenizer.load(locate("lm-default").path / "tokenizer.json")
     filler = np.array(tok.encode(b"plain words of filler text, " * 400))
     rng = np.random.default_rng(0)
     task = make_task(tok, filler, rng, context_len=600, n_facts=5, depth=0.25)

@@ -39,7 +39,7 @@ def test_roundtrip(tiny, data):
     blob = toolkit.compress(data, codec="lm", model=str(tiny), **SETTINGS)
     assert toolkit.decompress(blob) == data
     store = toolkit.compress(data, codec="store")
-    assert len(blob) <= len(store) + 640  # the header carries the model record (path, two hashes) and settings
+    assert len(blob) <= len(store) + 680  # the header carries the model record (path, two hashes), settings and env
 
 
 def test_header_records_everything(tiny):
@@ -47,6 +47,7 @@ def test_header_records_everything(tiny):
     assert h["codec"] == "lm" and h["config"]["window"] == 24 and h["config"]["threads"] >= 1
     assert len(h["model"]["weights_sha256"]) == 64 and len(h["model"]["tokenizer_sha256"]) == 64
     assert h["env"]["torch"] == torch.__version__ and h["env"]["cpu_capability"]
+    assert len(h["env"]["float_fingerprint"]) == 16
     # every setting resolved: nothing for the decoder to work out again
     assert h["config"]["engine"] == "lean" and h["config"]["dtype"] in ("float32", "bfloat16")
     assert "transformers" not in h["env"]  # the lean engine does not run transformers' code

@@ -176,7 +176,10 @@ class LMCodec(Codec):
     def environment(self) -> dict:
         import torch
 
-        env = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        from toolkit.numerics import float_fingerprint
+
+        env = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "float_fingerprint": float_fingerprint()}
         if self.settings.engine == "hf":
             import transformers
 

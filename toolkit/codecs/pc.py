@@ -183,7 +183,10 @@ class PCCodec(Codec):
         # The circuit's float arithmetic, and so the coded bits, follow the torch build and CPU kernels.
         import torch
 
-        return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+        from toolkit.numerics import float_fingerprint
+
+        return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "float_fingerprint": float_fingerprint()}
 
     def header_fields(self) -> dict:
         _, sha = _model(self.config, self.model_dir)

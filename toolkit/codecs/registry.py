@@ -223,9 +223,14 @@ def check_decode_settings(cls: type[Codec], local: dict[str, str] | None) -> Non
 
 
 def environment_mismatch(recorded: dict, here: dict) -> list[str]:
-    """What differs between the environment a file records and this one, one phrase per item."""
+    """What differs between the environment a file records and this one, one phrase per item.
+
+    Only what the file records is compared: a file written before a key was
+    recorded (``float_fingerprint``) decodes as before, its content digest
+    being the check that catches different floats.
+    """
     out = []
-    for key in sorted(set(recorded) | set(here)):
+    for key in sorted(recorded):
         if recorded.get(key) != here.get(key):
             out.append(f"{key} {recorded.get(key)!r} in the file, {here.get(key)!r} here")
     return out

@@ -4,14 +4,17 @@ CacheGen (Liu et al., SIGCOMM 2024) stores a context's KV cache instead of its
 text, because loading and decoding a compact cache can be faster than
 recomputing it. Here a cache becomes:
 
-* per layer, kind (keys, values), head and channel, uniform codes with a step
-  of ``key_step``/``value_step`` standard deviations around the channel's mean
-  (the entropy coder makes the step, not a bit width, the knob);
+* per layer, kind (keys, values) and head, uniform codes around each
+  channel's mean with one step for the head: ``key_step``/``value_step``
+  times the RMS of its channels' standard deviations (the entropy coder makes
+  the step, not a bit width, the knob);
 * keys taken back before their rotary embedding, where a channel keeps one
   offset for all tokens instead of rotating with position (KVQuant's
   observation), and rotated again after decoding;
-* the first ``sink_tokens`` tokens in float16: attention sinks have outlying
-  states that would stretch every statistic;
+* outlying tokens in float16: the first ``sink_tokens`` and any token with a
+  channel more than ``outlier_sd`` standard deviations from its mean
+  (attention sinks: a document's first token, some punctuation), whose
+  states would stretch every statistic;
 * codes entropy-coded with one static table per (layer, kind, head) stream
   (:func:`toolkit.entropy.encode_iid`, rANS); where the measured entropy says so, a
   group of ``anchor_every`` tokens codes its first token as is and the others
@@ -26,7 +29,8 @@ Byte layout (integers little-endian; varints are LEB128)::
 
     magic b"TKKV" | version u8 = 1 | header length u32 | header JSON | sections
     section (per layer, keys before values):
-        sinks float16[N, S, D] | mean float16[N, D] | step float16[N, D]
+        kept count varint | kept token gaps varint * count | kept float16[N, E, D]
+        | mean float16[N, D] | step float16[N, D]
         per head n < N = batch * heads: 1 stream (plain) or 2 (anchors, deltas):
             alphabet varint | frequency varint * alphabet (sum 2**16) | byte length varint | bytes
 
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -112,22 +117,61 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
-def _quantize(x: torch.Tensor, ratio: float, sink: int, k_max: int
-              ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
-    """``x[N, T, D]`` float32 to (sinks fp16, symbols uint8[N, T-S, D] in ``[0, 2K]``, mean fp16, step fp16)."""
-    sinks = x[:, :sink].to(torch.float16)
-    body = x[:, sink:]
-    mean = body.mean(1).to(torch.float16)
-    step = (ratio * body.std(1, unbiased=False)).to(torch.float16)
+@dataclass
+class _Quantized:
+    """One section: float16 exception tokens, uniform codes of the others, per-channel statistics."""
+
+    kept: np.ndarray  # int64 token indices stored in float16, ascending
+    kept_values: torch.Tensor  # float16 [N, E, D]
+    symbols: np.ndarray  # uint8 [N, T - E, D], in [0, 2K]
+    mean: torch.Tensor  # float16 [N, D]
+    step: torch.Tensor  # float16 [N, D]
+
+
+def _quantize(x: torch.Tensor, ratio: float, cfg: BitstreamConfig) -> _Quantized:
+    """``x[N, T, D]`` float32: outlying tokens apart, the rest on a uniform grid of ``ratio`` x the head's RMS std.
+
+    A token is kept in float16 when it is one of the first ``sink_tokens`` or
+    when any of its channels, in any head, lies more than ``outlier_sd``
+    standard deviations from the channel's mean (attention sinks: a document's
+    first token, some punctuation). The statistics are then taken without them.
+    """
+    n, t, d = x.shape
+    k_max = _k_max(cfg)
+    forced = torch.zeros(t, dtype=torch.bool)
+    forced[:min(cfg.sink_tokens, t)] = True
+    keep = forced.clone()
+    if cfg.outlier_sd > 0 and t > 1:
+        rest = x[:, ~keep]
+        mu, sd = rest.mean(1, keepdim=True), rest.std(1, unbiased=False, keepdim=True).clamp_min(1e-12)
+        z = ((x - mu) / sd).abs().amax(dim=(0, 2))
+        keep |= z > cfg.outlier_sd
+    body = x[:, ~keep]
+    if body.shape[1]:
+        mean = body.mean(1).to(torch.float16)
+        # One step for all channels of a head: for a squared error summed over
+        # channels, equal steps give the least error for the bits (high-rate
+        # theory), where a step per channel would spend bits on quiet channels.
+        sd = body.std(1, unbiased=False).pow(2).mean(1, keepdim=True).sqrt()
+        step = (ratio * sd).expand(n, d).to(torch.float16)
+    else:
+        mean = torch.zeros(n, d, dtype=torch.float16)
+        step = torch.ones(n, d, dtype=torch.float16)
     step = torch.where(step > 0, step, torch.ones_like(step))
     q = torch.round((body - mean.float()[:, None]) / step.float()[:, None]).clamp(-k_max, k_max)
-    return sinks, (q + k_max).to(torch.uint8).numpy(), mean, step
+    return _Quantized(kept=torch.nonzero(keep)[:, 0].numpy(), kept_values=x[:, keep].to(torch.float16),
+                      symbols=(q + k_max).to(torch.uint8).numpy(), mean=mean, step=step)
 
 
-def _dequantize(sinks: torch.Tensor, sym: np.ndarray, mean: torch.Tensor, step: torch.Tensor,
-                k_max: int) -> torch.Tensor:
-    body = (torch.from_numpy(sym).to(torch.float32) - k_max) * step.float()[:, None] + mean.float()[:, None]
-    return torch.cat([sinks.float(), body], dim=1)
+def _dequantize(qz: _Quantized, t: int, k_max: int) -> torch.Tensor:
+    n, _, d = qz.symbols.shape
+    out = torch.empty(n, t, d, dtype=torch.float32)
+    keep = torch.zeros(t, dtype=torch.bool)
+    keep[torch.from_numpy(qz.kept)] = True
+    out[:, ~keep] = ((torch.from_numpy(qz.symbols).to(torch.float32) - k_max) * qz.step.float()[:, None]
+                     + qz.mean.float()[:, None])
+    out[:, keep] = qz.kept_values.float()
+    return out
 
 
 def _entropy_bits(symbols: np.ndarray, alphabet: int) -> float:
@@ -214,9 +258,8 @@ def lossy(cache: Cache, model: torch.nn.Module, config: BitstreamConfig | None =
     """The cache that :func:`decode` of :func:`encode` gives back, without making the bytes."""
     cfg = config or BitstreamConfig()
     layers = _layers(cache)
-    k_max = _k_max(cfg)
-    sink = min(cfg.sink_tokens, layers[0][0].shape[2])
-    parts = [_dequantize(*_quantize(x, ratio, sink, k_max), k_max) for _, _, x, ratio in _tensors(cache, model, cfg)]
+    k_max, t = _k_max(cfg), layers[0][0].shape[2]
+    parts = [_dequantize(_quantize(x, ratio, cfg), t, k_max) for _, _, x, ratio in _tensors(cache, model, cfg)]
     return _rebuild(parts, layers[0][0].shape, layers[0][0].dtype, model, cfg)
 
 
@@ -235,13 +278,14 @@ def encode(cache: Cache, model: torch.nn.Module, config: BitstreamConfig | None 
         raise ConfigError(f"cache dtype {dtype} is not one of {sorted(_DTYPES)}")
     k_max = _k_max(cfg)
     alphabet = 2 * k_max + 1
-    sink = min(cfg.sink_tokens, t)
     entries, sections = [], []
     for i, kind, x, ratio in _tensors(cache, model, cfg):
-        sinks, q, mean, step = _quantize(x, ratio, sink, k_max)
-        delta = _plan(q, alphabet, cfg.anchor_every)
-        body = [sinks.numpy().tobytes(), mean.numpy().tobytes(), step.numpy().tobytes()]
-        for qh in q:
+        qz = _quantize(x, ratio, cfg)
+        delta = _plan(qz.symbols, alphabet, cfg.anchor_every)
+        gaps = np.diff(qz.kept, prepend=-1) - 1  # ascending indices as gaps: small varints
+        body = [varint(len(qz.kept)), b"".join(varint(int(g)) for g in gaps),
+                qz.kept_values.numpy().tobytes(), qz.mean.numpy().tobytes(), qz.step.numpy().tobytes()]
+        for qh in qz.symbols:
             if delta:
                 a, dl = _split(qh, alphabet, cfg.anchor_every)
                 body += [_code_stream(a, alphabet), _code_stream(dl, 2 * alphabet - 1)]
@@ -349,14 +393,20 @@ def decode(data: bytes, model: torch.nn.Module, model_sha256: str | None = None)
     n = b * h
     k_max = _k_max(cfg)
     alphabet = 2 * k_max + 1
-    sink = min(cfg.sink_tokens, t)
-    body_t = t - sink
     anchor = cfg.anchor_every
-    n_anchor = (body_t + anchor - 1) // anchor
     r = _Reader(data, pos)
     parts: list[torch.Tensor] = []
     for e in head["entries"]:
-        sinks = torch.frombuffer(bytearray(r.take(2 * n * sink * d, "sinks")), dtype=torch.float16)
+        n_kept = r.varint("kept tokens")
+        if n_kept > t:
+            raise FormatError("KV bitstream is damaged (more kept tokens than tokens)")
+        kept = np.cumsum([r.varint("kept token") + 1 for _ in range(n_kept)], dtype=np.int64) - 1
+        if n_kept and kept[-1] >= t:
+            raise FormatError("KV bitstream is damaged (a kept token is out of range)")
+        kept_values = torch.frombuffer(bytearray(r.take(2 * n * n_kept * d, "kept tokens")),
+                                       dtype=torch.float16).reshape(n, n_kept, d)
+        body_t = t - n_kept
+        n_anchor = (body_t + anchor - 1) // anchor
         mean = torch.frombuffer(bytearray(r.take(2 * n * d, "mean")), dtype=torch.float16).reshape(n, d)
         step = torch.frombuffer(bytearray(r.take(2 * n * d, "step")), dtype=torch.float16).reshape(n, d)
         q = np.empty((n, body_t, d), dtype=np.uint8)
@@ -367,7 +417,7 @@ def decode(data: bytes, model: torch.nn.Module, model_sha256: str | None = None)
                 q[j] = _join(a, dl, body_t, d, alphabet, anchor)
             else:
                 q[j] = _read_stream(r, body_t * d, alphabet).reshape(body_t, d)
-        parts.append(_dequantize(sinks.reshape(n, sink, d), q, mean, step, k_max))
+        parts.append(_dequantize(_Quantized(kept, kept_values, q, mean, step), t, k_max))
     if r.pos != len(data):
         raise FormatError(f"KV bitstream has {len(data) - r.pos} trailing bytes")
     return _rebuild(parts, (b, h, t, d), _DTYPES[head["dtype"]], model, cfg)

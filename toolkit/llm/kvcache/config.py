@@ -100,22 +100,26 @@ class MiniCacheConfig:
 class BitstreamConfig:
     """CacheGen-style bitstream: per-channel uniform quantization, then entropy coding.
 
-    Each (head, channel) of a layer's keys or values is quantized uniformly
-    with a step of ``key_step`` / ``value_step`` times its standard deviation
-    over the prompt, around its mean; the codes are range-coded, so the step
-    sets quality and the size follows from the entropy. Keys are quantized
+    Each head of a layer's keys or values is quantized uniformly around every
+    channel's mean, with one step for the head: ``key_step`` / ``value_step``
+    times the RMS over its channels of their standard deviations over the
+    prompt. The codes are entropy-coded, so the step sets quality and the
+    size follows from the entropy. Keys take a finer step: their errors are
+    multiplied by the queries and pass through the softmax. Keys are quantized
     before their rotary embedding (``pre_rope``), where their channels keep
     a fixed offset instead of rotating with position. The first
-    ``sink_tokens`` tokens (attention sinks, with outlying states) are stored
-    in float16. Codes are clipped to ``2**(code_bits-1) - 1`` steps from the
+    ``sink_tokens`` tokens, and every token with a channel more than
+    ``outlier_sd`` standard deviations from its mean (0: none), are stored in
+    float16: attention sinks have outlying states. Codes are clipped to ``2**(code_bits-1) - 1`` steps from the
     mean. ``anchor_every`` tokens form a group whose first token is coded as
     is and the others as deltas from it, where that measures smaller.
     """
 
-    key_step: float = 0.8
-    value_step: float = 0.8
+    key_step: float = 0.7
+    value_step: float = 1.0
     pre_rope: bool = True
     sink_tokens: int = 1
+    outlier_sd: float = 8.0
     code_bits: int = 6
     anchor_every: int = 16
 
@@ -126,6 +130,8 @@ class BitstreamConfig:
                 raise ConfigError(f"{name} must be a number from 0.01 to 16 (standard deviations), got {v!r}")
         if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens <= 64:
             raise ConfigError(f"sink_tokens must be an integer from 0 to 64, got {self.sink_tokens!r}")
+        if not isinstance(self.outlier_sd, (int, float)) or not (self.outlier_sd == 0 or 2 <= self.outlier_sd <= 64):
+            raise ConfigError(f"outlier_sd must be 0 (off) or from 2 to 64, got {self.outlier_sd!r}")
         if not isinstance(self.code_bits, int) or not 2 <= self.code_bits <= 8:
             raise ConfigError(f"code_bits must be an integer from 2 to 8, got {self.code_bits!r}")
         if not isinstance(self.anchor_every, int) or not 1 <= self.anchor_every <= 1024:
