@@ -110,10 +110,12 @@ def methods(model) -> list[dict]:
          "make": lambda: MiniCache(MiniCacheConfig(), cfg)},
         {"name": "MiniCache (layers 2-3, retain > 0.45 pi)", "kind": "ours",
          "make": lambda: MiniCache(MiniCacheConfig(retain_angle=0.45), cfg)},
-        {"name": "bitstream (steps 0.8 sd)", "kind": "bitstream", "config": BitstreamConfig(),
-         "make": DynamicCache},
-        {"name": "bitstream (steps 0.5 sd)", "kind": "bitstream",
-         "config": BitstreamConfig(key_step=0.5, value_step=0.5), "make": DynamicCache},
+        {"name": "bitstream (default: key step 0.7, value step 1.0)", "kind": "bitstream",
+         "config": BitstreamConfig(), "make": DynamicCache},
+        {"name": "bitstream (steps 0.5 / 0.7)", "kind": "bitstream",
+         "config": BitstreamConfig(key_step=0.5, value_step=0.7), "make": DynamicCache},
+        {"name": "bitstream (steps 1.0 / 1.4)", "kind": "bitstream",
+         "config": BitstreamConfig(key_step=1.0, value_step=1.4), "make": DynamicCache},
     ]
     for backend, bits in (("quanto", 4), ("quanto", 2), ("hqq", 4), ("hqq", 2), ("fp8", 8)):
         kw = {} if backend == "fp8" else {"nbits": bits, "q_group_size": 64, "residual_length": 128}
