@@ -166,9 +166,12 @@ def test_gear_corrects_kivi_at_two_bits(tiny) -> None:
     assert errs["gear_bytes"] > errs["kivi_bytes"]  # the correction is paid for in bytes
 
 
-def test_gear_generates(tiny) -> None:
+def test_gear_generates_and_follows_beams(tiny) -> None:
     out = _greedy(tiny, _ids(160), GEARCache(GEARConfig(bits=4, residual_length=32, block_size=64), tiny.config))
     assert len(out) == 12
+    beams = tiny.generate(_ids(100).repeat(2, 1), num_beams=2, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                          past_key_values=GEARCache(GEARConfig(bits=8, residual_length=32), tiny.config))
+    assert beams.shape == (2, 104)
 
 
 def test_minicache_merges_similar_layers_and_keeps_dissimilar_tokens() -> None:

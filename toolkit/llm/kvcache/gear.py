@@ -50,6 +50,11 @@ class GEARLayer(KIVILayer):
         super().reset()
         self.blocks = []
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.blocks = [(s, n, {k: t.index_select(0, beam_idx.to(t.device)) for k, t in blk.items()})
+                       for s, n, blk in self.blocks]
+
     def _flush_count(self) -> int:
         over = self.keys.shape[2] - self.config.residual_length
         if self.quantized_length == 0:  # prefill: everything beyond the window, in whole groups

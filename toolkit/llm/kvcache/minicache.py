@@ -166,6 +166,9 @@ class _PairLayer(_FullLayer):
             return key_states, value_states
         return torch.cat([past_k, key_states], dim=2), torch.cat([past_v, value_states], dim=2)
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ConfigError("MiniCache does not reorder merged layers: generate with num_beams=1")
+
     def nbytes(self) -> int:
         # The pair's storage is counted once, on its first layer.
         return self.pair.nbytes() if self.which == "a" else 0
