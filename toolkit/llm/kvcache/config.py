@@ -76,8 +76,8 @@ class MiniCacheConfig:
     Layers ``(start_layer, start_layer + 1)``, ``(start_layer + 2, ...)`` pair up;
     a pair stores one direction per token (SLERP of the two unit vectors at
     ``t``) and each layer's norm. Tokens whose two vectors are more than
-    ``retain_angle`` apart (angular distance in units of pi, 0..1) keep both
-    originals.
+    ``retain_angle`` apart (angular distance in units of pi, 0..1) are kept
+    exactly (the first layer's direction, the second layer's vector).
     """
 
     start_layer: int | None = None

@@ -6,7 +6,9 @@ most tokens, while their norms differ. So a pair of layers stores, per token
 and head, one unit direction (the SLERP of the two layers' unit vectors at
 ``t``) and each layer's norm; a layer's state is rebuilt as norm x direction.
 Tokens whose two vectors are far apart (angular distance above
-``retain_angle``) would be rebuilt badly, so both originals are kept for them.
+``retain_angle``) would be rebuilt badly, so they are kept exactly: the pair
+stores the first layer's own direction for them and the second layer's vector
+besides.
 
 A pair merges each step's new tokens once both of its layers have run, so the
 step's own attention always sees exact states and only later steps read the
@@ -55,20 +57,21 @@ class _Merged:
         self.direction: torch.Tensor | None = None  # [B, H, T, D] float16
         self.norm_a: torch.Tensor | None = None  # [B, H, T] float16
         self.norm_b: torch.Tensor | None = None
-        self.kept_index: list[torch.Tensor] = []  # flat (b, h, t) positions, int64
-        self.kept_a: list[torch.Tensor] = []  # [k, D] float16 originals
-        self.kept_b: list[torch.Tensor] = []
+        self.kept_index: list[torch.Tensor] = []  # (b * h, t) positions, int64
+        self.kept_b: list[torch.Tensor] = []  # [k, D] float16: the second layer's originals
         self.length = 0
 
     def add(self, a: torch.Tensor, b: torch.Tensor, cfg: MiniCacheConfig) -> None:
         e, na, nb, dist = slerp_merge(a.float(), b.float(), cfg.t)
         bsz, h, n, d = a.shape
         keep = dist > cfg.retain_angle
+        # A kept token's direction is the first layer's own, so norm x direction rebuilds it
+        # and only the second layer's vector is stored besides.
+        e = torch.where(keep[..., None], a.float() / na[..., None].clamp_min(1e-12), e)
         tpos = (torch.arange(n, device=a.device) + self.length).view(1, 1, n).expand(bsz, h, n)
         bh = torch.arange(bsz * h, device=a.device).reshape(bsz, h, 1).expand(bsz, h, n)
         if keep.any():
             self.kept_index.append(torch.stack([bh[keep], tpos[keep]], dim=1))
-            self.kept_a.append(a[keep].to(torch.float16))
             self.kept_b.append(b[keep].to(torch.float16))
         e16, na16, nb16 = e.to(torch.float16), na.to(torch.float16), nb.to(torch.float16)
         if self.direction is None:
@@ -84,9 +87,9 @@ class _Merged:
             return None
         norm = self.norm_a if which == "a" else self.norm_b
         x = self.direction.float() * norm.float()[..., None]
-        if self.kept_index:
+        if self.kept_index and which == "b":
             idx = torch.cat(self.kept_index)
-            orig = torch.cat(self.kept_a if which == "a" else self.kept_b).float()
+            orig = torch.cat(self.kept_b).float()
             bsz, h, t, d = x.shape
             x = x.reshape(bsz * h, t, d)
             x[idx[:, 0], idx[:, 1]] = orig
@@ -100,9 +103,9 @@ class _Merged:
         if self.direction is None:
             return 0
         total = sum(t.numel() * t.element_size() for t in (self.direction, self.norm_a, self.norm_b))
-        # A kept token costs its two float16 vectors and its position (a 4-byte token index here;
-        # the head is implied by the order).
-        total += sum(t.numel() * t.element_size() for t in self.kept_a + self.kept_b)
+        # A kept token costs the second layer's float16 vector and its position (a 4-byte token
+        # index here; the head is implied by the order).
+        total += sum(t.numel() * t.element_size() for t in self.kept_b)
         return total + 4 * self.kept()
 
 
