@@ -210,11 +210,13 @@ def prefill(tiny):
     return ids, cache
 
 
-def test_bitstream_decodes_to_the_lossy_cache_and_shrinks(tiny, prefill) -> None:
+@pytest.mark.parametrize("coder", ["zstd", "rans"])
+def test_bitstream_decodes_to_the_lossy_cache_and_shrinks(tiny, prefill, coder: str) -> None:
     _, cache = prefill
-    blob = kvcache.encode(cache, tiny)
+    cfg = BitstreamConfig(coder=coder)
+    blob = kvcache.encode(cache, tiny, cfg)
     got = kvcache.decode(blob, tiny)
-    want = kvcache.lossy(cache, tiny)
+    want = kvcache.lossy(cache, tiny, cfg)
     for a, b in zip(got.layers, want.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     fp16 = 4 * 2 * 4 * 120 * 16 * 2
@@ -288,6 +290,17 @@ def test_bad_settings_get_clear_errors(tiny) -> None:
 
 
 # --- pieces ---------------------------------------------------------------------------
+def test_zstd_byte_coding_round_trip_and_bounds() -> None:
+    from toolkit.entropy import decode_bytes, encode_bytes
+
+    sym = np.random.default_rng(2).integers(0, 9, 20000).astype(np.uint8)
+    blob = encode_bytes(sym)
+    assert np.array_equal(decode_bytes(blob, sym.size), sym)
+    assert len(blob) * 8 < sym.size * 3.3  # log2(9) = 3.17 bits
+    with pytest.raises(FormatError):
+        decode_bytes(blob, sym.size - 1)  # more output than announced is refused, not allocated
+
+
 def test_iid_range_coding_round_trip() -> None:
     sym = np.random.default_rng(1).integers(0, 7, 5000)
     freqs = counts_to_freqs(np.bincount(sym, minlength=9))
