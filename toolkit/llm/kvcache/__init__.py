@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from toolkit.errors import FormatError, InputError
-from toolkit.llm.kvcache.bitstream import decode, encode, lossy, model_fingerprint, read_header
+from toolkit.llm.kvcache.bitstream import decode, encode, lossy, model_fingerprint
 from toolkit.llm.kvcache.config import BitstreamConfig, GEARConfig, KIVIConfig, MiniCacheConfig
 from toolkit.llm.kvcache.gear import GEARCache
 from toolkit.llm.kvcache.kivi import KIVICache, cache_nbytes
@@ -46,8 +46,7 @@ def save(cache: Cache, path: str | os.PathLike, model: torch.nn.Module,
     cfg = config or BitstreamConfig()
     sha = model_fingerprint(model)
     blob = encode(cache, model, cfg, model_sha256=sha)
-    head, _ = read_header(blob)
-    tkz = compress(blob, codec="kv", model_sha256=sha, tokens=head["tokens"], layers=head["layers"],
+    tkz = compress(blob, codec="kv", model_sha256=sha, tokens=cache.get_seq_length(), layers=len(cache.layers),
                    key_step=cfg.key_step, value_step=cfg.value_step)
     path = Path(path)
     tmp = path.with_name(path.name + ".part")

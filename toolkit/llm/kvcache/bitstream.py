@@ -53,7 +53,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 
 from toolkit.entropy import counts_to_freqs, decode_bytes, decode_iid, encode_bytes, encode_iid
-from toolkit.entropy.varint import varint
+from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError
 from toolkit.llm.kvcache.config import BitstreamConfig
 
@@ -319,17 +319,9 @@ class _Reader:
         return out
 
     def varint(self, what: str) -> int:
-        n = shift = 0
-        for _ in range(10):
-            if self.pos >= len(self.mv):
-                break
-            byte = self.mv[self.pos]
-            self.pos += 1
-            n |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return n
-            shift += 7
-        raise FormatError(f"KV bitstream is truncated or damaged ({what})")
+        value, used = read_varint(self.mv[self.pos:self.pos + 10], f"KV bitstream {what}")
+        self.pos += used
+        return value
 
 
 def read_header(data: bytes) -> tuple[dict, int]:
