@@ -133,3 +133,21 @@ def test_kv_cache(tmp_path, monkeypatch):
     assert 0 <= rec["minicache_retained"] <= 1
     assert rec["reload_same_tokens"] is True and rec["bitstream_fraction"] < 0.25
     assert rec["load_speedup"] > 1
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_mllm_tokens(tmp_path, monkeypatch):
+    rec = run_notebook("30_mllm_tokens.ipynb", tmp_path, monkeypatch)
+    assert rec["n_image_tokens"] == 256
+    assert set(rec["kept_counts"].values()) == {32}
+    # the model reads the image: well above the best image-blind answerer
+    assert rec["full_accuracy"] > rec["text_only_accuracy"] + 0.1
+    c = rec["curve"]
+    best25 = max(c[m]["0.25"] for m in ("fastv", "visionzip", "multistage"))
+    assert best25 >= 0.85 * rec["full_accuracy"]
+    assert best25 > c["random"]["0.25"]
+    costs = rec["costs_at_25"]
+    assert costs["visionzip"][0] < 0.5 and costs["visionzip"][1] < 0.35
+    assert costs["fastv"][1] > costs["multistage"][1]  # FastV's early layers keep every token
+    assert len(rec["example_answers"]["full"]) == 6

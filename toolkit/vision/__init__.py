@@ -12,15 +12,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["TokenDropConfig", "TokenDropHandle", "drop_vision_tokens", "METHODS", "load_vlm", "build_vlm",
-           "VLMProcessor", "answer_questions", "evaluate_vqa", "prefill_flops", "kv_cache_bytes",
-           "prefill_latency", "decode_step_latency", "count_flops"]
+__all__ = ["TokenDropConfig", "TokenDropHandle", "drop_vision_tokens", "vision_token_scores", "METHODS",
+           "load_vlm", "build_vlm", "VLMProcessor", "answer_questions", "evaluate_vqa", "prefill_flops",
+           "kv_cache_bytes", "prefill_latency", "decode_step_latency", "count_flops"]
 
-_WHERE = {"TokenDropConfig": "tokens", "TokenDropHandle": "tokens", "drop_vision_tokens": "tokens",
-          "METHODS": "tokens", "load_vlm": "vlm", "build_vlm": "vlm", "VLMProcessor": "vlm",
-          "answer_questions": "vlm", "evaluate_vqa": "vlm", "prefill_flops": "measure",
-          "kv_cache_bytes": "measure", "prefill_latency": "measure", "decode_step_latency": "measure",
-          "count_flops": "measure"}
+_WHERE = {name: "tokens" for name in ("TokenDropConfig", "TokenDropHandle", "drop_vision_tokens",
+                                      "vision_token_scores", "METHODS")}
+_WHERE.update({name: "vlm" for name in ("load_vlm", "build_vlm", "VLMProcessor", "answer_questions",
+                                        "evaluate_vqa")})
+_WHERE.update({name: "measure" for name in ("prefill_flops", "kv_cache_bytes", "prefill_latency",
+                                            "decode_step_latency", "count_flops")})
 
 
 def __getattr__(name: str) -> Any:

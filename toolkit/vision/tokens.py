@@ -52,14 +52,14 @@ batches stay rectangular.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from toolkit.errors import ToolkitError, UnsupportedInputError
 
-__all__ = ["TokenDropConfig", "TokenDropHandle", "drop_vision_tokens", "METHODS"]
+__all__ = ["TokenDropConfig", "TokenDropHandle", "drop_vision_tokens", "vision_token_scores", "METHODS"]
 
 METHODS = ("fastv", "visionzip", "multistage", "random")
 _ATTR = "_toolkit_token_drop"
@@ -166,7 +166,7 @@ def _core(model):
     if getattr(core.config, "image_token_id", None) is None:
         raise UnsupportedInputError("the model's config has no image_token_id")
     layers = getattr(core.language_model, "layers", None)
-    if layers is None or not all(hasattr(l, "self_attn") and hasattr(l.self_attn, "q_proj") for l in layers):
+    if layers is None or not all(hasattr(x, "self_attn") and hasattr(x.self_attn, "q_proj") for x in layers):
         raise UnsupportedInputError("the language model's decoder layers have no q_proj/k_proj attention")
     return core
 
@@ -271,8 +271,8 @@ def _on_tower_attention(handle, module, args, kw, has_cls):
 
 def _vision_positions(st: _State) -> torch.Tensor:
     """(B, n) positions of the vision tokens in the original sequence."""
-    b, l = st.vision_mask.shape
-    pos = torch.arange(l).expand(b, l)
+    b, length = st.vision_mask.shape
+    pos = torch.arange(length).expand(b, length)
     return pos[st.vision_mask].view(b, st.n_vision)
 
 
@@ -294,7 +294,7 @@ def _on_lm(handle: TokenDropHandle, args, kw):
     emb = kw.get("inputs_embeds")
     if emb is None:
         return None
-    b, l, _ = emb.shape
+    b, seq, _ = emb.shape
     cache = _cache_of(kw)
     past = cache.get_seq_length() if cache is not None else 0
     kw = dict(kw)
@@ -323,28 +323,28 @@ def _on_lm(handle: TokenDropHandle, args, kw):
         # columns that enter the LM: all non-vision columns plus the kept vision ones
         keep_mask = ~st.vision_mask.clone()
         keep_mask.scatter_(1, _gather_rows(vis_pos, keep, 1), True)
-        cols = torch.arange(l).expand(b, l)[keep_mask].view(b, -1)
+        cols = torch.arange(seq).expand(b, seq)[keep_mask].view(b, -1)
         st.lm_cols = cols
         st.lm_vision = keep  # vision indices (0..n-1) present at the LM input
         if st.kept is None:
             st.kept = keep
         pos = kw.get("position_ids")
-        pos = torch.arange(l)[None].expand(b, l) if pos is None else pos.expand(b, l)
+        pos = torch.arange(seq)[None].expand(b, seq) if pos is None else pos.expand(b, seq)
         kw["inputs_embeds"] = _gather_rows(emb, cols, 1)
         kw["position_ids"] = _gather_rows(pos, cols, 1)
         if kw.get("attention_mask") is not None:
             kw["attention_mask"] = _gather_rows(kw["attention_mask"], cols, 1)
-        st.seen = l
+        st.seen = seq
         st.pending_late = cfg.method in ("fastv", "multistage")
         return args, kw
     # decoding (or a continued prefill): the new tokens keep their original positions
     if kw.get("position_ids") is None:
-        kw["position_ids"] = (torch.arange(l) + st.seen)[None].expand(b, l)
+        kw["position_ids"] = (torch.arange(seq) + st.seen)[None].expand(b, seq)
     mask = kw.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         new = torch.arange(st.full_len, mask.shape[1]).expand(b, -1)
         kw["attention_mask"] = _gather_rows(mask, torch.cat([st.lm_cols, new], 1), 1)
-    st.seen += l
+    st.seen += seq
     return args, kw
 
 
@@ -424,19 +424,19 @@ def _question_attention(layer, hidden, pos_emb, mask2d_q: torch.Tensor, key_vali
     """Attention (B, H, Q, L) paid by the last Q positions, from ``layer``'s own projections (RoPE applied)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
     attn = layer.self_attn
-    b, l, _ = hidden.shape
+    b, seq, _ = hidden.shape
     qn = mask2d_q.shape[1]
     h = layer.input_layernorm(hidden)
     hd = attn.head_dim
     q = attn.q_proj(h[:, -qn:]).view(b, qn, -1, hd).transpose(1, 2)
-    k = attn.k_proj(h).view(b, l, -1, hd).transpose(1, 2)
+    k = attn.k_proj(h).view(b, seq, -1, hd).transpose(1, 2)
     cos, sin = pos_emb
     cos_q, sin_q = cos[:, -qn:], sin[:, -qn:]
     q, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
     _, k = apply_rotary_pos_emb(k, k, cos, sin)
     k = repeat_kv(k, attn.num_key_value_groups)
     logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
-    causal = torch.arange(l)[None, :] <= torch.arange(l - qn, l)[:, None]  # (Q, L)
+    causal = torch.arange(seq)[None, :] <= torch.arange(seq - qn, seq)[:, None]  # (Q, L)
     allowed = causal[None, None] & key_valid[:, None, None, :]
     logits = logits.masked_fill(~allowed, float("-inf"))
     return torch.softmax(logits, dim=-1)
@@ -542,3 +542,18 @@ def _after_lm(handle: TokenDropHandle, kw, out):
     st.lm_cols = _gather_rows(st.lm_cols, rel, 1)
     st.late_rel = torch.arange(rel.shape[1]).expand(rel.shape[0], -1)
     return None
+
+
+@torch.no_grad()
+def vision_token_scores(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, n) the attention VisionZip ranks by: [CLS]'s (or the mean received) in the tower's feature layer."""
+    core = _core(model)
+    attn, has_cls = _tower_attention_layer(core)
+    box = TokenDropHandle(model, core, TokenDropConfig("visionzip"))
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: _on_tower_attention(box, m, a, kw, has_cls),
+                                          with_kwargs=True)
+    try:
+        core.vision_tower(pixel_values)
+    finally:
+        hook.remove()
+    return box._tower[0]

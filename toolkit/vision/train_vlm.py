@@ -66,7 +66,7 @@ def make_batch(processor, seeds, spec: VLMSpec):
     ids = torch.full((len(rows), width), pad)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     tgt = torch.full((len(rows), width), -100)
-    for i, (r, t) in enumerate(zip(rows, targets)):
+    for i, (r, t) in enumerate(zip(rows, targets, strict=True)):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
         tgt[i, width - len(t):] = torch.tensor(t)
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--eval-items", type=int, default=256)
+    ap.add_argument("--final-items", type=int, default=1000, help="held-out questions for the final figure")
     ap.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
             last_ckpt = time.time()
     _save(ckpt, model, heads, opt, step, time.time() - t0, history)
     model.eval()
-    ev = evaluate_vqa(model, processor, scenes.items(1000, "test", spec.image_size))
+    ev = evaluate_vqa(model, processor, scenes.items(args.final_items, "test", spec.image_size))
     history.append({"step": step, "final": True, **ev})
     print(f"final held-out accuracy {ev['accuracy']:.3f} {ev['by_kind']}", flush=True)
     save_vlm(model, processor, args.out / "model")

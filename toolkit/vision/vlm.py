@@ -108,7 +108,7 @@ def build_vlm(spec: VLMSpec = VLMSpec(), language_model: str = "lm-default"):
 
     Returns ``(model, processor)``.
     """
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlamaForCausalLM
+    from transformers import CLIPVisionConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
     from toolkit.models import locate
     from toolkit.models.tokenizer import ByteTokenizer
@@ -186,7 +186,7 @@ def evaluate_vqa(model, processor: VLMProcessor, items: Sequence, batch_size: in
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         preds = answer_questions(model, processor, [it.image for it in batch], [it.question for it in batch])
-        for it, p in zip(batch, preds):
+        for it, p in zip(batch, preds, strict=True):
             hits.setdefault(it.kind, []).append(int(p == it.answer))
     total = [h for v in hits.values() for h in v]
     return {"accuracy": sum(total) / max(1, len(total)), "n": len(total),

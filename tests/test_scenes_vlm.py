@@ -1,0 +1,108 @@
+"""Drawn-scene VQA data, the LLaVA builder and processor, and the training command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.data import scenes
+
+
+def test_items_are_pure_functions_of_their_seed():
+    a, b = scenes.make_item(7), scenes.make_item(7)
+    assert np.array_equal(a.image, b.image) and a.question == b.question and a.answer == b.answer
+    assert not np.array_equal(scenes.make_item(7, "test").image, a.image)
+    assert a.image.shape == (64, 64, 3) and a.image.dtype == np.uint8
+    with pytest.raises(ValueError, match="split"):
+        scenes.make_item(0, "validation")
+
+
+def test_answers_are_true_of_the_scene():
+    vocab = set(scenes.answer_vocabulary())
+    for it in scenes.items(300, "test"):
+        assert it.answer in vocab
+        objs = it.objects
+        if it.kind == "count_colour":
+            colour = it.question.split()[2]
+            assert int(it.answer) == sum(o.colour == colour for o in objs)
+        elif it.kind == "shape_of":
+            colour = it.question.split()[4]
+            (o,) = [o for o in objs if o.colour == colour]
+            assert o.shape == it.answer
+        elif it.kind == "is_left":
+            words = it.question.rstrip("?").split()
+            a = [o for o in objs if (o.colour, o.shape) == (words[2], words[3])][0]
+            b = [o for o in objs if (o.colour, o.shape) == (words[7], words[8])][0]
+            assert (a.x < b.x) == (it.answer == "yes")
+
+
+def test_every_kind_is_posed_and_text_alone_is_weak():
+    train, test = scenes.items(3000), scenes.items(600, "test")
+    assert {it.kind for it in test} == set(scenes.KINDS)
+    assert scenes.text_only_accuracy(train, test) < 0.5
+
+
+def test_the_image_is_needed():
+    """Identical questions get different answers on different scenes."""
+    answers, items = {}, scenes.items(2000)
+    for it in items:
+        answers.setdefault(it.question, set()).add(it.answer)
+    assert sum(len(answers[it.question]) > 1 for it in items) > 0.8 * len(items)
+
+
+@pytest.fixture(scope="module")
+def built():
+    from toolkit.vision.vlm import build_vlm
+    return build_vlm()
+
+
+def test_build_is_a_llava_on_lm_default(built, tmp_path):
+    from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
+
+    from toolkit.models import locate
+    from toolkit.vision.vlm import load_vlm, save_vlm
+    model, proc = built
+    assert isinstance(model, LlavaForConditionalGeneration)
+    lm = LlamaForCausalLM.from_pretrained(locate("lm-default").path)
+    w = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(w, lm.model.layers[0].self_attn.q_proj.weight)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    save_vlm(model, proc, tmp_path / "m")
+    again, proc2 = load_vlm(str(tmp_path / "m"))
+    items = scenes.items(3, "test")
+    inputs = proc2([it.image for it in items], [it.question for it in items])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model.eval()(**inputs).logits)
+
+
+def test_processor_pads_on_the_left_and_checks_images(built):
+    _, proc = built
+    items = [scenes.make_item(i) for i in range(4)]
+    inputs = proc([it.image for it in items], [it.question for it in items])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert (ids[:, -1] != proc.config.pad_token_id).all() and mask[:, -1].all()
+    assert ((ids == proc.image_token_id).sum(1) == 256).all()
+    assert torch.equal(mask.bool(), ids != proc.config.pad_token_id)
+    with pytest.raises(ValueError, match="uint8 arrays of shape"):
+        proc([np.zeros((32, 32, 3), np.uint8)], ["What shape is the red object?"])
+    with pytest.raises(ValueError, match="images but"):
+        proc([items[0].image], ["a", "b"])
+    assert proc.decode_answer(proc.answer_ids("purple")) == "purple"
+
+
+@pytest.mark.slow
+def test_training_command_runs_and_resumes(tmp_path):
+    from toolkit.vision import train_vlm
+    args = ["--out", str(tmp_path), "--minutes", "0.15", "--batch", "4", "--eval-every", "1000",
+            "--final-items", "8", "--checkpoint-every", "1"]
+    assert train_vlm.main(args) == 0
+    first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"]
+    assert first > 0
+    assert train_vlm.main(args[:3] + ["0.3"] + args[4:] + ["--resume"]) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] > first
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1]["final"] and 0 <= history[-1]["accuracy"] <= 1
+    assert (tmp_path / "model" / "config.json").exists()
