@@ -127,7 +127,8 @@ def _line(r: dict, full: dict) -> str:
 
 def _table(res: dict) -> str:
     m = res["machine"]
-    lines = [f"Held-out scenes: {res['items']} questions; text-only best {res['text_only_accuracy']:.1%}, "
+    lines = ["`python benchmarks/mllm_tokens.py` (model vlm-scenes; K = 2 for fastv, 1 for multistage).", "",
+             f"Held-out scenes: {res['items']} questions; text-only best {res['text_only_accuracy']:.1%}, "
              f"chance {res['chance_accuracy']:.1%}. Machine: {m['cores']} cores, torch {m['torch']}, "
              f"{m['threads']} threads.", "",
              "| method | kept | accuracy | retained | prefill FLOPs | LM FLOPs | KV bytes | prefill ms | decode ms |",

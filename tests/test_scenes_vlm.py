@@ -106,3 +106,18 @@ def test_training_command_runs_and_resumes(tmp_path):
     history = json.loads((tmp_path / "history.json").read_text())
     assert history[-1]["final"] and 0 <= history[-1]["accuracy"] <= 1
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_shipped_model_matches_its_manifest_and_reads_images():
+    from toolkit.models import model_entry
+    from toolkit.models.store import ASSETS, file_sha256
+    from toolkit.vision import evaluate_vqa, load_vlm
+    entry = model_entry("vlm-scenes")
+    path = ASSETS / "vlm-scenes"
+    assert file_sha256(path / "model.safetensors") == entry["sha256"]
+    assert sum(p.stat().st_size for p in path.iterdir()) < 25 * 2**20
+    model, proc = load_vlm("vlm-scenes")
+    test = scenes.items(100, "test", start=5000)  # held-out scenes beyond the manifest's figure set
+    acc = evaluate_vqa(model, proc, test, batch_size=50)["accuracy"]
+    text_only = scenes.text_only_accuracy(scenes.items(3000, start=10_000_000), test)
+    assert acc > text_only + 0.15

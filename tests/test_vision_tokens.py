@@ -61,7 +61,7 @@ def test_keep_all_is_identical(model, method):
     with drop_vision_tokens(model, TokenDropConfig(method, keep=1.0, layer=1)):
         out = generate(model, inputs)
     assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.scores, ref.scores):
+    for a, b in zip(out.scores, ref.scores, strict=True):
         assert torch.equal(a, b)
 
 

@@ -171,7 +171,7 @@ def load_vlm(name: str = "vlm-scenes", model_dir: str | Path | None = None):
 
 @torch.no_grad()
 def answer_questions(model, processor: VLMProcessor, images: Sequence[np.ndarray], questions: Sequence[str],
-                     max_new_tokens: int = 3) -> list[str]:
+                     max_new_tokens: int = 6) -> list[str]:
     """Greedy answers through ``model.generate`` (prefill, then decode steps over the cache)."""
     inputs = processor(images, questions)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
