@@ -9,7 +9,8 @@ Held-out data: ``--items`` questions on new scenes of the ``test`` stream
 (:mod:`toolkit.data.scenes`), answered greedily through ``generate``,
 exact match of the first word.
 
-For each method (``random``, ``fastv``, ``visionzip``, ``multistage``) and
+For each method (``random``, ``fastv``, ``visionzip``, ``multistage``; the
+merging ones also with ``proportional_attention``) and
 share kept (50, 25, 12.5, 6.25%; 100% is the unmodified model):
 
 * accuracy overall and by question kind;
@@ -40,6 +41,11 @@ sys.path.insert(0, str(ROOT))
 
 SHARES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 METHODS = ("random", "fastv", "visionzip", "multistage")
+# (row label, method, proportional attention): the merging methods run as published and with ToMe's
+# proportional attention, which lets a merged token draw the attention of the tokens it stands for
+VARIANTS = (("random", "random", False), ("fastv", "fastv", False), ("visionzip", "visionzip", False),
+            ("visionzip+prop", "visionzip", True), ("multistage", "multistage", False),
+            ("multistage+prop", "multistage", True))
 
 
 def main() -> None:
@@ -51,7 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fastv-layer", type=int, default=2)
     ap.add_argument("--multistage-layer", type=int, default=1)
-    ap.add_argument("--only", help="comma-separated method names")
+    ap.add_argument("--only", help="comma-separated row labels (see VARIANTS)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,13 +96,15 @@ def main() -> None:
     full = measure(None)
     rows.append({"method": "full", "keep": 1.0, **full})
     print(_line(rows[-1], full), flush=True)
-    methods = args.only.split(",") if args.only else METHODS
-    for method in methods:
+    only = set(args.only.split(",")) if args.only else None
+    for label, method, prop in VARIANTS:
+        if only and label not in only:
+            continue
         for keep in SHARES[1:]:
             layer = args.fastv_layer if method == "fastv" else args.multistage_layer
-            cfg = TokenDropConfig(method, keep=keep, layer=layer)
-            r = {"method": method, "keep": keep, "layer": layer if method in ("fastv", "multistage") else None,
-                 **measure(cfg)}
+            cfg = TokenDropConfig(method, keep=keep, layer=layer, proportional_attention=prop)
+            r = {"method": label, "keep": keep, "layer": layer if method in ("fastv", "multistage") else None,
+                 "proportional_attention": prop, **measure(cfg)}
             rows.append(r)
             print(_line(r, full), flush=True)
     for r in rows:
@@ -154,12 +162,13 @@ def _plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     full = res["rows"][0]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in METHODS:
+    for method, *_ in VARIANTS:
         rs = [full] + [r for r in res["rows"] if r["method"] == method]
         if len(rs) == 1:
             continue
-        axes[0].plot([r["keep"] for r in rs], [r["accuracy"] for r in rs], "o-", label=method)
-        axes[1].plot([r["flops_ratio"] for r in rs], [r["accuracy"] for r in rs], "o-", label=method)
+        style = "o--" if method.endswith("+prop") else "o-"
+        axes[0].plot([r["keep"] for r in rs], [r["accuracy"] for r in rs], style, label=method)
+        axes[1].plot([r["flops_ratio"] for r in rs], [r["accuracy"] for r in rs], style, label=method)
     for ax in axes:
         ax.axhline(res["text_only_accuracy"], color="grey", ls=":", label="text only")
         ax.set_ylabel("held-out accuracy")

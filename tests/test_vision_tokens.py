@@ -222,3 +222,41 @@ def test_bad_input_leaves_the_model_alone(model):
     h.remove()
     assert (len(model.model._forward_pre_hooks), len(model.model.language_model._forward_pre_hooks)) == before
     assert torch.equal(last_logits(model, batch()), last_logits(model, batch()))
+
+
+@pytest.mark.parametrize("method", ["visionzip", "multistage"])
+def test_proportional_attention_keep_all_is_identical(model, method):
+    inputs = batch()
+    ref = generate(model, inputs)
+    with drop_vision_tokens(model, TokenDropConfig(method, keep=1.0, layer=1, proportional_attention=True)):
+        out = generate(model, inputs)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
+def test_proportional_attention_biases_merged_keys_by_log_size(model):
+    """Every layer's mask carries log(size) on each merged token's column, in prefill and in decoding."""
+    inputs = batch((5, 3))
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append(kwargs["attention_mask"].clone())
+    spies = [layer.self_attn.register_forward_pre_hook(spy, with_kwargs=True)
+             for layer in model.model.language_model.layers]
+    cfg = TokenDropConfig("visionzip", keep=0.5, contextual=0.5, proportional_attention=True)
+    with drop_vision_tokens(model, cfg) as handle:
+        generate(model, inputs, n=2)
+        kept, merged = handle.kept, handle.merged_into
+        cols = handle.state.lm_cols
+    for s in spies:
+        s.remove()
+    assert len(seen) == 2 * 3  # two forward passes (prefill, one decoding step), three layers
+    vis_pos = (inputs["input_ids"] == IMAGE_ID).nonzero()[:, 1].view(2, N_VIS)
+    for r in range(2):
+        sizes = torch.bincount(merged[r][merged[r] >= 0], minlength=N_VIS)[kept[r]].float()
+        assert sizes.sum() == N_VIS and (sizes > 1).any()
+        where = [int((cols[r] == vis_pos[r, j]).nonzero()) for j in kept[r]]
+        for mask in seen:
+            last = mask[r, 0, -1]  # the last query row sees every key
+            torch.testing.assert_close(last[where], sizes.log())
+            pad = (inputs["attention_mask"][r] == 0)[cols[r]]
+            assert torch.isinf(last[: len(pad)][pad]).all()

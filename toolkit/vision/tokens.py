@@ -72,7 +72,10 @@ class TokenDropConfig:
     ``keep`` is the share of vision tokens the language model's later layers
     see, in (0, 1]; the count is ``max(1, round(keep * n))``. ``layer`` is K
     for ``fastv`` and ``multistage``. ``contextual`` is VisionZip's share of
-    the kept tokens that are merged contextual tokens.
+    the kept tokens that are merged contextual tokens. ``proportional_attention``
+    (ToMe's, Bolya et al. 2023) adds log(size) to the attention logits of a
+    merged token in every layer, so that it draws the attention of the tokens
+    it stands for; it changes nothing for methods that do not merge.
     """
 
     method: str
@@ -81,6 +84,7 @@ class TokenDropConfig:
     contextual: float = 0.15
     merge_threshold: float = 0.9
     seed: int = 0
+    proportional_attention: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -111,6 +115,7 @@ class _State:
     text_query: torch.Tensor | None = None   # (B, L) question tokens (after the image, not padding)
     cls_score: torch.Tensor | None = None    # (B, n) vision tower attention
     vision_keys: torch.Tensor | None = None  # (B, n, d)
+    log_sizes: torch.Tensor | None = None    # (B, n_lm) log of how many tokens each LM-input column stands for
     lm_vision: torch.Tensor | None = None    # (B, n_lm_vision) vision indices present at the LM's input
     kept: torch.Tensor | None = None         # (B, k) vision-token indices (0..n-1) the late layers see
     merged_into: torch.Tensor | None = None  # (B, n) for merging methods: the kept token each one went to
@@ -216,6 +221,10 @@ def drop_vision_tokens(model, config: TokenDropConfig) -> TokenDropHandle:
         for i in range(config.layer, len(layers)):
             h.append(layers[i].register_forward_pre_hook(
                 lambda m, a, kw, i=i: _on_layer(handle, m, i, a, kw), with_kwargs=True))
+    if config.proportional_attention and config.method in ("visionzip", "multistage"):
+        for i in range(len(layers)):  # after the dropping hooks, so it sees their masks
+            h.append(layers[i].register_forward_pre_hook(
+                lambda m, a, kw, i=i: _size_bias(handle, i, a, kw), with_kwargs=True))
     if config.method == "multistage":
         h.append(lm.register_forward_hook(lambda m, a, kw, out: _after_lm(handle, kw, out), with_kwargs=True))
     setattr(model, _ATTR, handle)
@@ -326,6 +335,13 @@ def _on_lm(handle: TokenDropHandle, args, kw):
         cols = torch.arange(seq).expand(b, seq)[keep_mask].view(b, -1)
         st.lm_cols = cols
         st.lm_vision = keep  # vision indices (0..n-1) present at the LM input
+        if cfg.proportional_attention and st.merged_into is not None:
+            counts = torch.stack([torch.bincount(r[r >= 0], minlength=n) for r in st.merged_into])
+            sizes = torch.ones((b, cols.shape[1]))
+            vis_cols = _gather_rows(st.vision_mask, cols, 1)
+            sizes[vis_cols] = _gather_rows(counts, keep, 1).clamp_min(1).float().flatten()
+            if (sizes > 1).any():
+                st.log_sizes = sizes.log()
         if st.kept is None:
             st.kept = keep
         pos = kw.get("position_ids")
@@ -508,6 +524,35 @@ def _on_layer(handle: TokenDropHandle, layer, i: int, args, kw):
     return args, kw
 
 
+def _size_bias(handle: TokenDropHandle, i: int, args, kw):
+    """Proportional attention: log(size) on the logits of merged keys, through the layer's SDPA mask."""
+    st = handle.state
+    if not st.active or st.log_sizes is None:
+        return None
+    late = (st.late_rel is not None and i >= handle.config.layer
+            and st.late_rel.shape[1] != st.lm_cols.shape[1])
+    ls = _gather_rows(st.log_sizes, st.late_rel, 1) if late else st.log_sizes
+    hidden = args[0] if args else kw["hidden_states"]
+    b, q = hidden.shape[:2]
+    cache = _cache_of(kw)
+    past = 0
+    if cache is not None and len(getattr(cache, "layers", [])) > i:
+        keys = getattr(cache.layers[i], "keys", None)
+        past = keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0
+    kl = past + q
+    if kl < ls.shape[1]:
+        return None
+    bias = torch.cat([ls, torch.zeros((b, kl - ls.shape[1]))], 1)[:, None, None, :]
+    mask = kw.get("attention_mask")
+    if mask is None:
+        mask = (torch.arange(kl)[None, :] <= torch.arange(past, kl)[:, None])[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=hidden.dtype).masked_fill(~mask, float("-inf"))
+    kw = dict(kw)
+    kw["attention_mask"] = mask + bias.to(mask.dtype)
+    return args, kw
+
+
 def _valid_from(kw, st: _State) -> torch.Tensor:
     """(B, n_lm) key validity from the 4-D mask's last row (padding columns are masked there)."""
     mask = kw["attention_mask"]
@@ -540,6 +585,8 @@ def _after_lm(handle: TokenDropHandle, kw, out):
         layer.values = torch.gather(layer.values, 2,
                                     idx.expand(-1, layer.values.shape[1], -1, layer.values.shape[-1]))
     st.lm_cols = _gather_rows(st.lm_cols, rel, 1)
+    if st.log_sizes is not None:
+        st.log_sizes = _gather_rows(st.log_sizes, rel, 1)
     st.late_rel = torch.arange(rel.shape[1]).expand(rel.shape[0], -1)
     return None
 
