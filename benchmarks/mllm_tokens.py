@@ -66,7 +66,7 @@ def main() -> None:
     from toolkit.vision import TokenDropConfig, drop_vision_tokens, evaluate_vqa, load_vlm
     from toolkit.vision.measure import decode_step_latency, kv_cache_bytes, prefill_flops, prefill_latency
 
-    model, proc = load_vlm(args.model) if not Path(args.model).is_dir() else load_vlm(args.model)
+    model, proc = load_vlm(args.model)  # a shipped name or a directory
     test = scenes.items(args.items, "test")
     train = scenes.items(20_000, "train", start=10_000_000)
     text_only = scenes.text_only_accuracy(train, test)

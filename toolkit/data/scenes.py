@@ -111,6 +111,11 @@ def _name(o: Obj) -> str:
     return f"{o.colour} {o.shape}"
 
 
+def _unique(objs: list[Obj], key) -> list[Obj]:
+    """The objects whose ``key`` no other object shares."""
+    return [o for o in objs if sum(key(p) == key(o) for p in objs) == 1]
+
+
 def make_question(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, str, str] | None:
     """One (question, answer, kind) about ``scene``, or None when ``kind`` cannot be posed on it."""
     kind = kind or str(rng.choice(KINDS))
@@ -122,22 +127,22 @@ def make_question(scene: Scene, rng: np.random.Generator, kind: str | None = Non
         s = str(rng.choice(SHAPES))
         return f"How many {_PLURAL[s]} are there?", str(sum(o.shape == s for o in objs)), kind
     if kind == "colour_of":
-        unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        unique = _unique(objs, lambda o: o.shape)
         if not unique:
             return None
         o = unique[int(rng.integers(len(unique)))]
         return f"What colour is the {o.shape}?", o.colour, kind
     if kind == "shape_of":
-        unique = [o for o in objs if sum(p.colour == o.colour for p in objs) == 1]
+        unique = _unique(objs, lambda o: o.colour)
         if not unique:
             return None
         o = unique[int(rng.integers(len(unique)))]
         return f"What shape is the {o.colour} object?", o.shape, kind
-    named = [o for o in objs if sum(_name(p) == _name(o) for p in objs) == 1]
+    named = _unique(objs, _name)
     if kind == "left_of":
         rng.shuffle(named)
         for ref in named:
-            left = sorted((ref.x - o.x, o) for o in objs if o is not ref and o.x < ref.x - 2)
+            left = sorted(((ref.x - o.x, o) for o in objs if o is not ref and o.x < ref.x - 2), key=lambda t: t[0])
             if left and (len(left) == 1 or left[1][0] - left[0][0] > 4):
                 return f"What colour is the object left of the {_name(ref)}?", left[0][1].colour, kind
         return None

@@ -423,12 +423,12 @@ def _spatial_merge(st: _State, emb, vis_pos, target: int, cfg: TokenDropConfig):
             drop[members[1:]] = True
             merged_into[r, members] = members[0]
         keep_rows.append(torch.nonzero(~drop).flatten())
-    # rows may merge different numbers of windows: pad each to the longest by un-merging nothing,
-    # i.e. keep the same count per row by trimming to the smallest (the least uniform merges undone)
+    # rows may merge different numbers of windows; batches stay rectangular by trimming every row to
+    # the shortest, dropping each longer row's least-attended surplus tokens
     k1 = min(len(x) for x in keep_rows)
     out = []
     for r, kr in enumerate(keep_rows):
-        if len(kr) > k1:  # keep rows rectangular: drop the lowest-attended surplus tokens of this row
+        if len(kr) > k1:
             score = st.cls_score[r, kr]
             kr = kr[score.topk(k1).indices].sort().values
         out.append(kr)

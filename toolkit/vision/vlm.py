@@ -88,7 +88,9 @@ class VLMProcessor:
 
     def decode_answer(self, ids: Sequence[int]) -> str:
         """The first word of generated text (the answer), lower-cased."""
-        text = self.tokenizer.decode([i for i in ids if i < self.config.image_token_id - 1])
+        c = self.config
+        special = {c.bos_token_id, c.image_token_id, c.pad_token_id}
+        text = self.tokenizer.decode([i for i in ids if i not in special])
         words = text.decode("latin-1").replace(".", " ").split()
         return words[0].lower() if words else ""
 
