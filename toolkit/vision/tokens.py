@@ -204,6 +204,8 @@ def drop_vision_tokens(model, config: TokenDropConfig) -> TokenDropHandle:
         raise ToolkitError(f"config must be a TokenDropConfig, got {type(config).__name__}")
     if getattr(model, _ATTR, None) is not None:
         raise ToolkitError("token dropping is already attached to this model; remove() the first handle")
+    if getattr(model, "_toolkit_mod", None) is not None:  # toolkit.vision.mod's marker
+        raise ToolkitError("the model is a Mixture-of-Depths model; token dropping attaches to dense models only")
     core = _core(model)
     layers = core.language_model.layers
     if config.method in ("fastv", "multistage") and config.layer >= len(layers):

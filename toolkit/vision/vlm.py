@@ -155,9 +155,8 @@ def save_vlm(model, processor: VLMProcessor, directory: str | Path, dtype: torch
 
 
 def _load(where):
-    from transformers import LlavaForConditionalGeneration
-    model = LlavaForConditionalGeneration.from_pretrained(where.path, dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
+    from toolkit.vision.mod import from_pretrained  # a Mixture-of-Depths model is converted again on load
+    model = from_pretrained(where.path, dtype=torch.float32, attn_implementation="sdpa")
     return model, VLMProcessor.load(where.path)
 
 
