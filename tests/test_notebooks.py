@@ -151,3 +151,19 @@ def test_mllm_tokens(tmp_path, monkeypatch):
     assert costs["visionzip"][0] < 0.5 and costs["visionzip"][1] < 0.35
     assert costs["fastv"][1] > costs["multistage"][1]  # FastV's early layers keep every token
     assert len(rec["example_answers"]["full"]) == 6
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_mllm_mod(tmp_path, monkeypatch):
+    rec = run_notebook("31_mllm_mod.ipynb", tmp_path, monkeypatch)
+    assert rec["schedule"] == pytest.approx([1.0, 0.65, 0.15, 0.15])
+    assert rec["kept_per_layer"] == {"0": 256, "1": 166, "2": 38, "3": 38}  # int(share * 256) per layer
+    steps = rec["training_steps"]
+    assert steps["vlm-scenes-ft"] == steps["vlm-scenes-mod"] > 0  # matched training
+    rows = rec["comparison"]
+    dense, mod = rows["dense"], rows["p-MoD"]
+    assert mod[1] < 0.6 and mod[2] < 0.6  # FLOPs and KV bytes against dense
+    assert mod[0] > dense[0] - 0.1  # 60 questions in the smoke run: a loose bound; the benchmark has 1,000
+    (zip_label,) = [k for k in rows if k.startswith("visionzip")]
+    assert abs(rows[zip_label][1] - mod[1]) < 0.05  # compared at the same FLOPs

@@ -108,15 +108,41 @@ def test_training_command_runs_and_resumes(tmp_path):
     assert (tmp_path / "model" / "config.json").exists()
 
 
-def test_shipped_model_matches_its_manifest_and_reads_images():
+@pytest.mark.slow
+def test_fine_tuning_to_mixture_of_depths_runs_and_resumes(tmp_path):
+    from toolkit.vision import load_vlm, train_vlm
+    from toolkit.vision import mod as M
+    args = ["--out", str(tmp_path), "--init", "vlm-scenes", "--mod", '{"mean": 0.4}', "--steps", "2",
+            "--batch", "2", "--eval-every", "1000", "--final-items", "4", "--checkpoint-every", "0"]
+    assert train_vlm.main(args) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+    more = list(args)
+    more[more.index("--steps") + 1] = "3"
+    assert train_vlm.main(more + ["--resume"]) == 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and any(".mod_router." in k for k in state["model"])
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[0]["total_steps"] == 2  # the schedule's length stays the first run's
+    model, _ = load_vlm(str(tmp_path / "model"))
+    assert M.is_converted(model) and M.mod_config_of(model).keep == pytest.approx((1.0, 0.65, 0.15, 0.15))
+    routers = M.router_parameters(model)
+    assert len(routers) == 6 and any(int(torch.count_nonzero(p)) for p in routers)  # trained away from zero
+
+
+@pytest.mark.parametrize("name", ["vlm-scenes", "vlm-scenes-ft", "vlm-scenes-mod", "vlm-scenes-mod-lean"])
+def test_shipped_model_matches_its_manifest_and_reads_images(name):
     from toolkit.models import model_entry
     from toolkit.models.store import ASSETS, file_sha256
     from toolkit.vision import evaluate_vqa, load_vlm
-    entry = model_entry("vlm-scenes")
-    path = ASSETS / "vlm-scenes"
+    from toolkit.vision import mod as M
+    entry = model_entry(name)
+    path = ASSETS / name
     assert file_sha256(path / "model.safetensors") == entry["sha256"]
     assert sum(p.stat().st_size for p in path.iterdir()) < 25 * 2**20
-    model, proc = load_vlm("vlm-scenes")
+    model, proc = load_vlm(name)
+    assert M.is_converted(model) == ("mod" in name)
+    if "mod" in name:
+        assert list(M.mod_config_of(model).keep) == entry["schedule"]
     test = scenes.items(100, "test", start=5000)  # held-out scenes beyond the manifest's figure set
     acc = evaluate_vqa(model, proc, test, batch_size=50)["accuracy"]
     text_only = scenes.text_only_accuracy(scenes.items(3000, start=10_000_000), test)

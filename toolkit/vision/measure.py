@@ -47,15 +47,17 @@ def count_flops(fn: Callable[[], object]) -> tuple[int, dict[str, int]]:
     return mode.get_total_flops(), by_module
 
 
-def prefill_flops(model, inputs: dict) -> dict[str, int]:
+def prefill_flops(model, inputs: dict, **forward_kwargs) -> dict[str, int]:
     """Prefill FLOPs of a LLaVA-style model by part: vision tower, projector, language model, LM head.
 
     The scoring a token-dropping method adds runs inside these modules' hooks
-    and is counted with them.
+    and is counted with them. ``forward_kwargs`` go to the forward call;
+    ``logits_to_keep=1`` counts the LM head as ``generate``'s prefill runs it
+    (on the last position only).
     """
     def run():
         with torch.no_grad():
-            model(**inputs, use_cache=True)
+            model(**inputs, use_cache=True, **forward_kwargs)
     total, by = count_flops(run)
     parts = {"vision_tower": 0, "multi_modal_projector": 0, "language_model": 0, "lm_head": 0}
     for name, flops in by.items():

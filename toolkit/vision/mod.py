@@ -49,7 +49,7 @@ import torch
 
 from toolkit.errors import ModelMismatchError, ToolkitError, UnsupportedInputError
 from toolkit.vision.tokens import _ATTR as _DROP_ATTR
-from toolkit.vision.tokens import _core, _gather_rows
+from toolkit.vision.tokens import _core, _gather_rows, prompt_vision
 
 __all__ = ["MoDConfig", "convert", "from_pretrained", "is_converted", "mod_config_of", "load_routers",
            "kept_tokens", "router_parameters", "CONFIG_KEY"]
@@ -246,17 +246,9 @@ def _tail(name: str) -> str:
 # -- the forward passes --------------------------------------------------------------------------------------------
 
 def _on_model(m: _MoD, args, kw):
-    ids = kw.get("input_ids", args[0] if args else None)
-    cache = kw.get("cache", kw.get("past_key_values"))
-    past = cache.get_seq_length() if cache is not None else 0
-    if ids is None:
-        raise UnsupportedInputError("a Mixture-of-Depths model needs input_ids (to find the image placeholders)")
-    vision = ids == m.core.config.image_token_id
+    ids, vision, past = prompt_vision(m.core, args, kw, "a Mixture-of-Depths model")
     if past == 0:
-        counts = vision.sum(1)
-        if int(counts.max()) != int(counts.min()):
-            raise UnsupportedInputError("every row of a batch must hold the same number of vision tokens")
-        m.state = _State(vision=vision, n_vision=int(counts[0]), length=ids.shape[1])
+        m.state = _State(vision=vision, n_vision=int(vision[0].sum()), length=ids.shape[1])
     elif bool(vision.any()):
         raise UnsupportedInputError("image placeholders after the prefill are not supported by Mixture-of-Depths")
     elif m.state.vision is None:

@@ -239,20 +239,28 @@ def _cache_of(kw):
     return kw.get("cache", kw.get("past_key_values"))
 
 
-def _on_model(handle: TokenDropHandle, args, kw):
-    st = handle.state
+def prompt_vision(core, args, kw, who: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(input_ids, vision mask, cached length)`` of a LLaVA forward call; a prefill's rows must hold equal counts."""
     ids = kw.get("input_ids", args[0] if args else None)
     cache = _cache_of(kw)
     past = cache.get_seq_length() if cache is not None else 0
     if ids is None:
-        raise UnsupportedInputError("token dropping needs input_ids (to find the image placeholders)")
-    vision = ids == handle.core.config.image_token_id
+        raise UnsupportedInputError(f"{who} needs input_ids (to find the image placeholders)")
+    vision = ids == core.config.image_token_id
+    if past == 0:
+        counts = vision.sum(1)
+        if int(counts.max()) != int(counts.min()):
+            raise UnsupportedInputError("every row of a batch must hold the same number of vision tokens")
+    return ids, vision, past
+
+
+def _on_model(handle: TokenDropHandle, args, kw):
+    st = handle.state
+    ids, vision, past = prompt_vision(handle.core, args, kw, "token dropping")
     if past == 0:
         counts = vision.sum(1)
         if int(counts.min()) == 0:
             raise UnsupportedInputError("the prompt has no vision tokens to drop (no image placeholder in a row)")
-        if int(counts.max()) != int(counts.min()):
-            raise UnsupportedInputError("every row of a batch must hold the same number of vision tokens")
         mask = kw.get("attention_mask")
         valid = torch.ones_like(vision) if mask is None else mask.bool()
         last_vis = torch.where(vision, torch.arange(ids.shape[1]), -1).max(1).values
