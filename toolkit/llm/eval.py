@@ -10,6 +10,7 @@ for comparability.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import math
 import os
@@ -115,6 +116,8 @@ def _rss() -> int:
 
 def measure(fn: Callable[..., Any], *args, interval: float = 0.005, **kwargs) -> tuple[Any, dict[str, float]]:
     """Run ``fn`` and report its wall time and peak memory (resident set sampled; CUDA exact)."""
+    # Garbage left by earlier work would otherwise be collected during ``fn`` and hide its growth.
+    gc.collect()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
