@@ -14,7 +14,8 @@ for the same steps; see each one's manifest entry for the command):
 Training-free rivals: the best methods of ``benchmarks/mllm_tokens.py``
 (``visionzip`` and ``multistage``, both with proportional attention) on the
 dense fine-tune, each at the share of vision tokens whose prefill FLOPs
-match each MoD model's (bisection on the counted FLOPs, within 0.5%).
+match each MoD model's (bisection on the counted FLOPs, within 0.5%), and
+``visionzip+prop`` at the ``--sweep`` shares for the rest of its curve.
 
 Held-out data: ``--items`` questions on new scenes of the ``test`` seed
 stream (:mod:`toolkit.data.scenes`), answered greedily through ``generate``.
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", default="0.0625,0.125,0.25,0.5", help="more shares for the visionzip+prop curve")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,6 +114,11 @@ def main() -> None:
             with drop_vision_tokens(dense, TokenDropConfig(method, keep=keep, layer=1, proportional_attention=True)):
                 rows.append(measure(dense, f"{label} at {target['model']}'s FLOPs", kind="training-free",
                                     method=label, keep=keep))
+    # the rest of the training-free curve, for the accuracy-against-FLOPs plot
+    for keep in (float(k) for k in args.sweep.split(",") if k):
+        with drop_vision_tokens(dense, TokenDropConfig("visionzip", keep=keep, layer=1, proportional_attention=True)):
+            rows.append(measure(dense, f"visionzip+prop at {keep:.1%}", kind="training-free sweep",
+                                method="visionzip+prop", keep=keep))
     full = rows[0]
     for r in rows:
         r["accuracy_vs_dense"] = r["accuracy"] - full["accuracy"]
@@ -191,6 +198,7 @@ def _plot(res: dict, path: Path) -> None:
         ax.plot([r["flops_ratio"] for r in rs], [r["accuracy"] for r in rs], style, ms=8, label=kind)
     for label, _ in RIVALS:
         rs = sorted((r for r in res["rows"] if r.get("method") == label), key=lambda r: r["flops_ratio"])
+        rs += [dense] if rs else []
         ax.plot([r["flops_ratio"] for r in rs], [r["accuracy"] for r in rs], "^--", label=f"{label} (training-free)")
     ax.set_xlabel("prefill FLOPs / dense")
     ax.set_ylabel("held-out accuracy")

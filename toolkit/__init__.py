@@ -35,8 +35,8 @@ _LAZY = {
     "UnsupportedInputError": "toolkit.errors",
     "DependencyError": "toolkit.errors",
 }
-_SUBMODULES = {"codecs", "entropy", "formats", "text", "kernels", "circuits", "models", "data", "notebook", "errors", "vision", "llm",
-               "bench"}
+_SUBMODULES = {"codecs", "entropy", "formats", "text", "kernels", "circuits", "models", "data", "notebook", "errors",
+               "vision", "llm", "bench"}
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
