@@ -12,7 +12,7 @@ from toolkit.errors import UnsupportedInputError
 FAST = {"store", "zstd", "xz"}
 # Codecs of structured files (pc: PNG images and .npy records; kv: KV-cache bitstreams) refuse other bytes
 # with a clear error instead of silently storing them.
-STRUCTURED = {"pc", "kv"}
+STRUCTURED = {"pc", "kv", "weights"}
 blobs = st.one_of(
     st.binary(max_size=3000),
     st.text(max_size=2000).map(lambda s: s.encode("utf-8")),

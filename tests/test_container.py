@@ -158,7 +158,7 @@ def test_incompressible_chunk_is_stored_not_grown(codec_settings):
     store = toolkit.compress(noise, codec="store")
     for name in list_codecs():
         kw = codec_settings.get(name, {})
-        if name in ("pc", "kv"):  # structured inputs only (PNG / .npy; KV bitstreams): others are refused
+        if name in ("pc", "kv", "weights"):  # structured inputs only (PNG, .npy, KV bitstreams, safetensors)
             with pytest.raises(UnsupportedInputError):
                 toolkit.compress(noise, codec=name, **kw)
             continue

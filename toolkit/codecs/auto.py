@@ -3,7 +3,9 @@
 The rule, in order:
 
 1. An empty input is stored.
-2. Magic bytes: a PNG goes to ``pc`` (the shipped patch model; should ``pc``
+2. Magic bytes: a safetensors checkpoint (a JSON header length, then
+   ``{``) goes to ``weights`` when its header parses (else the classic
+   pick); a PNG goes to ``pc`` (the shipped patch model; should ``pc``
    refuse that PNG, the classic pick below codes it). A ``.npy`` file needs
    the user's circuit, so auto codes it classically and says how to use ``pc``.
 3. The classic codecs are measured on the sample (zstd -19, xz -9e, stored);
@@ -71,6 +73,15 @@ def _lm_bpb(sample: bytes) -> float | None:
         return None
 
 
+def _header_len(sample: bytes) -> int:
+    return int.from_bytes(sample[:8], "little")
+
+
+def _looks_like_safetensors(sample: bytes) -> bool:
+    """An 8-byte little-endian JSON length (at most the format's 100 MB) followed by ``{``."""
+    return len(sample) >= 10 and 2 <= _header_len(sample) <= 100_000_000 and sample[8:9] == b"{"
+
+
 def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> Choice:
     """Pick a codec for an input that starts with ``sample`` and has ``size`` bytes (None: unknown).
 
@@ -81,6 +92,15 @@ def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> 
     classic, classic_bpb = _classic(sample)
     if sample.startswith(_PNG):
         return Choice("pc", "a PNG image: probabilistic circuits", fallback=classic)
+    if _looks_like_safetensors(sample):
+        try:
+            from toolkit.weights.checkpoint import parse_header
+
+            header = parse_header(sample, size) if len(sample) >= 8 + _header_len(sample) else None
+        except ToolkitError as e:
+            return Choice(classic, f"a safetensors-like header that does not parse ({e}): {classic}")
+        what = f"{len(header.tensors)} tensors" if header else "a header longer than the sample"
+        return Choice("weights", f"a safetensors checkpoint ({what}): lossless weight coding")
     if sample.startswith(_NPY):
         return Choice(classic, f"a .npy file: {classic} at {classic_bpb:.2f} bits/byte on the sample",
                       hint="for records coded with your circuit: --codec pc --set model=DIR")

@@ -329,6 +329,7 @@ def write_stream(codec: Codec, src: BinaryIO, dst: BinaryIO, size: int | None = 
                 count += 1
             if progress and budget > reported:
                 progress(budget - reported)
+        session.finish()
     finally:
         session.close()
     if size is not None and total != size:

@@ -124,10 +124,14 @@ class Codec:
 
 
 class EncodeSession:
-    """One file's encoder: batches of chunks in file order, then :meth:`close`."""
+    """One file's encoder: batches of chunks in file order, :meth:`finish`, then :meth:`close`."""
 
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the last batch, before the file is complete: a codec that can only
+        tell at the end that its input was invalid (a truncated checkpoint) raises here."""
 
     def close(self) -> None:
         """Release the file's state (the container calls it once, also after an error)."""
@@ -187,6 +191,7 @@ BUILTIN_CODECS: dict[str, str] = {
     "xz": "toolkit.codecs.classic",
     "lm": "toolkit.codecs.lm",
     "pc": "toolkit.codecs.pc",
+    "weights": "toolkit.codecs.weights",
     "kv": "toolkit.codecs.kv",
 }
 

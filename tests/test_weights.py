@@ -1,0 +1,283 @@
+"""Lossless weight coding: float planes, the lane ANS coder, segments, safetensors headers, the weights codec."""
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save
+
+import toolkit
+from toolkit.codecs.weights import WeightsCodec, WeightsConfig
+from toolkit.entropy import counts_to_freqs
+from toolkit.entropy.lanes import TOTAL, decode_lanes, encode_lanes
+from toolkit.errors import ConfigError, FormatError, ToolkitError, UnsupportedInputError
+from toolkit.weights import planes as P
+from toolkit.weights.checkpoint import parse_header
+from toolkit.weights.coding import SegmentShape, decode_segment, encode_segment, plane_entropy
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _weights(shape, dtype=torch.bfloat16, seed=0, scale=0.02):
+    """A trained-like matrix: Gaussian values whose scale varies by row and by column."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.exp(torch.randn(shape[0], 1, generator=g) * 0.5)
+    cols = torch.exp(torch.randn(1, int(np.prod(shape[1:])), generator=g) * 0.5)
+    w = torch.randn(shape[0], int(np.prod(shape[1:])), generator=g) * rows * cols * scale
+    return w.reshape(shape).to(dtype)
+
+
+# ------------------------------------------------------------------ planes
+@pytest.mark.parametrize("dtype", list(P.LAYOUTS))
+def test_planes_split_and_join_every_bit_pattern(dtype):
+    layout = P.layout_for(dtype)
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, size=4096 * layout.nbytes, dtype=np.uint8)
+    raw[: 2 * layout.nbytes] = 0xFF  # NaN patterns
+    planes = P.byte_planes(raw, layout)
+    assert len(planes) == layout.nbytes
+    assert P.join_byte_planes(planes, layout).tobytes() == raw.tobytes()
+    sym, rem = P.split_symbols(raw, layout)
+    assert int(sym.max()) < 1 << layout.symbol_bits
+    assert P.join_symbols(sym, rem, layout).tobytes() == raw.tobytes()
+
+
+def test_bf16_exponent_is_the_first_plane():
+    x = torch.tensor([1.0, 2.0, -0.5, 3.0e-3], dtype=torch.bfloat16)
+    planes = P.byte_planes(x.view(torch.int16).numpy(), P.layout_for("BF16"))
+    expected = (x.view(torch.int16).numpy().view(np.uint16) >> 7) & 0xFF
+    assert (planes[0] == expected).all()
+    assert (planes[1] & 1 == (x < 0).numpy()).all()  # the sign is the last bit after the rotation
+
+
+@given(st.integers(1, 8), st.lists(st.integers(0, 255), max_size=200))
+def test_pack_bits_round_trip(width, values):
+    v = np.array(values, dtype=np.uint8) & ((1 << width) - 1)
+    packed = P.pack_bits(v, width)
+    assert len(packed) == (v.size * width + 7) // 8
+    assert (P.unpack_bits(packed, width, v.size) == v).all()
+
+
+# ------------------------------------------------------------------ lane ANS
+def _tables(rng, k, a):
+    return np.stack([counts_to_freqs(rng.integers(1, 1000, a), total_bits=12) for _ in range(k)])
+
+
+@pytest.mark.parametrize("lanes", [1, 3, 64])
+def test_lanes_round_trip_near_the_ideal_cost(lanes):
+    rng = np.random.default_rng(2)
+    freq = _tables(rng, 5, 17)
+    ctx = rng.integers(0, 5, 50_000).astype(np.uint16)
+    idx = np.array([rng.choice(17, p=freq[c] / TOTAL) for c in ctx[:2000]] * 25, dtype=np.uint16)
+    ctx = np.tile(ctx[:2000], 25)
+    data = encode_lanes(idx, ctx, freq, lanes)
+    syms = np.tile(np.arange(17, dtype=np.uint16) + 100, (5, 1))
+    assert (decode_lanes(data, ctx, freq, syms, lanes) == idx + 100).all()
+    ideal = -np.log2(freq[ctx, idx] / TOTAL).sum() / 8
+    assert len(data) < ideal * 1.002 + 8 * lanes
+
+
+def test_lanes_report_damage_and_refuse_bad_tables():
+    rng = np.random.default_rng(3)
+    freq = _tables(rng, 2, 9)
+    ctx = rng.integers(0, 2, 20_000).astype(np.uint16)
+    idx = rng.integers(0, 9, 20_000).astype(np.uint16)
+    data = encode_lanes(idx, ctx, freq, 8)
+    syms = np.tile(np.arange(9, dtype=np.uint16), (2, 1))
+    for cut in (data[:-2], data[:20], b""):
+        with pytest.raises(FormatError):
+            decode_lanes(cut, ctx, freq, syms, 8)
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x5A
+    with pytest.raises(FormatError):
+        decode_lanes(bytes(bad), ctx, freq, syms, 8)
+    with pytest.raises(ConfigError):
+        encode_lanes(idx, ctx, freq[:, :5] * 0 + 1, 8)  # tables that do not sum to the total
+
+
+# ------------------------------------------------------------------ segments
+@pytest.mark.parametrize("level", ["fast", "max"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_segments_round_trip_bit_exact(level, dtype):
+    w = _weights((96, 160), DTYPES[dtype])
+    raw = w.contiguous().view(torch.uint8).numpy().tobytes()
+    item = w.element_size()
+    for start, count in ((0, w.numel()), (37, 5000), (160 * 3, 160 * 20), (5, 1)):
+        part = raw[start * item:(start + count) * item]
+        payload = encode_segment(part, dtype, SegmentShape(start, 160), level=level)
+        assert decode_segment(payload, dtype, SegmentShape(start, 160), count) == part
+
+
+def test_special_values_survive():
+    x = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-45, 3.4e38] * 700)
+    for dtype in ("F32", "BF16", "F16"):
+        t = x.to(DTYPES[dtype])
+        raw = t.view(torch.uint8).numpy().tobytes()
+        for level in ("fast", "max"):
+            p = encode_segment(raw, dtype, SegmentShape(0, t.numel()), level=level)
+            assert decode_segment(p, dtype, SegmentShape(0, t.numel()), t.numel()) == raw
+
+
+def test_max_beats_the_order0_bound_and_fast_stays_near_it():
+    """Context coding goes below the per-plane entropy on weights whose scales vary by row and column."""
+    w = _weights((512, 1024))
+    raw = w.view(torch.int16).numpy()
+    bound = sum(plane_entropy(raw, P.layout_for("BF16"))) / 16
+    shape = SegmentShape(0, 1024)
+    fast = len(encode_segment(raw.tobytes(), "BF16", shape, level="fast")) / raw.nbytes
+    best = len(encode_segment(raw.tobytes(), "BF16", shape, level="max")) / raw.nbytes
+    assert best < bound - 0.005
+    assert fast < bound + 0.01
+
+
+def test_damaged_segments_raise_format_errors():
+    w = _weights((64, 128))
+    raw = w.view(torch.uint8).numpy().tobytes()
+    shape = SegmentShape(0, 128)
+    rng = np.random.default_rng(4)
+    for level in ("fast", "max"):
+        payload = encode_segment(raw, "BF16", shape, level=level)
+        for _ in range(60):
+            bad = bytearray(payload)
+            i = int(rng.integers(len(bad)))
+            bad[i] ^= 1 << int(rng.integers(8))
+            try:
+                out = decode_segment(bytes(bad), "BF16", shape, w.numel())
+            except FormatError:
+                continue
+            assert len(out) == len(raw)  # a flip the format cannot see still decodes to the right size
+        with pytest.raises(FormatError):
+            decode_segment(payload[:-3], "BF16", shape, w.numel())
+
+
+# ------------------------------------------------------------------ safetensors headers
+def _file(tensors: dict, metadata=None) -> bytes:
+    return save(tensors, metadata=metadata)
+
+
+def _forge(header: dict, body: bytes = b"\0" * 64) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def test_header_parses_in_file_order():
+    data = _file({"b": torch.zeros(3, 2), "a": torch.ones(4, dtype=torch.bfloat16)}, metadata={"k": "v"})
+    h = parse_header(data, len(data))
+    assert {t.name for t in h.tensors} == {"a", "b"}
+    assert h.tensors[0].begin == h.size and h.tensors[0].end == h.tensors[1].begin  # file order, no gaps
+    assert h.metadata == {"k": "v"}
+    assert h.data_end == len(data)
+
+
+@pytest.mark.parametrize("header, why", [
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 100]}}, "bytes for"),
+    ({"w": {"dtype": "F32", "shape": [16], "data_offsets": [0, 64]},
+      "v": {"dtype": "F32", "shape": [2], "data_offsets": [60, 68]}}, "overlaps"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, "gap"),
+    ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, "unknown dtype"),
+    ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 8]}}, "shape"),
+    ({"w": {"dtype": "F32", "shape": [32], "data_offsets": [0, 128]}}, "file has"),
+    ({"w": [1, 2]}, "exactly"),
+    ({"__metadata__": {"a": 1}}, "__metadata__"),
+])
+def test_lying_headers_are_refused(header, why):
+    data = _forge(header)
+    with pytest.raises(UnsupportedInputError, match=why):
+        parse_header(data, len(data))
+    with pytest.raises(UnsupportedInputError):
+        toolkit.compress(data, codec="weights")
+
+
+def test_non_safetensors_inputs_are_refused():
+    for data in (b"", b"short", b"\xff" * 64, struct.pack("<Q", 10) + b"not json!!" + b"\0" * 8,
+                 struct.pack("<Q", 1 << 40) + b"{}"):
+        with pytest.raises(UnsupportedInputError):
+            toolkit.compress(data, codec="weights")
+
+
+# ------------------------------------------------------------------ the codec
+def _model_file() -> bytes:
+    tensors = {
+        "embed.weight": _weights((300, 64), torch.bfloat16, seed=1),
+        "layers.0.q.weight": _weights((64, 64), torch.bfloat16, seed=2),
+        "layers.0.norm.weight": torch.ones(64, dtype=torch.bfloat16),
+        "layers.0.f16": _weights((50, 40), torch.float16, seed=3),
+        "layers.0.f32": _weights((33, 70), torch.float32, seed=4),
+        "layers.0.f64": _weights((10, 7), torch.float64, seed=5),
+        "step": torch.tensor([12345], dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(1.5),
+    }
+    return _file(tensors, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("level", ["fast", "max"])
+@pytest.mark.parametrize("chunk", [4 << 20, 4099, 257])
+def test_codec_round_trips_byte_identical(level, chunk):
+    """Chunk sizes that cut the header and values at odd places."""
+    data = _model_file()
+    codec = WeightsCodec(WeightsConfig(level=level))
+    codec.chunk_size = chunk
+    blob = toolkit.compress(data, codec=codec)
+    assert toolkit.decompress(blob) == data
+    if chunk > len(data):
+        assert len(blob) < 0.8 * len(data)
+
+
+def test_auto_picks_weights_for_safetensors():
+    data = _model_file()
+    assert toolkit.info(toolkit.compress(data))["header"]["codec"] == "weights"
+    forged = _forge({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 100]}})
+    assert toolkit.info(toolkit.compress(forged))["header"]["codec"] != "weights"  # a header that does not parse
+
+
+def test_truncated_checkpoint_is_refused_and_trailing_bytes_too():
+    data = _model_file()
+    with pytest.raises(UnsupportedInputError, match="tensors end"):
+        toolkit.compress(data[:-10], codec="weights")
+    with pytest.raises(UnsupportedInputError, match="after the last tensor"):
+        toolkit.compress(data + b"extra", codec="weights")
+
+
+def test_damaged_tkz_gives_one_clear_error():
+    data = _model_file()
+    blob = toolkit.compress(data, codec="weights", level="max")
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        bad = bytearray(blob)
+        i = int(rng.integers(len(bad)))
+        bad[i] ^= 1 << int(rng.integers(8))
+        try:
+            out = toolkit.decompress(bytes(bad))
+        except ToolkitError:
+            continue
+        assert out == data  # never wrong output: the container's digest catches the rest
+    for cut in (len(blob) // 3, len(blob) - 5):
+        with pytest.raises(ToolkitError):
+            toolkit.decompress(blob[:cut])
+
+
+def test_cli_round_trip_in_a_fresh_process(tmp_path):
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(_model_file())
+    run = [sys.executable, "-m", "toolkit"]
+    subprocess.run(run + ["compress", str(src), "--set", "level=max", "--codec", "weights"], check=True,
+                   capture_output=True)
+    out = tmp_path / "back.safetensors"
+    subprocess.run(run + ["decompress", str(tmp_path / "model.safetensors.tkz"), "-o", str(out)], check=True,
+                   capture_output=True)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_bad_settings():
+    with pytest.raises(ConfigError):
+        WeightsConfig(level="best")
+    with pytest.raises(ConfigError):
+        WeightsConfig(zstd_level=40)

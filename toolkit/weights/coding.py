@@ -1,0 +1,374 @@
+"""Lossless coding of a run of float values: byte planes with zstd, or symbols under a context model with ANS.
+
+A *segment* is a run of whole values of one tensor (at most a container
+chunk), coded on its own so segments decode independently and in parallel.
+Two levels:
+
+``fast``
+    The rotated values' byte planes (:mod:`toolkit.weights.planes`): the
+    exponent plane through zstd's Huffman literal coder, every other plane
+    through zstd where that is smaller, stored otherwise. Decodes at zstd's
+    speed; about as small as per-plane order-0 coding.
+
+``max``
+    The symbol (exponent plus top mantissa bits) is coded with rANS over
+    interleaved lanes (:mod:`toolkit.entropy.lanes`) under a context: the
+    value's row class and column class, classes ranked by the mean symbol of
+    the row or column within the segment (weights' scales vary by output row
+    and input column). The encoder tries a few numbers of classes, counts
+    each option's exact cost (side data included), and keeps the smallest;
+    one table per context is stored. The remainder bits are stored, or
+    zstd-coded where that is smaller.
+
+Payload layout (varints are LEB128):
+
+    fast: 0x01, then per byte plane: mode u8 (0 stored, 1 zstd), varint length, bytes
+    max:  0x02, varint row classes, varint column classes, varint lanes,
+          varint length + zstd(side data: per context a bitmap of the symbols
+          present, then all frequencies - 1 as u16, then the packed row and
+          column classes), varint length + the lanes' words, then the
+          remainder's byte planes and its packed low bits, each as mode, length, bytes
+
+The decoder checks every count against the segment's size before it
+allocates, and a damaged stream raises :class:`~toolkit.errors.FormatError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from toolkit.entropy import counts_to_freqs
+from toolkit.entropy.lanes import PRECISION, TOTAL, decode_lanes, encode_lanes
+from toolkit.entropy.varint import read_varint, varint
+from toolkit.errors import ConfigError, FormatError
+from toolkit.weights import planes as P
+
+__all__ = ["LEVELS", "SegmentShape", "encode_segment", "decode_segment", "plane_entropy"]
+
+LEVELS = ("fast", "max")
+_FAST, _MAX = 1, 2
+_STORED, _ZSTD = 0, 1
+#: (row classes, column classes) the max level tries; the exact cost decides
+_CONTEXTS = ((1, 1), (1, 4), (4, 1), (4, 4), (1, 8), (8, 8), (4, 16), (16, 16))
+_MAX_CLASSES = 64
+_MAX_LANES = 4096
+#: ANS lanes per segment (at most one per 16,384 values): enough for a GPU to decode a segment
+#: in parallel, few enough that their final states and counts (8 bytes a lane) cost under 0.01%
+LANES = 64
+#: values below which a context model does not pay for its tables
+_MIN_CONTEXT_VALUES = 4096
+
+
+@dataclass(frozen=True)
+class SegmentShape:
+    """Where a segment's values sit in their tensor: ``start`` (flat index) and ``row`` length."""
+
+    start: int
+    row: int
+
+    def rows_cols(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        j = self.start + np.arange(n, dtype=np.int64)
+        return j // self.row, j % self.row
+
+
+# ------------------------------------------------------------------ helpers
+def _zstd(data: bytes, level: int) -> bytes:
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+def _unzstd(data: bytes, size: int, what: str) -> bytes:
+    try:
+        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{what}: zstd data is damaged ({e})") from None
+    if len(out) != size:
+        raise FormatError(f"{what}: {len(out)} bytes decoded, {size} expected")
+    return out
+
+
+def _put_plane(out: bytearray, data: bytes, zstd_level: int) -> None:
+    """A plane stored or zstd-coded, whichever is smaller."""
+    packed = _zstd(data, zstd_level) if len(data) >= 64 else None
+    if packed is not None and len(packed) < len(data):
+        out += bytes([_ZSTD]) + varint(len(packed)) + packed
+    else:
+        out += bytes([_STORED]) + varint(len(data)) + data
+
+
+class _Reader:
+    def __init__(self, data: bytes, what: str):
+        self.data = memoryview(data)
+        self.pos = 0
+        self.size = len(data)
+        self.what = what
+
+    def u8(self) -> int:
+        if self.pos >= self.size:
+            raise FormatError(f"{self.what}: truncated")
+        self.pos += 1
+        return self.data[self.pos - 1]
+
+    def varint(self, limit: int) -> int:
+        v, used = read_varint(self.data[self.pos:self.pos + 10], self.what)
+        self.pos += used
+        if v > limit:
+            raise FormatError(f"{self.what}: count {v} exceeds {limit}")
+        return v
+
+    def bytes(self, n: int) -> bytes:
+        if self.pos + n > self.size:
+            raise FormatError(f"{self.what}: truncated")
+        self.pos += n
+        return bytes(self.data[self.pos - n:self.pos])
+
+    def blob(self) -> bytes:
+        return self.bytes(self.varint(self.size))
+
+    def plane(self, size: int) -> bytes:
+        mode = self.u8()
+        data = self.blob()
+        if mode == _STORED:
+            if len(data) != size:
+                raise FormatError(f"{self.what}: stored plane of {len(data)} bytes, {size} expected")
+            return data
+        if mode == _ZSTD:
+            return _unzstd(data, size, self.what)
+        raise FormatError(f"{self.what}: unknown plane mode {mode}")
+
+    def done(self) -> None:
+        if self.pos != self.size:
+            raise FormatError(f"{self.what}: trailing bytes after the segment")
+
+
+def plane_entropy(values: np.ndarray, layout: P.FloatLayout) -> list[float]:
+    """Order-0 entropy in bits of each byte plane (most significant first): the bound of per-plane coding."""
+    out = []
+    for p in P.byte_planes(values, layout):
+        c = np.bincount(p, minlength=256)
+        q = c[c > 0] / p.size
+        out.append(float(-(q * np.log2(q)).sum()))
+    return out
+
+
+# ------------------------------------------------------------------ fast
+def _encode_fast(values: np.ndarray, layout: P.FloatLayout, zstd_level: int) -> bytes:
+    out = bytearray([_FAST])
+    for p in P.byte_planes(values, layout):
+        _put_plane(out, p.tobytes(), zstd_level)
+    return bytes(out)
+
+
+def _decode_fast(r: _Reader, layout: P.FloatLayout, n: int) -> np.ndarray:
+    planes = [np.frombuffer(r.plane(n), dtype=np.uint8) for _ in range(layout.nbytes)]
+    return P.join_byte_planes(planes, layout)
+
+
+# ------------------------------------------------------------------ max
+def _classes(stat: np.ndarray, k: int) -> np.ndarray:
+    """Class 0..k-1 of each entry by rank of ``stat`` (equal shares)."""
+    if k == 1:
+        return np.zeros(stat.size, dtype=np.uint8)
+    order = np.argsort(stat, kind="stable")
+    cls = np.empty(stat.size, dtype=np.uint8)
+    cls[order] = (np.arange(stat.size) * k // max(stat.size, 1)).astype(np.uint8)
+    return cls
+
+
+def _width(k: int) -> int:
+    return max(1, (k - 1).bit_length())
+
+
+def _context_ids(shape: SegmentShape, n: int, row_cls: np.ndarray, col_cls: np.ndarray, kc: int) -> np.ndarray:
+    """Each value's context (row class * kc + column class), uint16."""
+    rc, cc = row_cls.astype(np.uint16) * np.uint16(kc), col_cls.astype(np.uint16)
+    if shape.start % shape.row == 0 and n % shape.row == 0:  # whole rows: one broadcast
+        return (rc[:, None] + cc[None, :]).reshape(-1)
+    rows, cols = shape.rows_cols(n)
+    return rc[rows - rows[0]] + cc[cols]
+
+
+def _tables(counts: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """One table per context: ``(side bytes, freq[K, P], syms[K, P])`` with P the most symbols present.
+
+    Side bytes: a bitmap of the symbols present in each context, then every
+    table's frequencies - 1 as u16, in context order.
+    """
+    present = [np.flatnonzero(row) for row in counts]
+    width = max(1, max(p.size for p in present))
+    freq = np.zeros((counts.shape[0], width), dtype=np.int64)
+    syms = np.zeros((counts.shape[0], width), dtype=np.uint16)
+    for c, p in enumerate(present):
+        if p.size:
+            freq[c, :p.size] = counts_to_freqs(counts[c, p], total_bits=PRECISION)
+            syms[c, :p.size] = p
+    flat = np.concatenate([freq[c, :p.size] - 1 for c, p in enumerate(present)])
+    side = np.packbits(counts > 0, axis=1).tobytes() + flat.astype("<u2").tobytes()
+    return side, freq, syms
+
+
+def _cost_bits(counts: np.ndarray, freq: np.ndarray) -> float:
+    bits = 0.0
+    for row, f in zip(counts, freq, strict=True):
+        c = row[row > 0]
+        if c.size:
+            bits += float((c * (PRECISION - np.log2(f[:c.size]))).sum())
+    return bits
+
+
+def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, zstd_level: int,
+                lanes: int) -> bytes:
+    n = values.size // layout.nbytes
+    sym, rem = P.split_symbols(values, layout)
+    alphabet = 1 << layout.symbol_bits
+    rows, cols = shape.rows_cols(n)
+    first_row, n_rows = int(rows[0]), int(rows[-1] - rows[0] + 1)
+    s64 = sym.astype(np.int64)
+    row_stat = np.bincount(rows - first_row, weights=s64, minlength=n_rows) / \
+        np.maximum(np.bincount(rows - first_row, minlength=n_rows), 1)
+    full_cols = n >= shape.row
+    col_stat = np.bincount(cols, weights=s64, minlength=shape.row) / \
+        np.maximum(np.bincount(cols, minlength=shape.row), 1) if full_cols else None
+
+    best = None
+    for kr, kc in _CONTEXTS:
+        if (kr, kc) != (1, 1) and n < _MIN_CONTEXT_VALUES:
+            continue
+        if kc > 1 and (not full_cols or shape.row < 4 * kc):
+            continue
+        if kr > 1 and n_rows < 4 * kr:
+            continue
+        row_cls = _classes(row_stat, kr)
+        col_cls = _classes(col_stat, kc) if kc > 1 else np.zeros(shape.row, dtype=np.uint8)
+        ctx = _context_ids(shape, n, row_cls, col_cls, kc)
+        counts = np.bincount(ctx.astype(np.int64) * alphabet + s64,
+                             minlength=kr * kc * alphabet).reshape(kr * kc, alphabet)
+        side, freq, syms = _tables(counts)
+        if kr > 1:
+            side += P.pack_bits(row_cls, _width(kr))
+        if kc > 1:
+            side += P.pack_bits(col_cls, _width(kc))
+        side_z = _zstd(side, zstd_level)
+        cost = _cost_bits(counts, freq) + 8 * len(side_z) + 32 * lanes
+        if best is None or cost < best[0]:
+            best = (cost, kr, kc, ctx, freq, syms, side_z)
+    _, kr, kc, ctx, freq, syms, side_z = best
+
+    # each value's index in its context's table
+    index = np.zeros((kr * kc, alphabet), dtype=np.uint16)
+    for c in range(kr * kc):
+        m = int((freq[c] > 0).sum())
+        index[c, syms[c, :m]] = np.arange(m, dtype=np.uint16)
+    ans = encode_lanes(index[ctx, sym], ctx, freq, lanes)
+
+    out = bytearray([_MAX]) + varint(kr) + varint(kc) + varint(lanes) + varint(len(side_z)) + side_z
+    out += varint(len(ans)) + ans
+    _put_remainder(out, rem, layout, zstd_level)
+    return bytes(out)
+
+
+def _remainder_layout(layout: P.FloatLayout) -> tuple[int, int]:
+    """(full bytes, leftover low bits) of the remainder."""
+    return layout.remainder_bits // 8, layout.remainder_bits % 8
+
+
+def _put_remainder(out: bytearray, rem: np.ndarray, layout: P.FloatLayout, zstd_level: int) -> None:
+    full, low = _remainder_layout(layout)
+    for k in range(full):
+        shift = layout.remainder_bits - 8 * (k + 1)
+        _put_plane(out, ((rem >> shift) & 0xFF).astype(np.uint8).tobytes(), zstd_level)
+    if low:
+        _put_plane(out, P.pack_bits((rem & ((1 << low) - 1)).astype(np.uint8), low), zstd_level)
+
+
+def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) -> np.ndarray:
+    kr, kc = r.varint(_MAX_CLASSES), r.varint(_MAX_CLASSES)
+    lanes = r.varint(_MAX_LANES)
+    if kr < 1 or kc < 1 or lanes < 1:
+        raise FormatError(f"{r.what}: {kr} x {kc} contexts over {lanes} lanes")
+    k_all = kr * kc
+    alphabet = 1 << layout.symbol_bits
+    j_first, j_last = shape.start // shape.row, (shape.start + n - 1) // shape.row
+    n_rows = j_last - j_first + 1
+    if kc > 1 and n < shape.row:
+        raise FormatError(f"{r.what}: column classes in a segment shorter than a row")
+    side_z = r.blob()
+    side_cap = k_all * alphabet * 3 + n_rows + shape.row + 16  # bitmaps, u16 frequencies, classes
+    try:
+        side = zstandard.ZstdDecompressor().decompress(side_z, max_output_size=side_cap)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"{r.what}: side data is damaged ({e})") from None
+    sr = _Reader(side, r.what)
+    bitmaps = np.unpackbits(np.frombuffer(sr.bytes(k_all * alphabet // 8), dtype=np.uint8)).reshape(k_all, alphabet)
+    n_present = bitmaps.sum(axis=1).astype(np.int64)
+    flat = np.frombuffer(sr.bytes(2 * int(n_present.sum())), dtype="<u2").astype(np.int64) + 1
+    width = max(1, int(n_present.max()))
+    freq = np.zeros((k_all, width), dtype=np.int64)
+    syms = np.zeros((k_all, width), dtype=np.uint16)
+    pos = 0
+    for c in range(k_all):
+        m = int(n_present[c])
+        freq[c, :m], syms[c, :m] = flat[pos:pos + m], np.flatnonzero(bitmaps[c])
+        pos += m
+        if m and int(freq[c].sum()) != TOTAL:
+            raise FormatError(f"{r.what}: a context table does not sum to {TOTAL}")
+    row_cls = _read_classes(sr, kr, n_rows, r.what)
+    col_cls = _read_classes(sr, kc, shape.row, r.what)
+    sr.done()
+    ctx = _context_ids(shape, n, row_cls, col_cls, kc)
+    sym = decode_lanes(r.blob(), ctx, freq, syms, lanes)
+    rem = _read_remainder(r, layout, n)
+    return P.join_symbols(sym, rem, layout)
+
+
+def _read_classes(sr: _Reader, k: int, count: int, what: str) -> np.ndarray:
+    if k == 1:
+        return np.zeros(count, dtype=np.uint8)
+    w = _width(k)
+    cls = P.unpack_bits(sr.bytes((count * w + 7) // 8), w, count)
+    if (cls >= k).any():
+        raise FormatError(f"{what}: class out of range")
+    return cls
+
+
+def _read_remainder(r: _Reader, layout: P.FloatLayout, n: int) -> np.ndarray:
+    full, low = _remainder_layout(layout)
+    rem = np.zeros(n, dtype=layout.uint)
+    for k in range(full):
+        shift = layout.remainder_bits - 8 * (k + 1)
+        rem |= np.frombuffer(r.plane(n), dtype=np.uint8).astype(layout.uint) << shift
+    if low:
+        rem |= P.unpack_bits(r.plane((n * low + 7) // 8), low, n).astype(layout.uint)
+    return rem
+
+
+# ------------------------------------------------------------------ entry points
+def encode_segment(data: bytes | np.ndarray, dtype: str, shape: SegmentShape, level: str = "fast",
+                   zstd_level: int = 19, lanes: int = LANES) -> bytes:
+    """Code whole values of ``dtype`` (raw little-endian bytes) that start at ``shape.start`` of their tensor."""
+    layout = P.layout_for(dtype)
+    values = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray | memoryview) else data
+    if values.size % layout.nbytes or values.size == 0:
+        raise ConfigError(f"a {dtype} segment needs a positive whole number of {layout.nbytes}-byte values")
+    if level == "fast":
+        return _encode_fast(values, layout, zstd_level)
+    if level == "max":
+        return _encode_max(values, layout, shape, zstd_level, max(1, min(lanes, values.size // layout.nbytes // 16384)))
+    raise ConfigError(f"weights level must be one of {LEVELS}, got {level!r}")
+
+
+def decode_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) -> bytes:
+    """The raw bytes of ``count`` values coded by :func:`encode_segment`."""
+    layout = P.layout_for(dtype)
+    r = _Reader(payload, f"{dtype} segment at value {shape.start}")
+    method = r.u8()
+    if method == _FAST:
+        out = _decode_fast(r, layout, count)
+    elif method == _MAX:
+        out = _decode_max(r, layout, shape, count)
+    else:
+        raise FormatError(f"{r.what}: unknown method {method}")
+    r.done()
+    return out.astype(layout.uint, copy=False).tobytes()
