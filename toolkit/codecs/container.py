@@ -29,6 +29,7 @@ import struct
 import typing
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import BinaryIO
 
@@ -518,32 +519,45 @@ def read_stream(src: BinaryIO, dst: BinaryIO, progress: ProgressFn | None = None
 
 def _read_chunks(header: dict, codec: Codec, session: DecodeSession, src: BinaryIO, dst: BinaryIO,
                  progress: ProgressFn | None) -> dict:
+    # Writing and hashing a decoded batch runs in a second thread while the next batch decodes
+    # (hashlib and file writes release the GIL): at most two batches are held.
     sha = hashlib.sha256()
-    total = 0
     batch: list[_Chunk] = []
+    pending: list[Future] = []
 
-    def flush() -> None:
-        nonlocal total
-        for data in _decode_batch(session, batch):
+    def write(out: list[bytes]) -> None:
+        for data in out:
             dst.write(data)
             sha.update(data)
-            total += len(data)
             if progress:
                 progress(len(data))
-        batch.clear()
 
-    for rec in _iter_records(src, header["chunk_size"]):
-        if isinstance(rec, _Chunk):
-            if rec.method != METHOD_CODEC and not codec.chunk_fallback:
-                raise FormatError(f"chunk {rec.index}: codec {codec.name} writes every chunk itself")
-            batch.append(rec)
-            if len(batch) == header["batch_chunks"]:
-                flush()
-        else:
-            if batch:
-                flush()
-            if sha.digest()[: len(rec.digest)] != rec.digest:
-                raise ChecksumError("SHA-256 of the decoded data does not match (model or data differ)")
+    def flush(writer: ThreadPoolExecutor) -> None:
+        out = _decode_batch(session, batch)
+        batch.clear()
+        if pending:
+            pending.pop().result()
+        pending.append(writer.submit(write, out))
+
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        try:
+            for rec in _iter_records(src, header["chunk_size"]):
+                if isinstance(rec, _Chunk):
+                    if rec.method != METHOD_CODEC and not codec.chunk_fallback:
+                        raise FormatError(f"chunk {rec.index}: codec {codec.name} writes every chunk itself")
+                    batch.append(rec)
+                    if len(batch) == header["batch_chunks"]:
+                        flush(writer)
+                else:
+                    if batch:
+                        flush(writer)
+                    if pending:
+                        pending.pop().result()
+                    if sha.digest()[: len(rec.digest)] != rec.digest:
+                        raise ChecksumError("SHA-256 of the decoded data does not match (model or data differ)")
+        finally:
+            for f in pending:  # a failure above: let the write in flight end before the caller cleans up
+                f.exception()
     return header
 
 

@@ -171,7 +171,7 @@ class _Decoder(DecodeSession, _Session):
             else:
                 jobs.append((i, head, r, self.header, self.pos + len(head), size - len(head)))
             self.pos += size
-        decoded = _map(lambda j: j[1] + _decode_pieces(*j[2:]), jobs)
+        decoded = _map(lambda j: _decode_pieces(*j[1:]), jobs)
         for (i, *_), data in zip(jobs, decoded, strict=True):
             out[i] = data
         return out
@@ -195,8 +195,8 @@ def _segment(kind: int, data: bytes) -> bytes:
 
 
 def _segment_zstd(data: bytes, level: int) -> bytes:
-    import zstandard
-    z = zstandard.ZstdCompressor(level=level).compress(data)
+    from toolkit.weights.coding import _zstd
+    z = _zstd(data, level)
     return _segment(_ZSTD, z) if len(z) < len(data) else _segment(_STORED, data)
 
 
@@ -217,26 +217,30 @@ def _encode_pieces(config: WeightsConfig, header, pos: int, raw: bytes) -> bytes
     return bytes(out)
 
 
-def _decode_pieces(r: _Segments, header, pos: int, size: int) -> bytes:
+def _decode_pieces(head: bytes, r: _Segments, header, pos: int, size: int) -> memoryview:
+    """Decode a chunk's segments after its ``head`` (header bytes) into one buffer, without copies."""
+    import numpy as np
+
     from toolkit.weights.checkpoint import DTYPE_BYTES
     from toolkit.weights.coding import SegmentShape, decode_segment
 
-    out = bytearray()
+    buf = np.empty(len(head) + size, dtype=np.uint8)
+    buf[:len(head)] = np.frombuffer(head, dtype=np.uint8)
     for kind, lo, hi, t, v0 in _pieces(header, pos, pos + size):
         got, data = r.next()
+        at = len(head) + lo - pos
         if kind == _FLOAT:
             if got != _FLOAT:
                 raise FormatError("weights chunk: bytes where the header has float values")
-            out += decode_segment(data, t.dtype, SegmentShape(v0, t.row), (hi - lo) // DTYPE_BYTES[t.dtype])
+            values = decode_segment(data, t.dtype, SegmentShape(v0, t.row), (hi - lo) // DTYPE_BYTES[t.dtype])
+            buf[at:at + hi - lo] = values.view(np.uint8)
         else:
             part = _unpack(got, data, hi - lo)
             if len(part) != hi - lo:
                 raise FormatError(f"weights chunk: a segment of {len(part)} bytes where {hi - lo} belong")
-            out += part
+            buf[at:at + hi - lo] = np.frombuffer(part, dtype=np.uint8)
     r.done()
-    if len(out) != size:
-        raise FormatError(f"weights chunk: {len(out)} bytes decoded, {size} expected")
-    return bytes(out)
+    return buf.data
 
 
 class _Segments:
@@ -268,8 +272,10 @@ def _unpack(kind: int, data: bytes, size: int) -> bytes:
         out = data
     elif kind == _ZSTD:
         import zstandard
+
+        from toolkit.weights.coding import _dctx
         try:
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+            out = _dctx().decompress(data, max_output_size=size)
         except zstandard.ZstdError as e:
             raise FormatError(f"weights chunk: zstd data is damaged ({e})") from None
     else:

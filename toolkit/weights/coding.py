@@ -35,13 +35,14 @@ allocates, and a damaged stream raises :class:`~toolkit.errors.FormatError`.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import zstandard
 
 from toolkit.entropy import counts_to_freqs
-from toolkit.entropy.lanes import PRECISION, TOTAL, decode_lanes, encode_lanes
+from toolkit.entropy.lanes import MAX_SYMBOLS, PRECISION, TOTAL, decode_lanes, encode_lanes
 from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import ConfigError, FormatError
 from toolkit.weights import planes as P
@@ -75,13 +76,25 @@ class SegmentShape:
 
 
 # ------------------------------------------------------------------ helpers
+_LOCAL = threading.local()  # zstd contexts are costly to create and not thread-safe: one per thread
+
+
 def _zstd(data: bytes, level: int) -> bytes:
-    return zstandard.ZstdCompressor(level=level).compress(data)
+    cache = _LOCAL.__dict__.setdefault("compressors", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level)
+    return cache[level].compress(data)
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    if not hasattr(_LOCAL, "decompressor"):
+        _LOCAL.decompressor = zstandard.ZstdDecompressor()
+    return _LOCAL.decompressor
 
 
 def _unzstd(data: bytes, size: int, what: str) -> bytes:
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        out = _dctx().decompress(data, max_output_size=size)
     except zstandard.ZstdError as e:
         raise FormatError(f"{what}: zstd data is damaged ({e})") from None
     if len(out) != size:
@@ -240,11 +253,15 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
             continue
         if kr > 1 and n_rows < 4 * kr:
             continue
+        if kr * kc * TOTAL > max(n // 2, TOTAL):
+            continue  # the decoder's tables (4096 entries a context) would cost more than the values
         row_cls = _classes(row_stat, kr)
         col_cls = _classes(col_stat, kc) if kc > 1 else np.zeros(shape.row, dtype=np.uint8)
         ctx = _context_ids(shape, n, row_cls, col_cls, kc)
         counts = np.bincount(ctx.astype(np.int64) * alphabet + s64,
                              minlength=kr * kc * alphabet).reshape(kr * kc, alphabet)
+        if int((counts > 0).sum(axis=1).max()) > MAX_SYMBOLS:
+            continue  # the coder's tables hold 256 symbols: values this varied are near noise
         side, freq, syms = _tables(counts)
         if kr > 1:
             side += P.pack_bits(row_cls, _width(kr))
@@ -254,6 +271,8 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
         cost = _cost_bits(counts, freq) + 8 * len(side_z) + 32 * lanes
         if best is None or cost < best[0]:
             best = (cost, kr, kc, ctx, freq, syms, side_z)
+    if best is None:
+        return _encode_fast(values, layout, zstd_level)
     _, kr, kc, ctx, freq, syms, side_z = best
 
     # each value's index in its context's table
@@ -297,7 +316,7 @@ def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) 
     side_z = r.blob()
     side_cap = k_all * alphabet * 3 + n_rows + shape.row + 16  # bitmaps, u16 frequencies, classes
     try:
-        side = zstandard.ZstdDecompressor().decompress(side_z, max_output_size=side_cap)
+        side = _dctx().decompress(side_z, max_output_size=side_cap)
     except zstandard.ZstdError as e:
         raise FormatError(f"{r.what}: side data is damaged ({e})") from None
     sr = _Reader(side, r.what)
@@ -319,8 +338,8 @@ def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) 
     sr.done()
     ctx = _context_ids(shape, n, row_cls, col_cls, kc)
     sym = decode_lanes(r.blob(), ctx, freq, syms, lanes)
-    rem = _read_remainder(r, layout, n)
-    return P.join_symbols(sym, rem, layout)
+    planes, packed = _read_remainder(r, layout, n)
+    return P.join_packed(sym, planes, packed, layout)
 
 
 def _read_classes(sr: _Reader, k: int, count: int, what: str) -> np.ndarray:
@@ -333,15 +352,11 @@ def _read_classes(sr: _Reader, k: int, count: int, what: str) -> np.ndarray:
     return cls
 
 
-def _read_remainder(r: _Reader, layout: P.FloatLayout, n: int) -> np.ndarray:
+def _read_remainder(r: _Reader, layout: P.FloatLayout, n: int) -> tuple[list[np.ndarray], bytes]:
+    """The remainder's full byte planes and its packed low bits."""
     full, low = _remainder_layout(layout)
-    rem = np.zeros(n, dtype=layout.uint)
-    for k in range(full):
-        shift = layout.remainder_bits - 8 * (k + 1)
-        rem |= np.frombuffer(r.plane(n), dtype=np.uint8).astype(layout.uint) << shift
-    if low:
-        rem |= P.unpack_bits(r.plane((n * low + 7) // 8), low, n).astype(layout.uint)
-    return rem
+    planes = [np.frombuffer(r.plane(n), dtype=np.uint8) for _ in range(full)]
+    return planes, (r.plane((n * low + 7) // 8) if low else b"")
 
 
 # ------------------------------------------------------------------ entry points
@@ -359,8 +374,9 @@ def encode_segment(data: bytes | np.ndarray, dtype: str, shape: SegmentShape, le
     raise ConfigError(f"weights level must be one of {LEVELS}, got {level!r}")
 
 
-def decode_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) -> bytes:
-    """The raw bytes of ``count`` values coded by :func:`encode_segment`."""
+def decode_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) -> np.ndarray:
+    """The ``count`` values coded by :func:`encode_segment`, as unsigned integers of the dtype's width
+    (``.tobytes()`` gives the raw bytes; ``.view(np.uint8)`` writes them without a copy)."""
     layout = P.layout_for(dtype)
     r = _Reader(payload, f"{dtype} segment at value {shape.start}")
     method = r.u8()
@@ -371,4 +387,4 @@ def decode_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) 
     else:
         raise FormatError(f"{r.what}: unknown method {method}")
     r.done()
-    return out.astype(layout.uint, copy=False).tobytes()
+    return out.astype(layout.uint, copy=False)

