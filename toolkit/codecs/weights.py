@@ -195,8 +195,8 @@ def _segment(kind: int, data: bytes) -> bytes:
 
 
 def _segment_zstd(data: bytes, level: int) -> bytes:
-    from toolkit.weights.coding import _zstd
-    z = _zstd(data, level)
+    from toolkit.weights.coding import zstd_compress
+    z = zstd_compress(data, level)
     return _segment(_ZSTD, z) if len(z) < len(data) else _segment(_STORED, data)
 
 
@@ -273,9 +273,9 @@ def _unpack(kind: int, data: bytes, size: int) -> bytes:
     elif kind == _ZSTD:
         import zstandard
 
-        from toolkit.weights.coding import _dctx
+        from toolkit.weights.coding import zstd_decompressor
         try:
-            out = _dctx().decompress(data, max_output_size=size)
+            out = zstd_decompressor().decompress(data, max_output_size=size)
         except zstandard.ZstdError as e:
             raise FormatError(f"weights chunk: zstd data is damaged ({e})") from None
     else:

@@ -47,7 +47,8 @@ from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import ConfigError, FormatError
 from toolkit.weights import planes as P
 
-__all__ = ["LEVELS", "SegmentShape", "encode_segment", "decode_segment", "plane_entropy"]
+__all__ = ["LEVELS", "SegmentShape", "encode_segment", "decode_segment", "plane_entropy", "zstd_compress",
+           "zstd_decompressor"]
 
 LEVELS = ("fast", "max")
 _FAST, _MAX = 1, 2
@@ -79,14 +80,15 @@ class SegmentShape:
 _LOCAL = threading.local()  # zstd contexts are costly to create and not thread-safe: one per thread
 
 
-def _zstd(data: bytes, level: int) -> bytes:
+def zstd_compress(data: bytes, level: int) -> bytes:
+    """zstd at ``level`` with this thread's cached context."""
     cache = _LOCAL.__dict__.setdefault("compressors", {})
     if level not in cache:
         cache[level] = zstandard.ZstdCompressor(level=level)
     return cache[level].compress(data)
 
 
-def _dctx() -> zstandard.ZstdDecompressor:
+def zstd_decompressor() -> zstandard.ZstdDecompressor:
     if not hasattr(_LOCAL, "decompressor"):
         _LOCAL.decompressor = zstandard.ZstdDecompressor()
     return _LOCAL.decompressor
@@ -94,7 +96,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
 
 def _unzstd(data: bytes, size: int, what: str) -> bytes:
     try:
-        out = _dctx().decompress(data, max_output_size=size)
+        out = zstd_decompressor().decompress(data, max_output_size=size)
     except zstandard.ZstdError as e:
         raise FormatError(f"{what}: zstd data is damaged ({e})") from None
     if len(out) != size:
@@ -104,7 +106,7 @@ def _unzstd(data: bytes, size: int, what: str) -> bytes:
 
 def _put_plane(out: bytearray, data: bytes, zstd_level: int) -> None:
     """A plane stored or zstd-coded, whichever is smaller."""
-    packed = _zstd(data, zstd_level) if len(data) >= 64 else None
+    packed = zstd_compress(data, zstd_level) if len(data) >= 64 else None
     if packed is not None and len(packed) < len(data):
         out += bytes([_ZSTD]) + varint(len(packed)) + packed
     else:
@@ -267,7 +269,7 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
             side += P.pack_bits(row_cls, _width(kr))
         if kc > 1:
             side += P.pack_bits(col_cls, _width(kc))
-        side_z = _zstd(side, zstd_level)
+        side_z = zstd_compress(side, zstd_level)
         cost = _cost_bits(counts, freq) + 8 * len(side_z) + 32 * lanes
         if best is None or cost < best[0]:
             best = (cost, kr, kc, ctx, freq, syms, side_z)
@@ -316,7 +318,7 @@ def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) 
     side_z = r.blob()
     side_cap = k_all * alphabet * 3 + n_rows + shape.row + 16  # bitmaps, u16 frequencies, classes
     try:
-        side = _dctx().decompress(side_z, max_output_size=side_cap)
+        side = zstd_decompressor().decompress(side_z, max_output_size=side_cap)
     except zstandard.ZstdError as e:
         raise FormatError(f"{r.what}: side data is damaged ({e})") from None
     sr = _Reader(side, r.what)
