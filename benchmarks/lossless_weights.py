@@ -154,7 +154,8 @@ def _zipnn(data: bytes, threads: int, repeats: int) -> dict:
         out = []
         for t, raw in tensors:
             if t.dtype in coders and t.numel >= 64:
-                out.append((t.dtype, bytes(coders[t.dtype].compress(raw))))
+                # ZipNN's compress reorders the bits of the buffer it is given in place: give it a copy
+                out.append((t.dtype, bytes(coders[t.dtype].compress(bytearray(raw)))))
             else:
                 out.append((None, plain.compress(raw)))
         return out
