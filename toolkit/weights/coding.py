@@ -196,12 +196,13 @@ def _width(k: int) -> int:
     return max(1, (k - 1).bit_length())
 
 
-def _context_ids(shape: SegmentShape, n: int, row_cls: np.ndarray, col_cls: np.ndarray, kc: int) -> np.ndarray:
-    """Each value's context (row class * kc + column class), uint16."""
+def _context_ids(shape: SegmentShape, n: int, row_cls: np.ndarray, col_cls: np.ndarray, kc: int,
+                 rows_cols: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Each value's context (row class * kc + column class), uint16; ``rows_cols`` if already computed."""
     rc, cc = row_cls.astype(np.uint16) * np.uint16(kc), col_cls.astype(np.uint16)
     if shape.start % shape.row == 0 and n % shape.row == 0:  # whole rows: one broadcast
         return (rc[:, None] + cc[None, :]).reshape(-1)
-    rows, cols = shape.rows_cols(n)
+    rows, cols = rows_cols if rows_cols is not None else shape.rows_cols(n)
     return rc[rows - rows[0]] + cc[cols]
 
 
@@ -259,7 +260,7 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
             continue  # the decoder's tables (4096 entries a context) would cost more than the values
         row_cls = _classes(row_stat, kr)
         col_cls = _classes(col_stat, kc) if kc > 1 else np.zeros(shape.row, dtype=np.uint8)
-        ctx = _context_ids(shape, n, row_cls, col_cls, kc)
+        ctx = _context_ids(shape, n, row_cls, col_cls, kc, (rows, cols))
         counts = np.bincount(ctx.astype(np.int64) * alphabet + s64,
                              minlength=kr * kc * alphabet).reshape(kr * kc, alphabet)
         if int((counts > 0).sum(axis=1).max()) > MAX_SYMBOLS:
