@@ -241,9 +241,9 @@ def test_auto_picks_weights_for_safetensors():
 
 def test_truncated_checkpoint_is_refused_and_trailing_bytes_too():
     data = _model_file()
-    with pytest.raises(UnsupportedInputError, match="tensors end"):
+    with pytest.raises(UnsupportedInputError, match="runs to byte"):
         toolkit.compress(data[:-10], codec="weights")
-    with pytest.raises(UnsupportedInputError, match="after the last tensor"):
+    with pytest.raises(UnsupportedInputError, match="after its data"):
         toolkit.compress(data + b"extra", codec="weights")
 
 
@@ -282,3 +282,141 @@ def test_bad_settings():
         WeightsConfig(level="best")
     with pytest.raises(ConfigError):
         WeightsConfig(zstd_level=40)
+
+
+# ------------------------------------------------------------------ .npy, tar and the scanner
+def _npy(array: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _tar(members: dict[str, bytes], pax: bool = True) -> bytes:
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT if pax else tarfile.USTAR_FORMAT) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _npy_files() -> dict[str, bytes]:
+    w = _weights((40, 96), torch.float32, seed=7).numpy()
+    return {"c32.npy": _npy(w), "f64.npy": _npy(np.asfortranarray(w.astype(np.float64))),
+            "f16.npy": _npy(w.astype(np.float16)), "ints.npy": _npy(np.arange(500)),
+            "big-endian.npy": _npy(w.astype(">f4")), "scalar.npy": _npy(np.float32(3.5))}
+
+
+def _scan(data: bytes, cuts: list[int]):
+    from toolkit.weights.layout import Scanner
+    s, spans, at = Scanner(), [], 0
+    for n in cuts + [len(data)]:
+        spans += s.feed(data[at:at + n])
+        at += n
+        if at >= len(data):
+            break
+    s.finish()
+    return spans
+
+
+@given(st.lists(st.integers(1, 700), min_size=1, max_size=40))
+def test_scanner_spans_cover_every_byte_however_the_file_is_cut(cuts):
+    data = _tar({"m/a.safetensors": _model_file(), "m/" + "x" * 120 + ".npy": _npy_files()["c32.npy"],
+                 "m/readme": b"text " * 50})
+    spans = _scan(data, cuts)
+    assert spans[0].begin == 0 and spans[-1].end == len(data)
+    assert all(a.end == b.begin for a, b in zip(spans, spans[1:], strict=False))
+    whole = {(s.dtype, s.first, s.row) for s in _scan(data, [len(data)]) if s.dtype}
+    assert {(s.dtype, s.first, s.row) for s in spans if s.dtype} == whole
+    assert len(whole) == 8  # the checkpoint's 7 float tensors with bytes (the empty one has none) and the .npy
+
+
+def test_npy_rows_follow_the_memory_order():
+    files = _npy_files()
+    (c,) = [s for s in _scan(files["c32.npy"], []) if s.dtype]
+    (f,) = [s for s in _scan(files["f64.npy"], []) if s.dtype]
+    assert (c.dtype, c.row, c.end) == ("F32", 96, len(files["c32.npy"]))
+    assert (f.dtype, f.row) == ("F64", 40)  # Fortran order: rows run along the first axis
+    assert not [s for s in _scan(files["big-endian.npy"], []) if s.dtype]  # other bytes, still lossless
+
+
+@pytest.mark.parametrize("level", ["fast", "max"])
+@pytest.mark.parametrize("chunk", [4 << 20, 1000])
+def test_npy_and_tar_round_trip_byte_identical(level, chunk):
+    codec = WeightsCodec(WeightsConfig(level=level))
+    codec.chunk_size = chunk
+    files = _npy_files()
+    for data in list(files.values()) + [_tar({**files, "model.safetensors": _model_file()}),
+                                        _tar({"model.safetensors": _model_file()}, pax=False)]:
+        assert toolkit.decompress(toolkit.compress(data, codec=codec)) == data
+    archive = _tar({"shard-1.safetensors": _model_file(), "shard-2.safetensors": _model_file()})
+    if chunk > len(archive):
+        assert len(toolkit.compress(archive, codec=codec)) < 0.8 * len(archive)
+
+
+def test_auto_picks_weights_for_float_npy_and_checkpoint_archives():
+    files = _npy_files()
+    pick = lambda data: toolkit.info(toolkit.compress(data))["header"]["codec"]  # noqa: E731
+    assert pick(files["c32.npy"]) == "weights"
+    assert pick(_tar({"model.safetensors": _model_file()})) == "weights"
+    assert pick(files["ints.npy"]) != "weights"
+    assert pick(_tar({"a.txt": b"hello world " * 400})) != "weights"
+
+
+@pytest.mark.parametrize("data, why", [
+    (_npy(np.zeros((4, 4), np.float32))[:-3], "runs to byte"),
+    (_npy(np.zeros((4, 4), np.float32)) + b"x", "after its data"),
+    (b"\x93NUMPY\x01\x00\x10\x00{'descr': 1}    \n", "exactly descr"),
+    (b"\x93NUMPY\x01\x00\x10\x00__import__('os')\n", "literal"),
+    (b"\x93NUMPY\x07\x00" + b"\0" * 8, "version"),
+    (b"\x93NUMPY\x01\x00\x40\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,)}", "ends inside"),
+])
+def test_lying_npy_files_are_refused(data, why):
+    with pytest.raises(UnsupportedInputError, match=why):
+        toolkit.compress(data, codec="weights")
+
+
+def test_damaged_members_of_an_archive_are_other_bytes():
+    """Inside a tar, a member with a lying header is coded as it is (the archive is still valid)."""
+    lying = _forge({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 100]}})
+    data = _tar({"bad.safetensors": lying, "cut.npy": _npy_files()["c32.npy"][:300],
+                 "good.safetensors": _model_file()})
+    spans = _scan(data, [])
+    assert sum(s.end - s.begin for s in spans if s.dtype) > 0.5 * len(_model_file())
+    assert toolkit.decompress(toolkit.compress(data, codec="weights", level="max")) == data
+
+
+def test_cli_compresses_a_directory_of_shards_as_tar(tmp_path):
+    import tarfile
+    shards = tmp_path / "ckpt"
+    shards.mkdir()
+    (shards / "model-00001.safetensors").write_bytes(_model_file())
+    (shards / "weights.npy").write_bytes(_npy_files()["c32.npy"])
+    (shards / "config.json").write_text('{"layers": 2}')
+    run = [sys.executable, "-m", "toolkit"]
+    done = subprocess.run(run + ["compress", str(shards)], check=True, capture_output=True, text=True)
+    assert "codec weights" in done.stderr
+    subprocess.run(run + ["decompress", str(tmp_path / "ckpt.tar.tkz")], check=True, capture_output=True)
+    with tarfile.open(tmp_path / "ckpt.tar") as tf:
+        tf.extractall(tmp_path / "out", filter="data")
+    for f in shards.iterdir():
+        assert (tmp_path / "out" / "ckpt" / f.name).read_bytes() == f.read_bytes()
+
+
+@given(st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)), min_size=1, max_size=8),
+       st.integers(1, 5000))
+def test_scanner_survives_damaged_archives(flips, cut):
+    """Damaged tar headers and member headers: spans still cover every byte, or one clear error."""
+    data = bytearray(_tar({"a.safetensors": _model_file(), "b.npy": _npy_files()["f16.npy"]}))
+    for at, value in flips:
+        data[at % 3000] = value  # the headers sit in the first 3,000 bytes
+    try:
+        spans = _scan(bytes(data), [cut] * (len(data) // cut))
+    except UnsupportedInputError:
+        return
+    assert spans[0].begin == 0 and spans[-1].end == len(data)
+    assert all(a.end == b.begin for a, b in zip(spans, spans[1:], strict=False))

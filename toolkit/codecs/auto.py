@@ -5,9 +5,11 @@ The rule, in order:
 1. An empty input is stored.
 2. Magic bytes: a safetensors checkpoint (a JSON header length, then
    ``{``) goes to ``weights`` when its header parses (else the classic
-   pick); a PNG goes to ``pc`` (the shipped patch model; should ``pc``
-   refuse that PNG, the classic pick below codes it). A ``.npy`` file needs
-   the user's circuit, so auto codes it classically and says how to use ``pc``.
+   pick); so do a ``.npy`` file of floats and a tar archive whose sample
+   holds float tensors of such files (a directory of shards); a PNG goes to
+   ``pc`` (the shipped patch model; should ``pc`` refuse that PNG, the
+   classic pick below codes it). Other ``.npy`` files are coded classically,
+   with a hint on ``pc`` for records.
 3. The classic codecs are measured on the sample (zstd -19, xz -9e, stored);
    the smallest is the classic pick. On a sample that is the whole input the
    sizes are exact.
@@ -82,6 +84,17 @@ def _looks_like_safetensors(sample: bytes) -> bool:
     return len(sample) >= 10 and 2 <= _header_len(sample) <= 100_000_000 and sample[8:9] == b"{"
 
 
+def _float_share(sample: bytes) -> float:
+    """The share of ``sample`` that the weights codec reads as float values (0 for other formats)."""
+    from toolkit.weights.layout import Scanner
+
+    try:
+        spans = Scanner().feed(sample)
+    except ToolkitError:
+        return 0.0
+    return sum(s.end - s.begin for s in spans if s.dtype) / max(len(sample), 1)
+
+
 def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> Choice:
     """Pick a codec for an input that starts with ``sample`` and has ``size`` bytes (None: unknown).
 
@@ -101,6 +114,10 @@ def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> 
             return Choice(classic, f"a safetensors-like header that does not parse ({e}): {classic}")
         what = f"{len(header.tensors)} tensors" if header else "a header longer than the sample"
         return Choice("weights", f"a safetensors checkpoint ({what}): lossless weight coding")
+    floats = _float_share(sample)
+    if floats > 0.5 or (floats > 0 and sample[257:262] == b"ustar"):
+        what = "a tar archive of checkpoints" if sample[257:262] == b"ustar" else "a .npy file of floats"
+        return Choice("weights", f"{what} ({100 * floats:.0f}% of the sample float values): lossless weight coding")
     if sample.startswith(_NPY):
         return Choice(classic, f"a .npy file: {classic} at {classic_bpb:.2f} bits/byte on the sample",
                       hint="for records coded with your circuit: --codec pc --set model=DIR")

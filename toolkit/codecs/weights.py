@@ -1,21 +1,22 @@
-"""The ``weights`` codec: lossless coding of safetensors checkpoints, byte for byte.
+"""The ``weights`` codec: lossless coding of checkpoints (safetensors, ``.npy``, tar archives of them).
 
 A thin adapter over :mod:`toolkit.weights`. The container hands the file
-over in chunks; this codec reads the safetensors header from the first of
-them (:mod:`toolkit.weights.checkpoint` checks it before anything else is
-read), and then knows, for every byte of every later chunk, which tensor it
-belongs to. Each chunk's payload is a list of segments, the chunk cut at
-tensor boundaries:
+over in chunks; the encoder runs them through a
+:class:`~toolkit.weights.layout.Scanner`, which checks each header before
+anything after it is read and tells which bytes are float values of which
+tensor. Each chunk's payload lists its segments, each saying what it holds:
 
-    kind u8, varint length, bytes
-    kind 0: bytes stored            (the ends of values a chunk boundary cuts)
-    kind 1: zstd                    (the header; integer, bool and 8-bit float tensors)
-    kind 2: float values            (:func:`toolkit.weights.encode_segment`)
+    kind 0, stored:  varint n, n bytes
+    kind 1, zstd:    varint n (bytes it decodes to), varint m, m bytes
+    kind 2, floats:  u8 dtype (0 BF16, 1 F16, 2 F32, 3 F64), varint index of the
+                     first value in its tensor, varint row length, varint n,
+                     varint m, m bytes (:func:`toolkit.weights.encode_segment`)
 
-So a chunk decodes from its own payload and the header alone: chunks
-decode in parallel (threads here; the layout is what a GPU decoder takes),
-and memory stays at one batch of chunks. Decoding gives back the file
-exactly, header bytes and tensor order included.
+Headers, integer and bool tensors and other files are zstd segments; the
+ends of values a chunk boundary cuts are stored. So a chunk decodes from its
+own payload alone: chunks decode in parallel (threads here; the layout is
+what a GPU decoder takes), memory stays at one batch of chunks, and the
+decoder gives back the file exactly, header bytes and tensor order included.
 
 Settings: ``level`` (``fast``: zstd on byte planes, the fastest to decode;
 ``max``: ANS under row and column contexts, the smallest) and
@@ -30,12 +31,16 @@ from dataclasses import dataclass
 
 from toolkit.codecs.registry import Codec, DecodeSession, EncodeSession, register_codec
 from toolkit.entropy.varint import read_varint, varint
-from toolkit.errors import ConfigError, FormatError, UnsupportedInputError
+from toolkit.errors import ConfigError, FormatError
 
 __all__ = ["WeightsCodec", "WeightsConfig"]
 
 _STORED, _ZSTD, _FLOAT = 0, 1, 2
+_DTYPES = ("BF16", "F16", "F32", "F64")
+_ITEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 _CHUNK = 4 << 20
+#: other bytes up to this size (headers) get zstd -19; larger runs (integer tensors, other files) level 3
+_SMALL = 1 << 20
 
 
 @dataclass
@@ -52,135 +57,66 @@ class WeightsConfig:
             raise ConfigError(f"zstd_level must be in 1..22, got {self.zstd_level}")
 
 
-def _pieces(header, start: int, stop: int) -> list[tuple[int, int, int, object, int]]:
-    """The segments of file bytes ``[start, stop)``: ``(kind, begin, end, tensor, first value)``.
+def _pieces(spans, pos: int) -> list[tuple]:
+    """A chunk's spans (at file offset ``pos``) as ``(lo, hi)`` other bytes or ``(lo, hi, span, v0)``
+    whole float values, offsets within the chunk; neighbouring other bytes are merged."""
+    out: list[tuple] = []
 
-    Float tensors give a stored piece for a value a boundary cuts at either
-    end and a float piece for the whole values between; header bytes and
-    other tensors give zstd pieces (stored where zstd does not shrink them).
-    """
-    from toolkit.weights.checkpoint import DTYPE_BYTES, FLOAT_DTYPES
+    def other(lo: int, hi: int) -> None:
+        if hi <= lo:
+            return
+        if out and len(out[-1]) == 2 and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
 
-    out = []
-    if start < header.size:
-        out.append((_ZSTD, start, min(stop, header.size), None, 0))
-    for t in header.tensors:
-        lo, hi = max(start, t.begin), min(stop, t.end)
-        if lo >= hi:
+    for sp in spans:
+        lo, hi = sp.begin - pos, sp.end - pos
+        if sp.dtype is None:
+            other(lo, hi)
             continue
-        if t.dtype not in FLOAT_DTYPES:
-            out.append((_ZSTD, lo, hi, t, 0))
-            continue
-        item = DTYPE_BYTES[t.dtype]
-        v0, v1 = -(-(lo - t.begin) // item), (hi - t.begin) // item
-        a, b = t.begin + v0 * item, t.begin + v1 * item
+        item = _ITEM[sp.dtype]
+        v0, v1 = sp.first_value, (sp.end - sp.first) // item
+        a, b = sp.first + v0 * item - pos, sp.first + v1 * item - pos
         if v1 <= v0:
-            out.append((_STORED, lo, hi, t, 0))
+            other(lo, hi)
             continue
-        if a > lo:
-            out.append((_STORED, lo, a, t, 0))
-        out.append((_FLOAT, a, b, t, v0))
-        if hi > b:
-            out.append((_STORED, b, hi, t, 0))
+        other(lo, a)
+        out.append((a, b, sp, v0))
+        other(b, hi)
     return out
 
 
-class _Session:
-    """What encoder and decoder share: the file offset and, once read, the header."""
-
+class _Encoder(EncodeSession):
     def __init__(self, codec: WeightsCodec):
+        from toolkit.weights.layout import Scanner
+
         self.codec = codec
+        self.scanner = Scanner()
         self.pos = 0
-        self.head = bytearray()
-        self.header = None
-
-    def _take_header(self, data: bytes) -> int:
-        """Feed bytes at ``self.pos`` while the header is incomplete; returns how many were header bytes."""
-        from toolkit.weights.checkpoint import header_length, parse_header
-
-        take = 0
-        if len(self.head) < 8:
-            take = min(len(data), 8 - len(self.head))
-            self.head += data[:take]
-        if len(self.head) >= 8:
-            need = 8 + header_length(bytes(self.head[:8]))
-            more = min(len(data) - take, need - len(self.head))
-            self.head += data[take:take + more]
-            take += more
-            if len(self.head) == need:
-                self.header = parse_header(bytes(self.head))
-                self.head = bytearray()
-        return take
-
-
-class _Encoder(EncodeSession, _Session):
-    def __init__(self, codec: WeightsCodec):
-        _Session.__init__(self, codec)
 
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         jobs = []
-        for raw in chunks:
-            k = self._take_header(raw) if self.header is None else 0
-            head = _segment_zstd(raw[:k], 19) if k else b""
-            if self.header is None:
-                jobs.append((head, None, 0, b""))
-            else:
-                end = self.pos + len(raw)
-                if end > self.header.data_end:
-                    raise UnsupportedInputError(f"invalid safetensors file: {end - self.header.data_end:,} "
-                                                "bytes after the last tensor")
-                jobs.append((head, self.header, self.pos + k, raw[k:]))
+        for raw in chunks:  # the scan is sequential (a header tells what follows); the coding is not
+            jobs.append((raw, _pieces(self.scanner.feed(raw), self.pos)))
             self.pos += len(raw)
         config = self.codec.config
-        return _map(lambda j: j[0] + (_encode_pieces(config, *j[1:]) if j[1] is not None else b""), jobs)
+        return _map(lambda j: _encode_pieces(config, *j), jobs)
 
     def finish(self) -> None:
-        if self.pos == 0:  # an empty input codes to an empty file, as with every codec
-            return
-        if self.header is None:
-            raise UnsupportedInputError("not a safetensors file: it ends inside its header")
-        if self.pos != self.header.data_end:
-            raise UnsupportedInputError(f"invalid safetensors file: the tensors end at byte "
-                                        f"{self.header.data_end:,}, the file at {self.pos:,}")
+        self.scanner.finish()
 
 
-class _Decoder(DecodeSession, _Session):
+class _Decoder(DecodeSession):
     def __init__(self, codec: WeightsCodec):
-        _Session.__init__(self, codec)
+        self.codec = codec
 
     def decode_chunks(self, payloads, sizes, known):
-        out: list[bytes | None] = [None] * len(sizes)
-        jobs = []
-        for i, (payload, size) in enumerate(zip(payloads, sizes, strict=True)):
-            if payload is None:  # the container stored this chunk; its bytes may hold the header
-                out[i] = known[i]
-                if self.header is None:
-                    self._feed(known[i])
-                self.pos += size
-                continue
-            r = _Segments(payload)
-            head = b""
-            if self.header is None:
-                kind, data = r.next()
-                head = _unpack(kind, data, size)
-                if self._feed(head) != len(head) or (self.header is None and len(head) != size):
-                    raise FormatError("weights chunk: its header bytes do not match the header")
-            if self.header is None:
-                r.done()
-                out[i] = head
-            else:
-                jobs.append((i, head, r, self.header, self.pos + len(head), size - len(head)))
-            self.pos += size
-        decoded = _map(lambda j: _decode_pieces(*j[1:]), jobs)
-        for (i, *_), data in zip(jobs, decoded, strict=True):
+        out: list = list(known)
+        jobs = [(i, p, n) for i, (p, n) in enumerate(zip(payloads, sizes, strict=True)) if p is not None]
+        for (i, *_), data in zip(jobs, _map(lambda j: _decode_payload(j[1], j[2]), jobs), strict=True):
             out[i] = data
         return out
-
-    def _feed(self, data: bytes) -> int:
-        try:
-            return self._take_header(data)
-        except UnsupportedInputError as e:
-            raise FormatError(f"the coded safetensors header is damaged: {e}") from None
 
 
 def _map(fn, jobs: list) -> list:
@@ -190,105 +126,103 @@ def _map(fn, jobs: list) -> list:
         return list(ex.map(fn, jobs))
 
 
-def _segment(kind: int, data: bytes) -> bytes:
-    return bytes([kind]) + varint(len(data)) + data
-
-
-def _segment_zstd(data: bytes, level: int) -> bytes:
-    from toolkit.weights.coding import zstd_compress
-    z = zstd_compress(data, level)
-    return _segment(_ZSTD, z) if len(z) < len(data) else _segment(_STORED, data)
-
-
-def _encode_pieces(config: WeightsConfig, header, pos: int, raw: bytes) -> bytes:
-    """The segments of the chunk bytes ``raw`` at file offset ``pos`` (header known)."""
-    from toolkit.weights.coding import SegmentShape, encode_segment
+def _encode_pieces(config: WeightsConfig, raw: bytes, pieces: list[tuple]) -> bytes:
+    from toolkit.weights.coding import SegmentShape, encode_segment, zstd_compress
 
     out = bytearray()
-    for kind, lo, hi, t, v0 in _pieces(header, pos, pos + len(raw)):
-        data = raw[lo - pos:hi - pos]
-        if kind == _FLOAT:
-            out += _segment(_FLOAT, encode_segment(data, t.dtype, SegmentShape(v0, t.row), level=config.level,
-                                                   zstd_level=config.zstd_level))
-        elif kind == _ZSTD:
-            out += _segment_zstd(data, 19 if t is None else 3)
+    for piece in pieces:
+        data = raw[piece[0]:piece[1]]
+        if len(piece) == 4:
+            sp, v0 = piece[2], piece[3]
+            coded = encode_segment(data, sp.dtype, SegmentShape(v0, sp.row), level=config.level,
+                                   zstd_level=config.zstd_level)
+            out += bytes([_FLOAT, _DTYPES.index(sp.dtype)]) + varint(v0) + varint(sp.row) + varint(len(data))
+            out += varint(len(coded)) + coded
+            continue
+        z = zstd_compress(data, 19 if len(data) <= _SMALL else 3) if len(data) >= 32 else data
+        if len(z) < len(data):
+            out += bytes([_ZSTD]) + varint(len(data)) + varint(len(z)) + z
         else:
-            out += _segment(_STORED, data)
+            out += bytes([_STORED]) + varint(len(data)) + data
     return bytes(out)
 
 
-def _decode_pieces(head: bytes, r: _Segments, header, pos: int, size: int) -> memoryview:
-    """Decode a chunk's segments after its ``head`` (header bytes) into one buffer, without copies."""
-    import numpy as np
-
-    from toolkit.weights.checkpoint import DTYPE_BYTES
-    from toolkit.weights.coding import SegmentShape, decode_segment
-
-    buf = np.empty(len(head) + size, dtype=np.uint8)
-    buf[:len(head)] = np.frombuffer(head, dtype=np.uint8)
-    for kind, lo, hi, t, v0 in _pieces(header, pos, pos + size):
-        got, data = r.next()
-        at = len(head) + lo - pos
-        if kind == _FLOAT:
-            if got != _FLOAT:
-                raise FormatError("weights chunk: bytes where the header has float values")
-            values = decode_segment(data, t.dtype, SegmentShape(v0, t.row), (hi - lo) // DTYPE_BYTES[t.dtype])
-            buf[at:at + hi - lo] = values.view(np.uint8)
-        else:
-            part = _unpack(got, data, hi - lo)
-            if len(part) != hi - lo:
-                raise FormatError(f"weights chunk: a segment of {len(part)} bytes where {hi - lo} belong")
-            buf[at:at + hi - lo] = np.frombuffer(part, dtype=np.uint8)
-    r.done()
-    return buf.data
-
-
-class _Segments:
-    """Reads ``kind u8, varint length, bytes`` segments from a chunk payload."""
+class _Reader:
+    """The segments of one chunk payload."""
 
     def __init__(self, payload: bytes):
         self.view = memoryview(payload)
         self.at = 0
 
-    def next(self) -> tuple[int, bytes]:
+    def u8(self) -> int:
         if self.at >= len(self.view):
-            raise FormatError("weights chunk: fewer segments than its tensors need")
-        kind = self.view[self.at]
-        n, used = read_varint(self.view[self.at + 1:self.at + 11], "weights segment length")
-        start = self.at + 1 + used
-        if start + n > len(self.view):
-            raise FormatError("weights chunk: a segment runs past the payload")
-        self.at = start + n
-        return kind, bytes(self.view[start:start + n])
+            raise FormatError("weights chunk: truncated segment")
+        self.at += 1
+        return self.view[self.at - 1]
 
-    def done(self) -> None:
-        if self.at != len(self.view):
-            raise FormatError("weights chunk: more segments than its tensors need")
+    def varint(self, limit: int) -> int:
+        v, used = read_varint(self.view[self.at:self.at + 10], "weights segment")
+        self.at += used
+        if v > limit:
+            raise FormatError(f"weights chunk: a count of {v:,} where at most {limit:,} fit")
+        return v
+
+    def blob(self) -> memoryview:
+        n = self.varint(len(self.view) - self.at)
+        self.at += n
+        return self.view[self.at - n:self.at]
 
 
-def _unpack(kind: int, data: bytes, size: int) -> bytes:
-    """A stored or zstd segment's bytes (at most ``size``)."""
-    if kind == _STORED:
-        out = data
-    elif kind == _ZSTD:
-        import zstandard
+def _decode_payload(payload: bytes, size: int) -> memoryview:
+    """Decode one chunk of ``size`` bytes into one buffer, segment after segment."""
+    import numpy as np
+    import zstandard
 
-        from toolkit.weights.coding import zstd_decompressor
-        try:
-            out = zstd_decompressor().decompress(data, max_output_size=size)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"weights chunk: zstd data is damaged ({e})") from None
-    else:
-        raise FormatError(f"weights chunk: segment kind {kind} where bytes were expected")
-    if len(out) > size:
-        raise FormatError("weights chunk: a segment holds more bytes than the chunk")
-    return out
+    from toolkit.weights.coding import SegmentShape, decode_segment, zstd_decompressor
+
+    buf = np.empty(size, dtype=np.uint8)
+    r = _Reader(payload)
+    at = 0
+    while r.at < len(r.view):
+        kind = r.u8()
+        if kind == _FLOAT:
+            code = r.u8()
+            if code >= len(_DTYPES):
+                raise FormatError(f"weights chunk: unknown float type {code}")
+            dtype = _DTYPES[code]
+            v0, row = r.varint(1 << 62), r.varint(1 << 62)
+            n = r.varint(size - at)
+            if n % _ITEM[dtype] or n == 0 or row == 0:
+                raise FormatError(f"weights chunk: {n} bytes of {dtype} values in rows of {row}")
+            values = decode_segment(bytes(r.blob()), dtype, SegmentShape(v0, row), n // _ITEM[dtype])
+            buf[at:at + n] = values.view(np.uint8)
+        elif kind == _ZSTD:
+            n = r.varint(size - at)
+            try:
+                part = zstd_decompressor().decompress(r.blob(), max_output_size=n)
+            except zstandard.ZstdError as e:
+                raise FormatError(f"weights chunk: zstd data is damaged ({e})") from None
+            if len(part) != n:
+                raise FormatError(f"weights chunk: a zstd segment of {len(part)} bytes where {n} belong")
+            buf[at:at + n] = np.frombuffer(part, dtype=np.uint8)
+        elif kind == _STORED:
+            part = r.blob()
+            n = len(part)
+            if n > size - at:
+                raise FormatError("weights chunk: its segments hold more bytes than the chunk")
+            buf[at:at + n] = np.frombuffer(part, dtype=np.uint8)
+        else:
+            raise FormatError(f"weights chunk: unknown segment kind {kind}")
+        at += n
+    if at != size:
+        raise FormatError(f"weights chunk: its segments hold {at:,} bytes, the chunk {size:,}")
+    return buf.data
 
 
 @register_codec("weights")
 class WeightsCodec(Codec):
-    description = "safetensors checkpoints: float planes with context-coded exponents, byte-exact"
-    version = 1
+    description = "checkpoints (safetensors, .npy, tar of them): float planes with context-coded exponents, byte-exact"
+    version = 2  # 2: every segment says what it holds, so chunks decode without the header
     Config = WeightsConfig
     chunk_size = _CHUNK
     batch_chunks = 4

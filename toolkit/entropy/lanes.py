@@ -170,6 +170,8 @@ def decode_lanes(data: bytes, ctx: np.ndarray, freq: np.ndarray, syms: np.ndarra
             raise FormatError("a value's context has no table")
     if freq.shape[1] > MAX_SYMBOLS:
         raise FormatError(f"tables of {freq.shape[1]} symbols (at most {MAX_SYMBOLS})")
+    if lanes < 1:
+        raise FormatError(f"ANS lanes: {lanes} lanes")
     if len(data) < 4 * lanes:
         raise FormatError("ANS lanes: truncated")
     counts = np.frombuffer(data, dtype="<u4", count=lanes).astype(np.int64)

@@ -196,11 +196,18 @@ def _width(k: int) -> int:
     return max(1, (k - 1).bit_length())
 
 
-def _context_ids(shape: SegmentShape, n: int, row_cls: np.ndarray, col_cls: np.ndarray, kc: int,
+def _context_ids(shape: SegmentShape, n: int, row_cls: np.ndarray, col_cls: np.ndarray | None, kc: int,
                  rows_cols: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Each value's context (row class * kc + column class), uint16; ``rows_cols`` if already computed."""
-    rc, cc = row_cls.astype(np.uint16) * np.uint16(kc), col_cls.astype(np.uint16)
-    if shape.start % shape.row == 0 and n % shape.row == 0:  # whole rows: one broadcast
+    rc = row_cls.astype(np.uint16) * np.uint16(kc)
+    whole = shape.start % shape.row == 0 and n % shape.row == 0
+    if kc == 1:  # no column classes (and no column-sized array: a row may be longer than the segment)
+        if whole:
+            return np.repeat(rc, shape.row)
+        rows = rows_cols[0] if rows_cols is not None else shape.rows_cols(n)[0]
+        return rc[rows - rows[0]]
+    cc = col_cls.astype(np.uint16)
+    if whole:  # whole rows: one broadcast
         return (rc[:, None] + cc[None, :]).reshape(-1)
     rows, cols = rows_cols if rows_cols is not None else shape.rows_cols(n)
     return rc[rows - rows[0]] + cc[cols]
@@ -259,7 +266,7 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
         if kr * kc * TOTAL > max(n // 2, TOTAL):
             continue  # the decoder's tables (4096 entries a context) would cost more than the values
         row_cls = _classes(row_stat, kr)
-        col_cls = _classes(col_stat, kc) if kc > 1 else np.zeros(shape.row, dtype=np.uint8)
+        col_cls = _classes(col_stat, kc) if kc > 1 else None
         ctx = _context_ids(shape, n, row_cls, col_cls, kc, (rows, cols))
         counts = np.bincount(ctx.astype(np.int64) * alphabet + s64,
                              minlength=kr * kc * alphabet).reshape(kr * kc, alphabet)
@@ -337,7 +344,7 @@ def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) 
         if m and int(freq[c].sum()) != TOTAL:
             raise FormatError(f"{r.what}: a context table does not sum to {TOTAL}")
     row_cls = _read_classes(sr, kr, n_rows, r.what)
-    col_cls = _read_classes(sr, kc, shape.row, r.what)
+    col_cls = _read_classes(sr, kc, shape.row, r.what) if kc > 1 else None
     sr.done()
     ctx = _context_ids(shape, n, row_cls, col_cls, kc)
     sym = decode_lanes(r.blob(), ctx, freq, syms, lanes)
@@ -382,6 +389,8 @@ def decode_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) 
     (``.tobytes()`` gives the raw bytes; ``.view(np.uint8)`` writes them without a copy)."""
     layout = P.layout_for(dtype)
     r = _Reader(payload, f"{dtype} segment at value {shape.start}")
+    if shape.row < 1 or shape.start < 0 or count < 1:
+        raise FormatError(f"{r.what}: {count} values in rows of {shape.row}")
     method = r.u8()
     if method == _FAST:
         out = _decode_fast(r, layout, count)
