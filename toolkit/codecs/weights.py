@@ -38,7 +38,7 @@ __all__ = ["WeightsCodec", "WeightsConfig"]
 _STORED, _ZSTD, _FLOAT = 0, 1, 2
 _DTYPES = ("BF16", "F16", "F32", "F64")
 _ITEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
-_CHUNK = 4 << 20
+_CHUNK = 2 << 20
 #: other bytes up to this size (headers) get zstd -19; larger runs (integer tensors, other files) level 3
 _SMALL = 1 << 20
 
@@ -119,11 +119,17 @@ class _Decoder(DecodeSession):
         return out
 
 
+_POOL: list[ThreadPoolExecutor] = []
+
+
 def _map(fn, jobs: list) -> list:
+    """``fn`` over ``jobs`` on all cores (the coders release the GIL); one pool for the process,
+    since starting threads for every batch costs more than a small chunk's decoding."""
     if len(jobs) <= 1:
         return [fn(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as ex:
-        return list(ex.map(fn, jobs))
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="weights"))
+    return list(_POOL[0].map(fn, jobs))
 
 
 def _encode_pieces(config: WeightsConfig, raw: bytes, pieces: list[tuple]) -> bytes:
@@ -225,7 +231,7 @@ class WeightsCodec(Codec):
     version = 2  # 2: every segment says what it holds, so chunks decode without the header
     Config = WeightsConfig
     chunk_size = _CHUNK
-    batch_chunks = 4
+    batch_chunks = 2  # two chunks decode on two cores while the container hashes the batch before
 
     def open_encoder(self, progress=None) -> EncodeSession:
         return _Encoder(self)
