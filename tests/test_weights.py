@@ -422,3 +422,63 @@ def test_scanner_survives_damaged_archives(flips, cut):
         return
     assert spans[0].begin == 0 and spans[-1].end == len(data)
     assert all(a.end == b.begin for a, b in zip(spans, spans[1:], strict=False))
+
+
+# ------------------------------------------------------------------ loading into models
+def test_load_state_dict_gives_every_tensor_bit_for_bit(tmp_path):
+    from safetensors.torch import load
+    from toolkit.weights import load_state_dict
+
+    data = _model_file()
+    want = load(data)
+    path = tmp_path / "m.safetensors.tkz"
+    path.write_bytes(toolkit.compress(data, codec="weights", level="max"))
+    got = load_state_dict(path)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape
+        assert got[k].reshape(-1).view(torch.uint8).tolist() == v.reshape(-1).view(torch.uint8).tolist()  # every bit
+    shards = _tar({"a.safetensors": _file({"x": _weights((20, 30))}), "b.safetensors": _file({"y": torch.ones(3)}),
+                   "config.json": b"{}"})
+    both = load_state_dict(toolkit.compress(shards, codec="weights"))
+    assert set(both) == {"x", "y"} and torch.equal(both["y"], torch.ones(3))
+    with pytest.raises(UnsupportedInputError, match="codec"):
+        load_state_dict(toolkit.compress(b"plain text " * 50, codec="zstd"))
+    with pytest.raises(UnsupportedInputError, match="two shards"):
+        load_state_dict(toolkit.compress(_tar({"a.safetensors": _file({"x": torch.ones(2)}),
+                                               "b.safetensors": _file({"x": torch.ones(2)})}), codec="weights"))
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("level", ["fast", "max"])
+def test_weights_coded_in_memory_give_the_same_outputs(level):
+    from toolkit.weights import compress_in_memory
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+    coded = compress_in_memory(model, level=level)
+    assert all(p.numel() == 0 for m, n, _ in coded.owners for p in [m._parameters[n]])  # nothing dense is left
+    assert coded.coded_bytes < 0.8 * coded.dense_bytes
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 15)
+    biggest = max(c.dense_bytes for c in coded.coded.values())
+    assert biggest <= coded.peak_dense_bytes <= 3 * biggest  # one layer (or a few small ones) dense at a time
+    assert all(p.numel() == 0 for m, n, _ in coded.owners for p in [m._parameters[n]])  # freed after the forward
+    with pytest.raises(ConfigError, match="already"):
+        compress_in_memory(model)
+    coded.restore()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert torch.equal(model(ids).logits, dense)
