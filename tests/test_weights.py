@@ -427,6 +427,7 @@ def test_scanner_survives_damaged_archives(flips, cut):
 # ------------------------------------------------------------------ loading into models
 def test_load_state_dict_gives_every_tensor_bit_for_bit(tmp_path):
     from safetensors.torch import load
+
     from toolkit.weights import load_state_dict
 
     data = _model_file()
