@@ -97,6 +97,20 @@ def test_pc_lossless(tmp_path, monkeypatch):
 
 @pytest.mark.notebook
 @pytest.mark.slow
+def test_lossless_weights(tmp_path, monkeypatch):
+    rec = run_notebook("12_lossless_weights.ipynb", tmp_path, monkeypatch)
+    assert 2.0 < rec["exponent_entropy"] < 4.0  # trained BF16 weights: a few bits in the 8 of the exponent
+    r = rec["ratios"]
+    assert r["weights max"] < r["order-0 bound of the planes"] < r["weights fast"] + 0.01
+    assert r["weights fast"] < r["zstd -19"]
+    bits = rec["row_context_bits"]
+    assert bits["64"] < bits["4"] < bits["1"]  # conditioning on the row's class lowers the entropy
+    assert rec["load_exact"] is True
+    assert rec["in_memory"]["exact"] is True and rec["in_memory"]["held_ratio"] < 0.85
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
 def test_llm_quantization(tmp_path, monkeypatch):
     rec = run_notebook("20_llm_quantization.ipynb", tmp_path, monkeypatch)
     base = rec["float_ppl"]

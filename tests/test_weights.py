@@ -46,6 +46,11 @@ def test_planes_split_and_join_every_bit_pattern(dtype):
     sym, rem = P.split_symbols(raw, layout)
     assert int(sym.max()) < 1 << layout.symbol_bits
     assert P.join_symbols(sym, rem, layout).tobytes() == raw.tobytes()
+    full, low = layout.remainder_bits // 8, layout.remainder_bits % 8
+    for n in (4096, 4093, 7, 1):  # the joiner takes eight values at a time, then the rest one by one
+        planes = [((rem[:n] >> (layout.remainder_bits - 8 * (k + 1))) & 0xFF).astype(np.uint8) for k in range(full)]
+        packed = P.pack_bits((rem[:n] & ((1 << low) - 1)).astype(np.uint8), low) if low else b""
+        assert P.join_packed(sym[:n], planes, packed, layout).tobytes() == raw[:n * layout.nbytes].tobytes()
 
 
 def test_bf16_exponent_is_the_first_plane():

@@ -192,7 +192,23 @@ def _join_packed(sym, planes, packed, low, bits, out):  # pragma: no cover - com
     mask = np.uint64((1 << low) - 1)
     top = np.uint64(bits - 1)
     full = np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
-    for i in range(sym.size):
+    n = sym.size
+    start = 0
+    if low:  # eight values at a time: their fields fill ``low`` whole bytes, read as one word
+        sl = np.uint64(low)
+        for g in range(n // 8):
+            word = np.uint64(0)
+            for b in range(low):
+                word = (word << np.uint64(8)) | np.uint64(packed[g * low + b])
+            for t in range(8):
+                i = g * 8 + t
+                r = np.uint64(sym[i])
+                for p in range(k):
+                    r = (r << np.uint64(8)) | np.uint64(planes[p, i])
+                r = (r << sl) | ((word >> np.uint64(low * (7 - t))) & mask)
+                out[i] = ((r >> np.uint64(1)) | ((r & np.uint64(1)) << top)) & full
+        start = n // 8 * 8
+    for i in range(start, n):
         r = np.uint64(sym[i])
         for p in range(k):
             r = (r << np.uint64(8)) | np.uint64(planes[p, i])
