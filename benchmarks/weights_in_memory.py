@@ -10,8 +10,9 @@ fresh process per mode so that peak memory is the mode's own:
   at that level, each layer's weights decoded in a forward pre-hook.
 
 Reported: the weight bytes held (dense, or coded plus the most held dense at
-once, which the hooks measure), the process's peak resident memory
-(``ru_maxrss``) after loading and one forward, the forward time on a batch
+once, which the hooks measure), the process's resident memory after a
+forward (freed heap returned with ``malloc_trim``) and its peak
+(``ru_maxrss``, which for the coded modes includes the coding itself), the forward time on a batch
 of held-out-style token ids (best of ``--repeats``), the time it adds, and
 whether the logits equal the dense model's bit for bit.
 """
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 _CHILD = r"""
-import hashlib, json, resource, sys, time
+import ctypes, gc, hashlib, json, resource, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from toolkit.models import locate
@@ -67,6 +68,14 @@ else:
     out["coded_bytes"], out["peak_dense_bytes"] = coded.coded_bytes, coded.peak_dense_bytes
 out["dense_weight_bytes"] = dense_bytes
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+del logits
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the resident size is what is held
+with torch.no_grad():
+    run()
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+out["rss_mb"] = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 print("RESULT" + json.dumps(out))
 """
 
@@ -103,25 +112,33 @@ def main() -> None:
             r["added_forward_s"] = r["forward_s"] - base["forward_s"]
             rows.append(r)
             print(f"{name:>11} {mode:>10}: weights {r['weight_bytes'] / 1e6:6.2f} MB ({r['weight_ratio']:.1%}), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB, forward {1e3 * r['forward_s']:.1f} ms "
+                  f"RSS {r['rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f}), forward {1e3 * r['forward_s']:.1f} ms "
                   f"(+{1e3 * r['added_forward_s']:.1f}), exact {r['exact']}", flush=True)
     result = {"benchmark": "weights_in_memory", "machine": machine(), "threads": args.threads,
               "batch": args.batch, "seq": args.seq, "command": "python benchmarks/weights_in_memory.py",
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"`{result['command']}`: {result['machine']['cores']} cores, {args.threads} threads, forward on "
-             f"{args.batch} x {args.seq} token ids, BF16. Weight memory: dense bytes, or coded bytes + the "
-             "parameters left dense + the most decoded at once.", "",
-             "| model | mode | weight MB | of dense | peak RSS MB | forward ms | added ms | logits exact |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['weight_bytes'] / 1e6:.2f} | {r['weight_ratio']:.1%} | "
-                     f"{r['peak_rss_mb']:.0f} | {1e3 * r['forward_s']:.1f} | {1e3 * r['added_forward_s']:+.1f} | "
-                     f"{'yes' if r['exact'] else 'NO'} |")
-    md = "\n".join(lines) + "\n"
+    md = _table(result)
     args.out.with_suffix(".md").write_text(md)
     print(md)
+
+
+def _table(result: dict) -> str:
+    lines = [f"`{result['command']}`: {result['machine']['cores']} cores, {result['threads']} threads, forward on "
+             f"{result['batch']} x {result['seq']} token ids, BF16. Weight memory: dense bytes, or coded bytes + "
+             "the parameters left dense + the most decoded at once (during a forward) or without it (between "
+             "forwards). RSS after a forward; the coded modes' includes the coder's libraries (numba, zstd).", "",
+             "| model | mode | weight MB | of dense | between forwards MB | RSS MB | peak RSS MB | forward ms "
+             "| added ms | logits exact |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['weight_bytes'] / 1e6:.2f} | {r['weight_ratio']:.1%} | "
+                     f"{(r['weight_bytes'] - r.get('peak_dense_bytes', 0)) / 1e6:.2f} | "
+                     f"{r['rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {1e3 * r['forward_s']:.1f} | "
+                     f"{1e3 * r['added_forward_s']:+.1f} | "
+                     f"{'yes' if r['exact'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
