@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import lzma
 import subprocess
@@ -172,7 +173,7 @@ def _zipnn(data: bytes, threads: int, repeats: int) -> dict:
     exact = all(b == raw for b, (_, raw) in zip(back, tensors, strict=True))
     size = header.size + sum(len(c) for _, c in coded)
     return {"bytes": size, "compress_s": te, "decompress_s": td, "lossless": exact,
-            "version": getattr(zipnn, "__version__", "unknown")}
+            "version": importlib.metadata.version("zipnn")}
 
 
 def _fresh_process_check(blob: bytes, digest: str) -> bool:
