@@ -8,7 +8,10 @@ network):
 * trained: ``lm-default`` and ``lm-long`` (Llama-class LMs, 4.3M weights,
   trained in float32) and ``vlm-scenes`` (a LLaVA-class model, 5.0M
   weights, shipped in float16), each cast to BF16 and in its own dtype;
-* random: the same architectures freshly initialised by transformers
+* ``pc-patch/c3``: a probabilistic circuit's log-probabilities (1.6M,
+  float32; a table of values unlike a network's weights), as shipped and in
+  BF16;
+* random: the transformers architectures freshly initialised
   (``from_config``), in BF16.
 
 Coders, each timed on the whole file (best of ``--repeats``, ``--threads``
@@ -58,13 +61,20 @@ ZIPNN_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 def _checkpoints(names: list[str]) -> list[tuple[str, str, bytes]]:
     """(name, kind, safetensors bytes) for each model: trained as shipped, trained in BF16, random in BF16."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import load, load_file, save
     from transformers import AutoConfig, AutoModel
 
     from toolkit.models import locate
 
     out = []
     for name in names:
+        if "/" in name:  # a shipped safetensors file that is not a transformers model (pc-patch/c3)
+            model, part = name.split("/", 1)
+            raw = (Path(locate(model).path) / part / "circuit.safetensors").read_bytes()
+            sd = load(raw)
+            out.append((f"{name} (F32)", "trained", raw))
+            out.append((f"{name} (BF16)", "trained", save({k: v.to(torch.bfloat16) for k, v in sd.items()})))
+            continue
         path = Path(locate(name).path)
         sd = load_file(path / "model.safetensors")
         dtype = next(iter(sd.values())).dtype
@@ -252,7 +262,7 @@ def _measure(name: str, kind: str, data: bytes, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="lm-default,lm-long,vlm-scenes")
+    ap.add_argument("--models", default="lm-default,lm-long,vlm-scenes,pc-patch/c3")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "lossless_weights.json")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

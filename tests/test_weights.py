@@ -488,3 +488,16 @@ def test_weights_coded_in_memory_give_the_same_outputs(level):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert torch.equal(model(ids).logits, dense)
+
+
+def test_max_falls_back_to_fast_on_values_that_repeat():
+    """A table of repeated values (log-probabilities, a quantized grid): LZ beats any order-0 context."""
+    rng = np.random.default_rng(3)
+    grid = torch.randn(64).to(torch.bfloat16)
+    rows = grid[torch.from_numpy(rng.integers(0, 64, size=(16, 512)))]
+    w = rows[torch.from_numpy(rng.integers(0, 16, size=256))].reshape(256, 512).contiguous()  # rows repeat
+    raw = w.view(torch.uint16).numpy().tobytes()
+    fast = encode_segment(raw, "BF16", SegmentShape(0, 512), level="fast")
+    best = encode_segment(raw, "BF16", SegmentShape(0, 512), level="max")
+    assert len(best) <= len(fast) and len(fast) < 0.2 * len(raw)
+    assert decode_segment(best, "BF16", SegmentShape(0, 512), w.numel()).tobytes() == raw

@@ -171,8 +171,10 @@ def plane_entropy(values: np.ndarray, layout: P.FloatLayout) -> list[float]:
 # ------------------------------------------------------------------ fast
 def _encode_fast(values: np.ndarray, layout: P.FloatLayout, zstd_level: int) -> bytes:
     out = bytearray([_FAST])
-    for p in P.byte_planes(values, layout):
-        _put_plane(out, p.tobytes(), zstd_level)
+    for k, p in enumerate(P.byte_planes(values, layout)):
+        # the exponent plane is all literals, which level 17's parser prices best; the other planes
+        # are noise in trained weights and repeat where values do (tables), which 19 finds more of
+        _put_plane(out, p.tobytes(), zstd_level if k == 0 else max(zstd_level, 19))
     return bytes(out)
 
 
@@ -283,6 +285,10 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
             best = (cost, kr, kc, ctx, freq, syms, side_z)
     if best is None:
         return _encode_fast(values, layout, zstd_level)
+    if _repetitive(values, layout):
+        fast = _encode_fast(values, layout, zstd_level)
+        if 8 * len(fast) < best[0] + 8 * n * layout.remainder_bits / 8:
+            return fast  # values that repeat (tables, quantized grids): LZ matches beat any order-0 context
     _, kr, kc, ctx, freq, syms, side_z = best
 
     # each value's index in its context's table
@@ -296,6 +302,17 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
     out += varint(len(ans)) + ans
     _put_remainder(out, rem, layout, zstd_level)
     return bytes(out)
+
+
+def _repetitive(values: np.ndarray, layout: P.FloatLayout) -> bool:
+    """Whether zstd's quickest level already codes the exponent plane below its order-0 entropy: the
+    sign that the values repeat, where LZ matching (the fast level) can beat the max level. Trained
+    weights miss it by far (zstd -1 spends about 10% above the entropy on them)."""
+    plane = P.byte_planes(values, layout)[0]
+    c = np.bincount(plane, minlength=256)
+    q = c[c > 0] / plane.size
+    bits = float(-(q * np.log2(q)).sum()) * plane.size
+    return 8 * len(zstd_compress(plane.tobytes(), 1)) < 0.97 * bits
 
 
 def _remainder_layout(layout: P.FloatLayout) -> tuple[int, int]:
