@@ -26,7 +26,8 @@ from numba import njit
 
 from toolkit.errors import ConfigError, FormatError
 
-__all__ = ["PRECISION", "TOTAL", "MAX_SYMBOLS", "encode_lanes", "decode_lanes", "decode_table"]
+__all__ = ["PRECISION", "TOTAL", "MAX_SYMBOLS", "encode_lanes", "decode_lanes", "decode_table", "split_stream",
+           "decode_words"]
 
 PRECISION = 12
 TOTAL = 1 << PRECISION
@@ -89,6 +90,11 @@ def _decode(words, starts, ends, ctx, table, syms, out):  # pragma: no cover - c
         if x[j] != np.uint32(_LOW) or ptr[j] != ends[j]:
             return 1
     return 0
+
+
+#: the compiled decoder itself, ``(words, starts, ends, ctx, table, syms, out) -> 0 or 1 (damaged)``,
+#: for callers (the GPU kernel's reference) that hold the stream already split
+decode_words = _decode
 
 
 def _cum(freq: np.ndarray) -> np.ndarray:
@@ -154,6 +160,19 @@ def encode_lanes(idx: np.ndarray, ctx: np.ndarray, freq: np.ndarray, lanes: int 
     return counts.tobytes() + words.tobytes()
 
 
+def split_stream(data: bytes, lanes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(word counts int64[lanes], words uint16)`` of a stream, its header checked against its size."""
+    if lanes < 1:  # lanes comes from the stream; 0 lanes would never finish a round
+        raise FormatError(f"ANS lanes: {lanes} lanes")
+    if len(data) < 4 * lanes:
+        raise FormatError("ANS lanes: truncated")
+    counts = np.frombuffer(data, dtype="<u4", count=lanes).astype(np.int64)
+    body = len(data) - 4 * lanes
+    if body % 2 or int(counts.sum()) * 2 != body:
+        raise FormatError("ANS lanes: word counts do not match the data")
+    return counts, np.frombuffer(data, dtype="<u2", offset=4 * lanes)
+
+
 def decode_lanes(data: bytes, ctx: np.ndarray, freq: np.ndarray, syms: np.ndarray, lanes: int = 64,
                  table: np.ndarray | None = None) -> np.ndarray:
     """Decode ``ctx.size`` symbols: ``syms[c, k]`` for table index ``k`` of context ``c``.
@@ -171,15 +190,7 @@ def decode_lanes(data: bytes, ctx: np.ndarray, freq: np.ndarray, syms: np.ndarra
         raise FormatError("a value's context has no table")
     if freq.shape[1] > MAX_SYMBOLS:
         raise FormatError(f"tables of {freq.shape[1]} symbols (at most {MAX_SYMBOLS})")
-    if lanes < 1:
-        raise FormatError(f"ANS lanes: {lanes} lanes")
-    if len(data) < 4 * lanes:
-        raise FormatError("ANS lanes: truncated")
-    counts = np.frombuffer(data, dtype="<u4", count=lanes).astype(np.int64)
-    body = len(data) - 4 * lanes
-    if body % 2 or int(counts.sum()) * 2 != body:
-        raise FormatError("ANS lanes: word counts do not match the data")
-    words = np.frombuffer(data, dtype="<u2", offset=4 * lanes)
+    counts, words = split_stream(data, lanes)
     ends = np.cumsum(counts)
     starts = ends - counts
     out = np.empty(ctx.size, dtype=np.asarray(syms).dtype)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from toolkit.entropy.lanes import PRECISION, TOTAL, _decode
+from toolkit.entropy.lanes import PRECISION, TOTAL, decode_words, split_stream
 from toolkit.errors import ConfigError, FormatError
 from toolkit.kernels import dispatch
 
@@ -113,20 +113,6 @@ if triton is not None:
         tl.store(status_ptr + lane, status, mask=live)
 
 
-def _split(data: bytes, lanes: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(word counts int64[lanes], words uint16)`` of one stream, with the header checks of lanes.py."""
-    if lanes < 1:
-        # lanes comes from the stream; 0 lanes would never finish a round
-        raise FormatError(f"ANS lanes: {lanes} lanes")
-    if len(data) < 4 * lanes:
-        raise FormatError("ANS lanes: truncated")
-    counts = np.frombuffer(data, dtype="<u4", count=lanes).astype(np.int64)
-    body = len(data) - 4 * lanes
-    if body % 2 or int(counts.sum()) * 2 != body:
-        raise FormatError("ANS lanes: word counts do not match the data")
-    return counts, np.frombuffer(data, dtype="<u2", offset=4 * lanes)
-
-
 def _check_shapes(ctx: torch.Tensor, table: torch.Tensor, syms: torch.Tensor) -> None:
     if table.ndim != 2 or table.shape[1] != TOTAL or syms.ndim != 2 or syms.shape[0] != table.shape[0]:
         raise ConfigError(f"want table[contexts, {TOTAL}] and syms[contexts, symbols], got "
@@ -140,7 +126,7 @@ def decode_lanes_reference(data: bytes, ctx: torch.Tensor, table: torch.Tensor, 
     """CPU reference: the numba decoder of :mod:`toolkit.entropy.lanes`; returns ``syms.dtype[ctx.numel()]``."""
     ctx, table, syms = torch.as_tensor(ctx), torch.as_tensor(table), torch.as_tensor(syms)
     _check_shapes(ctx, table, syms)
-    counts, words = _split(data, lanes)
+    counts, words = split_stream(data, lanes)
     c = ctx.detach().reshape(-1).cpu().numpy().astype(np.int64)
     if c.size and (c.min() < 0 or c.max() >= table.shape[0]):
         raise FormatError("a value's context has no table")
@@ -149,7 +135,7 @@ def decode_lanes_reference(data: bytes, ctx: torch.Tensor, table: torch.Tensor, 
     ends = np.cumsum(counts)
     out = np.empty(c.size, dtype=sym.dtype)
     # uint16 contexts: the type lanes.decode_lanes passes, so numba reuses its compiled decoder
-    if _decode(words, ends - counts, ends, c.astype(np.uint16), tab, sym, out):
+    if decode_words(words, ends - counts, ends, c.astype(np.uint16), tab, sym, out):
         raise FormatError("ANS-coded data is damaged")
     return torch.from_numpy(out).to(ctx.device)
 
@@ -169,7 +155,7 @@ def decode_segments_triton(segments: Sequence[Segment], device: torch.device | s
     for data, ctx, table, syms, lanes in segments:
         ctx, table, syms = torch.as_tensor(ctx), torch.as_tensor(table), torch.as_tensor(syms)
         _check_shapes(ctx, table, syms)
-        counts, w = _split(data, lanes)
+        counts, w = split_stream(data, lanes)
         n = ctx.numel()
         lane = np.arange(lanes, dtype=np.int64)
         ends = n_words + np.cumsum(counts)

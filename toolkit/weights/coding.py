@@ -285,10 +285,6 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
             best = (cost, kr, kc, ctx, freq, syms, side_z)
     if best is None:
         return _encode_fast(values, layout, zstd_level)
-    if _repetitive(values, layout):
-        fast = _encode_fast(values, layout, zstd_level)
-        if 8 * len(fast) < best[0] + 8 * n * layout.remainder_bits / 8:
-            return fast  # values that repeat (tables, quantized grids): LZ matches beat any order-0 context
     _, kr, kc, ctx, freq, syms, side_z = best
 
     # each value's index in its context's table
@@ -301,18 +297,25 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
     out = bytearray([_MAX]) + varint(kr) + varint(kc) + varint(lanes) + varint(len(side_z)) + side_z
     out += varint(len(ans)) + ans
     _put_remainder(out, rem, layout, zstd_level)
+    if _repetitive(values, layout):  # values that repeat (tables, quantized grids): LZ may win
+        fast = _encode_fast(values, layout, zstd_level)
+        if len(fast) < len(out):
+            return fast
     return bytes(out)
 
 
 def _repetitive(values: np.ndarray, layout: P.FloatLayout) -> bool:
-    """Whether zstd's quickest level already codes the exponent plane below its order-0 entropy: the
-    sign that the values repeat, where LZ matching (the fast level) can beat the max level. Trained
-    weights miss it by far (zstd -1 spends about 10% above the entropy on them)."""
-    plane = P.byte_planes(values, layout)[0]
-    c = np.bincount(plane, minlength=256)
-    q = c[c > 0] / plane.size
-    bits = float(-(q * np.log2(q)).sum()) * plane.size
-    return 8 * len(zstd_compress(plane.tobytes(), 1)) < 0.97 * bits
+    """Whether zstd's quickest level already codes a byte plane below its order-0 entropy: the sign
+    that the values repeat, where LZ matching (the fast level) can beat the max level. Trained
+    weights miss it (zstd -1 spends 0.3-25% above each plane's entropy on them); a false alarm only
+    costs the time of the fast coding, since the smaller of the two is kept."""
+    for plane in P.byte_planes(values, layout):
+        c = np.bincount(plane, minlength=256)
+        q = c[c > 0] / plane.size
+        bits = float(-(q * np.log2(q)).sum()) * plane.size
+        if 8 * len(zstd_compress(plane.tobytes(), 1)) < bits:
+            return True
+    return False
 
 
 def _remainder_layout(layout: P.FloatLayout) -> tuple[int, int]:
