@@ -8,7 +8,7 @@ network):
 * trained: ``lm-default`` and ``lm-long`` (Llama-class LMs, 4.3M weights,
   trained in float32) and ``vlm-scenes`` (a LLaVA-class model, 5.0M
   weights, shipped in float16), each cast to BF16 and in its own dtype;
-* ``pc-patch/c3``: a probabilistic circuit's log-probabilities (1.6M,
+* ``pc-patch/c3``: a probabilistic circuit's log-probabilities (1.8M,
   float32; a table of values unlike a network's weights), as shipped and in
   BF16;
 * random: the transformers architectures freshly initialised
