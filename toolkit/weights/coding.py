@@ -18,7 +18,8 @@ Two levels:
     and input column). The encoder tries a few numbers of classes, counts
     each option's exact cost (side data included), and keeps the smallest;
     one table per context is stored. The remainder bits are stored, or
-    zstd-coded where that is smaller.
+    zstd-coded where that is smaller. Segments under 4,096 values, and
+    values that repeat (where zstd's LZ stage wins), take the fast coding.
 
 Payload layout (varints are LEB128):
 
@@ -259,8 +260,6 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
 
     best = None
     for kr, kc in _CONTEXTS:
-        if (kr, kc) != (1, 1) and n < _MIN_CONTEXT_VALUES:
-            continue
         if kc > 1 and (not full_cols or shape.row < 4 * kc):
             continue
         if kr > 1 and n_rows < 4 * kr:
@@ -399,6 +398,8 @@ def encode_segment(data: bytes | np.ndarray, dtype: str, shape: SegmentShape, le
         raise ConfigError(f"a {dtype} segment needs a positive whole number of {layout.nbytes}-byte values")
     if level == "fast":
         return _encode_fast(values, layout, zstd_level)
+    if level == "max" and values.size // layout.nbytes < _MIN_CONTEXT_VALUES:
+        return _encode_fast(values, layout, zstd_level)  # tables and lane states would cost more than ANS saves
     if level == "max":
         return _encode_max(values, layout, shape, zstd_level, max(1, min(lanes, values.size // layout.nbytes // 16384)))
     raise ConfigError(f"weights level must be one of {LEVELS}, got {level!r}")
