@@ -25,19 +25,17 @@ Settings: ``level`` (``fast``: zstd on byte planes, the fastest to decode;
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from toolkit.codecs.registry import Codec, DecodeSession, EncodeSession, register_codec
 from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import ConfigError, FormatError
+from toolkit.weights.checkpoint import DTYPE_BYTES  # light: the coder (numpy, numba) loads when a file is coded
 
 __all__ = ["WeightsCodec", "WeightsConfig"]
 
 _STORED, _ZSTD, _FLOAT = 0, 1, 2
 _DTYPES = ("BF16", "F16", "F32", "F64")
-_ITEM = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
 _CHUNK = 2 << 20
 #: other bytes up to this size (headers) get zstd -19; larger runs (integer tensors, other files) level 3
 _SMALL = 1 << 20
@@ -75,7 +73,7 @@ def _pieces(spans, pos: int) -> list[tuple]:
         if sp.dtype is None:
             other(lo, hi)
             continue
-        item = _ITEM[sp.dtype]
+        item = DTYPE_BYTES[sp.dtype]
         v0, v1 = sp.first_value, (sp.end - sp.first) // item
         a, b = sp.first + v0 * item - pos, sp.first + v1 * item - pos
         if v1 <= v0:
@@ -100,8 +98,10 @@ class _Encoder(EncodeSession):
         for raw in chunks:  # the scan is sequential (a header tells what follows); the coding is not
             jobs.append((raw, _pieces(self.scanner.feed(raw), self.pos)))
             self.pos += len(raw)
+        from toolkit.weights.coding import parallel_map
+
         config = self.codec.config
-        return _map(lambda j: _encode_pieces(config, *j), jobs)
+        return parallel_map(lambda j: _encode_pieces(config, *j), jobs)
 
     def finish(self) -> None:
         self.scanner.finish()
@@ -112,24 +112,13 @@ class _Decoder(DecodeSession):
         self.codec = codec
 
     def decode_chunks(self, payloads, sizes, known):
+        from toolkit.weights.coding import parallel_map
+
         out: list = list(known)
         jobs = [(i, p, n) for i, (p, n) in enumerate(zip(payloads, sizes, strict=True)) if p is not None]
-        for (i, *_), data in zip(jobs, _map(lambda j: _decode_payload(j[1], j[2]), jobs), strict=True):
+        for (i, *_), data in zip(jobs, parallel_map(lambda j: _decode_payload(j[1], j[2]), jobs), strict=True):
             out[i] = data
         return out
-
-
-_POOL: list[ThreadPoolExecutor] = []
-
-
-def _map(fn, jobs: list) -> list:
-    """``fn`` over ``jobs`` on all cores (the coders release the GIL); one pool for the process,
-    since starting threads for every batch costs more than a small chunk's decoding."""
-    if len(jobs) <= 1:
-        return [fn(j) for j in jobs]
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="weights"))
-    return list(_POOL[0].map(fn, jobs))
 
 
 def _encode_pieces(config: WeightsConfig, raw: bytes, pieces: list[tuple]) -> bytes:
@@ -198,9 +187,9 @@ def _decode_payload(payload: bytes, size: int) -> memoryview:
             dtype = _DTYPES[code]
             v0, row = r.varint(1 << 62), r.varint(1 << 62)
             n = r.varint(size - at)
-            if n % _ITEM[dtype] or n == 0 or row == 0:
+            if n % DTYPE_BYTES[dtype] or n == 0 or row == 0:
                 raise FormatError(f"weights chunk: {n} bytes of {dtype} values in rows of {row}")
-            values = decode_segment(bytes(r.blob()), dtype, SegmentShape(v0, row), n // _ITEM[dtype])
+            values = decode_segment(bytes(r.blob()), dtype, SegmentShape(v0, row), n // DTYPE_BYTES[dtype])
             buf[at:at + n] = values.view(np.uint8)
         elif kind == _ZSTD:
             n = r.varint(size - at)

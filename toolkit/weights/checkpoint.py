@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from toolkit.errors import UnsupportedInputError
 
-__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "TensorEntry", "SafetensorsHeader", "parse_header", "header_length",
-           "MAX_HEADER_BYTES"]
+__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "row_length", "TensorEntry", "SafetensorsHeader", "parse_header",
+           "header_length", "MAX_HEADER_BYTES"]
 
 #: bytes per element of every safetensors dtype this codec takes (sub-byte types are refused)
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
@@ -30,6 +30,11 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 #: the safetensors library's own limit on the header
 MAX_HEADER_BYTES = 100_000_000
+
+
+def row_length(shape: tuple[int, ...]) -> int:
+    """Values per row of a tensor read as a matrix of ``shape[0]`` rows (a vector is one row)."""
+    return max(1, math.prod(shape[1:])) if len(shape) >= 2 else max(1, math.prod(shape))
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class TensorEntry:
     @property
     def row(self) -> int:
         """Values per row when the tensor is read as a matrix (``shape[0]`` rows)."""
-        return max(1, math.prod(self.shape[1:])) if len(self.shape) >= 2 else max(1, self.numel)
+        return row_length(self.shape)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,9 @@ allocates, and a damaged stream raises :class:`~toolkit.errors.FormatError`.
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +51,7 @@ from toolkit.errors import ConfigError, FormatError
 from toolkit.weights import planes as P
 
 __all__ = ["LEVELS", "SegmentShape", "encode_segment", "decode_segment", "plane_entropy", "zstd_compress",
-           "zstd_decompressor"]
+           "zstd_decompressor", "parallel_map"]
 
 LEVELS = ("fast", "max")
 _FAST, _MAX = 1, 2
@@ -93,6 +95,19 @@ def zstd_decompressor() -> zstandard.ZstdDecompressor:
     if not hasattr(_LOCAL, "decompressor"):
         _LOCAL.decompressor = zstandard.ZstdDecompressor()
     return _LOCAL.decompressor
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def parallel_map(fn, jobs: list) -> list:
+    """``fn`` over ``jobs`` on all cores (the coders release the GIL); one pool for the process,
+    since starting threads for every batch costs more than a small chunk's decoding."""
+    if len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="weights"))
+    return list(_POOL[0].map(fn, jobs))
 
 
 def _unzstd(data: bytes, size: int, what: str) -> bytes:
@@ -161,12 +176,14 @@ class _Reader:
 
 def plane_entropy(values: np.ndarray, layout: P.FloatLayout) -> list[float]:
     """Order-0 entropy in bits of each byte plane (most significant first): the bound of per-plane coding."""
-    out = []
-    for p in P.byte_planes(values, layout):
-        c = np.bincount(p, minlength=256)
-        q = c[c > 0] / p.size
-        out.append(float(-(q * np.log2(q)).sum()))
-    return out
+    return [_entropy(p) for p in P.byte_planes(values, layout)]
+
+
+def _entropy(plane: np.ndarray) -> float:
+    """Order-0 entropy of a byte plane, bits per byte."""
+    c = np.bincount(plane, minlength=256)
+    q = c[c > 0] / plane.size
+    return float(-(q * np.log2(q)).sum())
 
 
 # ------------------------------------------------------------------ fast
@@ -308,13 +325,7 @@ def _repetitive(values: np.ndarray, layout: P.FloatLayout) -> bool:
     that the values repeat, where LZ matching (the fast level) can beat the max level. Trained
     weights miss it (zstd -1 spends 0.3-25% above each plane's entropy on them); a false alarm only
     costs the time of the fast coding, since the smaller of the two is kept."""
-    for plane in P.byte_planes(values, layout):
-        c = np.bincount(plane, minlength=256)
-        q = c[c > 0] / plane.size
-        bits = float(-(q * np.log2(q)).sum()) * plane.size
-        if 8 * len(zstd_compress(plane.tobytes(), 1)) < bits:
-            return True
-    return False
+    return any(8 * len(zstd_compress(p.tobytes(), 1)) < _entropy(p) * p.size for p in P.byte_planes(values, layout))
 
 
 def _remainder_layout(layout: P.FloatLayout) -> tuple[int, int]:
@@ -396,12 +407,11 @@ def encode_segment(data: bytes | np.ndarray, dtype: str, shape: SegmentShape, le
     values = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray | memoryview) else data
     if values.size % layout.nbytes or values.size == 0:
         raise ConfigError(f"a {dtype} segment needs a positive whole number of {layout.nbytes}-byte values")
-    if level == "fast":
+    n = values.size // layout.nbytes
+    if level == "fast" or (level == "max" and n < _MIN_CONTEXT_VALUES):  # small: tables would cost more
         return _encode_fast(values, layout, zstd_level)
-    if level == "max" and values.size // layout.nbytes < _MIN_CONTEXT_VALUES:
-        return _encode_fast(values, layout, zstd_level)  # tables and lane states would cost more than ANS saves
     if level == "max":
-        return _encode_max(values, layout, shape, zstd_level, max(1, min(lanes, values.size // layout.nbytes // 16384)))
+        return _encode_max(values, layout, shape, zstd_level, max(1, min(lanes, n // 16384)))
     raise ConfigError(f"weights level must be one of {LEVELS}, got {level!r}")
 
 

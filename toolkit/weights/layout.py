@@ -34,7 +34,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolkit.errors import UnsupportedInputError
-from toolkit.weights.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, header_length, parse_header
+from toolkit.weights.checkpoint import (
+    DTYPE_BYTES,
+    FLOAT_DTYPES,
+    MAX_HEADER_BYTES,
+    header_length,
+    parse_header,
+    row_length,
+)
 
 __all__ = ["Span", "Scanner", "NPY_MAGIC", "NPY_FLOATS"]
 
@@ -185,7 +192,7 @@ class Scanner:
         start = self.pos - len(head)
         if head.startswith(NPY_MAGIC):
             return self._npy(head, more, start, None)
-        if len(head) >= _SNIFF and 2 <= struct.unpack("<Q", head[:8])[0] <= 100_000_000 and head[8:9] == b"{":
+        if _safetensors_like(head):
             return self._safetensors(head, more, start, None)
         if len(head) < _BLOCK and not more:
             raise UnsupportedInputError("not a safetensors, .npy or tar file")
@@ -279,9 +286,7 @@ class Scanner:
         dtype = NPY_FLOATS.get(descr)
         if dtype is None:
             return [_Raw(data_end)]
-        rows = shape[::-1] if fortran else shape
-        row = max(1, math.prod(rows[1:])) if len(rows) >= 2 else max(1, math.prod(rows))
-        return [_Floats(data_end, dtype, data_start, row)]
+        return [_Floats(data_end, dtype, data_start, row_length(shape[::-1] if fortran else shape))]
 
     # -------------------------------------------------------------- tar
     def _next_tar_header(self, at: int, pax_size: int | None = None) -> _Collect:
@@ -312,9 +317,14 @@ class Scanner:
     def _member(self, head: bytes, more: bool, start: int, end: int) -> list | int:
         if head.startswith(NPY_MAGIC):
             return self._npy(head, more, start, end)
-        if len(head) >= _SNIFF and 2 <= struct.unpack("<Q", head[:8])[0] <= 100_000_000 and head[8:9] == b"{":
+        if _safetensors_like(head):
             return self._safetensors(head, more, start, end)
         return [_Raw(end)]
+
+
+def _safetensors_like(head: bytes) -> bool:
+    """A plausible header length (the format's 100 MB limit) followed by ``{``."""
+    return len(head) >= _SNIFF and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES and head[8:9] == b"{"
 
 
 def _tar_number(field: bytes) -> int | None:

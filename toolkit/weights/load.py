@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from toolkit.errors import ConfigError, UnsupportedInputError
-from toolkit.weights.checkpoint import parse_header
-from toolkit.weights.coding import LEVELS, SegmentShape, decode_segment, encode_segment
+from toolkit.weights.checkpoint import parse_header, row_length
+from toolkit.weights.coding import LEVELS, SegmentShape, decode_segment, encode_segment, parallel_map
 
 __all__ = ["load_state_dict", "compress_in_memory", "CodedModel", "CodedTensor"]
 
@@ -69,12 +69,12 @@ def load_state_dict(file: str | os.PathLike | bytes, device: str | torch.device 
     """
     import toolkit
 
-    blob = file if isinstance(file, bytes | bytearray | memoryview) else open(file, "rb").read()  # noqa: SIM115
-    header = toolkit.info(bytes(blob))["header"]
+    blob = bytes(file) if isinstance(file, bytes | bytearray | memoryview) else open(file, "rb").read()  # noqa: SIM115
+    header = toolkit.info(blob)["header"]
     if header["codec"] != "weights":
         raise UnsupportedInputError(f"a .tkz of codec {header['codec']}, not a coded checkpoint (codec weights)")
     raw = io.BytesIO()
-    toolkit.decompress_stream(io.BytesIO(bytes(blob)), raw)
+    toolkit.decompress_stream(io.BytesIO(blob), raw)
     buf = raw.getbuffer()
     device = str(device)
     if bytes(buf[257:262]) == b"ustar":
@@ -118,7 +118,7 @@ class CodedTensor:
         flat = t.detach().reshape(-1).contiguous().cpu()
         raw = flat.view(torch.uint8).numpy()
         item = flat.element_size()
-        row = max(1, math.prod(t.shape[1:])) if t.dim() >= 2 else max(1, t.numel())
+        row = row_length(tuple(t.shape))
         segments = []
         for v0 in range(0, flat.numel(), _SEGMENT):
             n = min(_SEGMENT, flat.numel() - v0)
@@ -127,20 +127,18 @@ class CodedTensor:
         return cls(t.dtype, tuple(t.shape), t.device, segments)
 
     def decode(self) -> torch.Tensor:
-        from toolkit.codecs.weights import _map
-
         name = _NAMES[self.dtype]
         numel = math.prod(self.shape)
         item = torch.empty(0, dtype=self.dtype).element_size()
         out = torch.empty(numel * item, dtype=torch.uint8)
         view = out.numpy()
-        row = max(1, math.prod(self.shape[1:])) if len(self.shape) >= 2 else max(1, numel)
+        row = row_length(self.shape)
 
         def one(seg):
             v0, n, payload = seg
             view[v0 * item:(v0 + n) * item] = decode_segment(payload, name, SegmentShape(v0, row), n).view(np.uint8)
 
-        _map(one, self.segments)
+        parallel_map(one, self.segments)
         return out.view(self.dtype).reshape(self.shape).to(self.device)
 
 
