@@ -1,0 +1,38 @@
+"""Segment Anything compression for Hugging Face ``SamModel``: SlimSAM pruning and MobileSAM distillation.
+
+* :func:`slim` (``SlimConfig(ratio=...)``): SlimSAM's alternate slimming of the
+  image encoder, embedding width then attention/MLP widths, each pruned by
+  disturbed Taylor importance and distilled against the teacher; the result is
+  a plain, smaller ``SamModel``.
+* :func:`distill` (``DistillConfig``): MobileSAM's decoupled distillation of a
+  small ``SamVisionEncoder`` into the teacher's embeddings, keeping its prompt
+  encoder and mask decoder.
+* :func:`evaluate`: mIoU with box, one-point and three-point prompts, against
+  the true masks and the teacher's, and the encoder's parameters, MACs and
+  CPU latency.
+* :func:`load_sam` loads the shipped ``sam-shapes`` model (trained here by
+  :mod:`toolkit.vision.sam.train` on :mod:`toolkit.data.segments` images) and
+  its compressed versions; :func:`segment` runs any ``SamModel`` on an image of
+  any size with prompts in its own pixels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["SlimConfig", "slim", "DistillConfig", "distill", "student_config", "evaluate", "encoder_cost",
+           "load_sam", "build_sam", "sam_config", "make_processor", "segment", "Prompts", "predict",
+           "taylor_scores"]
+
+_WHERE = {"SlimConfig": "slimsam", "slim": "slimsam", "taylor_scores": "slimsam",
+          "DistillConfig": "mobilesam", "distill": "mobilesam", "student_config": "mobilesam",
+          "evaluate": "metrics", "encoder_cost": "metrics"}
+_WHERE.update({n: "model" for n in ("load_sam", "build_sam", "sam_config", "make_processor", "segment",
+                                     "Prompts", "predict")})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"toolkit.vision.sam.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'toolkit.vision.sam' has no attribute {name!r}")
