@@ -63,6 +63,15 @@ def build_sam(config=None, seed: int = 0):
     with torch.no_grad():
         pe.copy_(torch.randn(pe.shape, generator=torch.Generator().manual_seed(seed)))
     pe.requires_grad_(False)
+    # transformers draws every weight from N(0, 0.02). SAM was trained from PyTorch's
+    # default initialisation, which for the decoder's narrow layers is 2-3x larger; at
+    # 0.02 the mask logits are a product of small factors and barely depend on the
+    # prompt, and training sits at "all background" for hundreds of steps. On a batch
+    # it should overfit, the default initialisation reaches IoU 0.45 in 60 steps where
+    # 0.02 reaches 0.17.
+    for module in [*model.mask_decoder.modules(), *model.prompt_encoder.modules()]:
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
     return model.eval()
 
 
