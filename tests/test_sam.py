@@ -103,6 +103,22 @@ def test_disturbed_taylor_scores_need_the_disturbance(items32):
     assert loud["mlp"].shape == (2, 48)
 
 
+def test_importance_scores_the_model_without_changing_it(items32):
+    teacher = tiny()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    cfg = sam.SlimConfig(batch=4, score_batches=2)
+    scores = sam.importance(teacher, items32[:4], cfg)
+    targets = slim_mod._Targets(teacher.vision_encoder, items32[:4], flip=True)
+    direct = slim_mod.taylor_scores(teacher.vision_encoder, targets, torch.arange(24), cfg)
+    for name in direct:
+        assert torch.allclose(scores[name], direct[name])
+        assert float(scores[name].max()) > 0
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    with pytest.raises(ValueError, match="32 x 32"):
+        sam.importance(teacher, segments.images(1, "train", size=48))
+
+
 def test_pruning_removes_dead_channels_first_and_exactly(items32):
     """MLP channels with no weights score zero, are pruned first, and removing them changes nothing."""
     teacher = tiny()

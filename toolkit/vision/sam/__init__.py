@@ -7,6 +7,7 @@
 * :func:`distill` (``DistillConfig``): MobileSAM's decoupled distillation of a
   small ``SamVisionEncoder`` into the teacher's embeddings, keeping its prompt
   encoder and mask decoder.
+* :func:`importance`: the disturbed Taylor scores of every prunable channel.
 * :func:`evaluate`: mIoU with box, one-point and three-point prompts, against
   the true masks and the teacher's, and the encoder's parameters, MACs and
   CPU latency.
@@ -23,9 +24,9 @@ from typing import Any
 
 __all__ = ["SlimConfig", "slim", "DistillConfig", "distill", "student_config", "evaluate", "encoder_cost",
            "load_sam", "build_sam", "sam_config", "make_processor", "segment", "Prompts", "predict",
-           "taylor_scores"]
+           "taylor_scores", "importance"]
 
-_WHERE = {"SlimConfig": "slimsam", "slim": "slimsam", "taylor_scores": "slimsam",
+_WHERE = {"SlimConfig": "slimsam", "slim": "slimsam", "taylor_scores": "slimsam", "importance": "slimsam",
           "DistillConfig": "mobilesam", "distill": "mobilesam", "student_config": "mobilesam",
           "evaluate": "metrics", "encoder_cost": "metrics"}
 _WHERE.update({n: "model" for n in ("load_sam", "build_sam", "sam_config", "make_processor", "segment",

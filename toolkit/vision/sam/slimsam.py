@@ -48,7 +48,7 @@ from torch import nn
 from toolkit.data.segments import SegImage
 from toolkit.vision.sam.model import check_images, to_pixels
 
-__all__ = ["SlimConfig", "slim", "widths_for", "encoder_params", "taylor_scores"]
+__all__ = ["SlimConfig", "slim", "importance", "widths_for", "encoder_params", "taylor_scores"]
 
 
 @dataclass
@@ -235,6 +235,20 @@ def taylor_scores(enc, targets: _Targets, kept: torch.Tensor, cfg: SlimConfig) -
     embed = embed + t(enc.neck.conv1.weight).flatten(2).sum((0, 2))
     enc.zero_grad(set_to_none=True)
     return {"embed": embed, "qk": torch.stack(qk), "v": torch.stack(v), "mlp": torch.stack(mlp)}
+
+
+def importance(model, images: list[SegImage], config: SlimConfig | None = None) -> dict[str, torch.Tensor]:
+    """The disturbed Taylor scores :func:`slim` starts from, for ``model``'s unpruned encoder on ``images``.
+
+    Keys as in :func:`taylor_scores`; ``model`` is not changed.
+    """
+    config = config or SlimConfig()
+    check_images(model, images, "importance")
+    enc = copy.deepcopy(model.vision_encoder).eval()
+    for p in enc.parameters():
+        p.requires_grad_(True)
+    targets = _Targets(model.vision_encoder.eval(), images, config.flip)
+    return taylor_scores(enc, targets, torch.arange(model.config.vision_config.hidden_size), config)
 
 
 # ---------------------------------------------------------------------------
