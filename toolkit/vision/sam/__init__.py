@@ -24,11 +24,12 @@ from typing import Any
 
 __all__ = ["SlimConfig", "slim", "DistillConfig", "distill", "student_config", "evaluate", "encoder_cost",
            "load_sam", "build_sam", "sam_config", "make_processor", "segment", "Prompts", "predict",
-           "taylor_scores", "importance"]
+           "taylor_scores", "importance", "widths_for"]
 
-_WHERE = {"SlimConfig": "slimsam", "slim": "slimsam", "taylor_scores": "slimsam", "importance": "slimsam",
+_WHERE = {n: "slimsam" for n in ("SlimConfig", "slim", "taylor_scores", "importance", "widths_for")}
+_WHERE.update({
           "DistillConfig": "mobilesam", "distill": "mobilesam", "student_config": "mobilesam",
-          "evaluate": "metrics", "encoder_cost": "metrics"}
+          "evaluate": "metrics", "encoder_cost": "metrics"})
 _WHERE.update({n: "model" for n in ("load_sam", "build_sam", "sam_config", "make_processor", "segment",
                                      "Prompts", "predict")})
 

@@ -373,8 +373,8 @@ def _distill(enc, targets: _Targets, kept: torch.Tensor, cfg: SlimConfig, stage:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
-            log({"stage": stage, "step": step, "loss": float(loss)})
+        if log is not None and (step % 10 == 0 or step == cfg.steps - 1):
+            log({"stage": stage, "step": step, "loss": loss.item()})
     enc.eval()
 
 
