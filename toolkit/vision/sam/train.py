@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     _save(ckpt, model, opt, step, time.time() - t0, history)
     model.eval()
     final = evaluate(model, images(args.final_images, "test"))
-    history.append({"step": step, "final": True, "images_seen": step * args.batch, **final})
+    history.append({"step": step, "final": True, "minutes": (time.time() - t0) / 60,
+                    "images_seen": step * args.batch, **final})
     print(json.dumps(history[-1]), flush=True)
     model.save_pretrained(args.out / "model")
     make_processor(model).save_pretrained(args.out / "model")
