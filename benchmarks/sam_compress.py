@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from toolkit.data import segments  # noqa: E402
+from toolkit.models.store import list_models, model_entry  # noqa: E402
 from toolkit.vision import sam  # noqa: E402
+from toolkit.vision.sam.ship import as_stored, ship  # noqa: E402
 
 KINDS = ("box", "point", "points")
 
@@ -71,13 +74,19 @@ def main(argv=None) -> int:
     ap.add_argument("--distill-steps", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", type=Path, default=None, help="write each compressed model here")
+    ap.add_argument("--ship", action="store_true",
+                    help="store the compressed models as shipped assets (float16) with manifest entries")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/sam_compress.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.ship and args.teacher not in list_models():
+        raise SystemExit("--ship names the models after a shipped teacher; give --teacher a shipped name")
 
     teacher = sam.load_sam(args.teacher)
     seen = args.teacher_images
     hist = Path(str(args.teacher)) / ".." / "history.json"
+    if seen is None and args.teacher in list_models():
+        seen = model_entry(args.teacher).get("images_seen")
     if seen is None and hist.exists():
         seen = next((h["images_seen"] for h in json.loads(hist.read_text()) if h.get("final")), None)
     if seen is None:
@@ -94,29 +103,42 @@ def main(argv=None) -> int:
     t_res = sam.evaluate(teacher, held)
     rows.append(row("teacher", t_res, None, None))
     runs = [
-        ("SlimSAM 50%", lambda: sam.slim(teacher, sam.SlimConfig(ratio=0.5, steps=args.slim_steps), train)),
-        ("SlimSAM 25%", lambda: sam.slim(teacher, sam.SlimConfig(ratio=0.25, steps=args.slim_steps), train)),
-        ("MobileSAM student", lambda: sam.distill(teacher, sam.student_config(teacher, hidden=96, layers=3, heads=3),
-                                                  sam.DistillConfig(steps=args.distill_steps), train)),
+        ("SlimSAM 50%", "slim50", lambda: sam.slim(teacher, sam.SlimConfig(ratio=0.5, steps=args.slim_steps), train)),
+        ("SlimSAM 25%", "slim25", lambda: sam.slim(teacher, sam.SlimConfig(ratio=0.25, steps=args.slim_steps), train)),
+        ("MobileSAM student", "mobile",
+         lambda: sam.distill(teacher, sam.student_config(teacher, hidden=96, layers=3, heads=3),
+                             sam.DistillConfig(steps=args.distill_steps), train)),
     ]
-    for name, make in runs:
+    command = "python benchmarks/sam_compress.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for name, suffix, make in runs:
         t = time.time()
         model = make()
         seconds = time.time() - t
-        res = sam.evaluate(model, held, teacher=teacher)
+        # Evaluated as it is stored (float16 weights, computed in float32), so the
+        # table and a shipped model's manifest give the same figures.
+        stored = as_stored(model, torch.float16)
+        res = sam.evaluate(stored, held, teacher=teacher)
         rows.append(row(name, res, t_res, seconds))
         print(json.dumps(rows[-1]), flush=True)
         if args.save is not None:
-            model.save_pretrained(args.save / name.lower().replace(" ", "-").replace("%", ""))
+            model.save_pretrained(args.save / suffix)
+        if args.ship:
+            ship(model, f"{args.teacher}-{suffix}", command, figures=res, eval_images=len(held),
+                 extra={"teacher": str(args.teacher), "compression_images": len(train),
+                        "compression_data": "toolkit.data.segments split='train' seeds 0.. (the teacher's own "
+                                            "first training images; masks unused)",
+                        "method": name, "compress_seconds": round(seconds, 1), "threads": args.threads,
+                        "share_of_teacher": rows[-1]["share_of_teacher"]})
     result = {"teacher": str(args.teacher), "teacher_images": seen, "compression_images": len(train),
               "held_out_images": len(held), "threads": args.threads, "rows": rows,
-              "command": "python benchmarks/sam_compress.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "machine": {"cores": os.cpu_count(), "torch": torch.__version__}, "command": command}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     md = table(rows)
     args.out.with_suffix(".md").write_text(f"# SAM compression\n\n`{result['command']}`\n\n"
                                            f"{len(train)} compression images ({len(train) / seen:.2%} of the "
-                                           f"teacher's {seen}), {len(held)} held-out images.\n\n{md}")
+                                           f"teacher's {seen}), {len(held)} held-out images; {os.cpu_count()} cores, "
+                                           f"{args.threads} threads, torch {torch.__version__}.\n\n{md}")
     print(md)
     return 0
 

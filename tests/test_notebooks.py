@@ -182,3 +182,20 @@ def test_mllm_mod(tmp_path, monkeypatch):
     assert mod[0] > dense[0] - 0.1  # 60 questions in the smoke run: a loose bound; the benchmark has 1,000
     (zip_label,) = [k for k in rows if k.startswith("visionzip")]
     assert abs(rows[zip_label][1] - mod[1]) < 0.05  # compared at the same FLOPs
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_sam_slim(tmp_path, monkeypatch):
+    rec = run_notebook("32_sam_slim.ipynb", tmp_path, monkeypatch)
+    assert rec["importance_shapes"] == {"embed": [192], "qk": [6, 32], "v": [6, 6, 32], "mlp": [6, 768]}
+    assert rec["parameter_share_of_encoder"] > 0.7  # the encoder is what there is to compress
+    assert min(rec["example_box_iou"]) > 0.5  # the teacher segments held-out objects from boxes
+    assert rec["live_params_share"] == pytest.approx(0.5, abs=0.005)
+    c = rec["comparison"]
+    assert c["SlimSAM 50%"]["params_share"] == pytest.approx(0.5, abs=0.005)
+    assert c["SlimSAM 25%"]["params_share"] == pytest.approx(0.25, abs=0.005)
+    assert c["MobileSAM"]["macs_share"] <= 0.2
+    # 12 held-out images (48 objects) in the smoke run: looser than the benchmark's 500-image figures
+    for name, floor in (("SlimSAM 50%", 0.9), ("SlimSAM 25%", 0.8), ("MobileSAM", 0.8)):
+        assert c[name]["share_of_teacher"]["box"] > floor, name

@@ -253,3 +253,43 @@ def test_mask_loss_prefers_the_true_mask():
     bad = -good
     iou = torch.ones(1, 1, 1)
     assert float(mask_loss(good, iou, target)) < 0.1 < float(mask_loss(bad, iou, target))
+
+
+@pytest.mark.parametrize("name", ["sam-shapes", "sam-shapes-slim50", "sam-shapes-slim25", "sam-shapes-mobile"])
+def test_shipped_model_matches_its_manifest_and_segments_held_out_images(name):
+    from toolkit.models import model_entry
+    from toolkit.models.store import ASSETS, file_sha256
+
+    entry = model_entry(name)
+    path = ASSETS / name
+    assert file_sha256(path / "model.safetensors") == entry["sha256"]
+    assert sum(p.stat().st_size for p in path.iterdir()) < 25 * 2**20
+    model = sam.load_sam(name)
+    held = segments.images(16, "test", start=20_000)  # beyond the manifest's figure and fp16 check images
+    box = sam.evaluate(model, held, kinds=("box",), cost=False)["box"]["miou"]
+    assert abs(box - entry["figures"]["box"]["miou"]) < 0.08  # 16 images against the manifest's 500
+    if name != "sam-shapes":
+        assert entry["compression_images"] <= model_entry("sam-shapes")["images_seen"] // 100
+
+
+def test_ship_stores_half_precision_weights_and_a_manifest_entry_that_matches(tmp_path):
+    import json
+
+    from toolkit.models.store import file_sha256
+    from toolkit.vision.sam.ship import as_stored, ship
+
+    model = tiny(seed=3)
+    entry = ship(model, "tiny-sam", "python -m toolkit.vision.sam.train ...", extra={"images_seen": 1600},
+                 eval_images=6, check_images=4, max_loss=1.0, assets=tmp_path)
+    saved = json.loads((tmp_path / "MANIFEST.json").read_text())["tiny-sam"]
+    assert saved == json.loads(json.dumps(entry)) and saved["images_seen"] == 1600
+    assert saved["sha256"] == file_sha256(tmp_path / "tiny-sam" / "model.safetensors")
+    assert set(saved["figures"]) >= {"box", "point", "points", "encoder"}
+    loaded = sam.load_sam(tmp_path / "tiny-sam")
+    assert next(loaded.parameters()).dtype == torch.float32
+    expected = as_stored(model, torch.float16)
+    for (name, a), b in zip(loaded.state_dict().items(), expected.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is left as it was
+    with pytest.raises(ValueError, match="dtype"):
+        ship(model, "tiny-sam", "cmd", dtype="int8", assets=tmp_path)
