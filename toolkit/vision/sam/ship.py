@@ -14,6 +14,7 @@ weights as they are. The manifest's figures are the stored copy's, on the first
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -40,8 +41,6 @@ _DATA = {
 
 def as_stored(model, dtype: torch.dtype):
     """``model`` as it loads after being stored in ``dtype``: the same values ``from_pretrained`` gives."""
-    import copy
-
     out = copy.deepcopy(model)
     with torch.no_grad():
         for p in out.parameters():
@@ -80,8 +79,7 @@ def ship(model, name: str, command: str, extra: dict | None = None, figures: dic
         figures = evaluate(stored, segments.images(eval_images, "test", size=size))
     out = assets / name
     out.mkdir(parents=True, exist_ok=True)
-    model.to(_DTYPES[dtype]).save_pretrained(out)
-    model.float()
+    stored.to(_DTYPES[dtype]).save_pretrained(out)  # exact: ``stored`` holds values of that dtype
     make_processor(model).save_pretrained(out)
     vc = model.config.vision_config
     entry = {
