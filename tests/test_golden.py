@@ -1,7 +1,8 @@
 """Golden payloads: the lm codec's bytes for the shipped model are the bytes recorded before the refactors.
 
-The numbers a learned codec computes hold on the same torch build and CPU
-capability, so a case runs only where the recorded environment matches.
+The integer engine's bytes hold on every machine, so its cases always run.
+A float engine's numbers hold on the same torch build and CPU capability, so
+such a case runs only where the recorded environment matches.
 """
 
 import hashlib
@@ -40,6 +41,12 @@ def lm_payload_digest(case: dict) -> str:
         for p in session.encode_chunks(chunks[b : b + codec.batch_chunks]):
             h.update((p or b"") + b"|")
     return h.hexdigest()
+
+
+@pytest.mark.parametrize("case", LM["portable_cases"], ids=lambda c: f"{c['sample']}-int")
+def test_integer_engine_payloads_are_the_same_everywhere(case):
+    """Recorded once, on one machine: any other machine, thread count or CPU must give these bytes."""
+    assert lm_payload_digest(case) == case["payloads_sha256"]
 
 
 @pytest.mark.parametrize("index", range(len(LM["cases"])),

@@ -43,12 +43,20 @@ def test_roundtrip(tiny, data):
 
 
 def test_header_records_everything(tiny):
+    """The default (integer) engine records no environment: its numbers are the same everywhere."""
     h = toolkit.info(toolkit.compress(CORPUS, codec="lm", model=str(tiny), **SETTINGS))["header"]
     assert h["codec"] == "lm" and h["config"]["window"] == 24 and h["config"]["threads"] >= 1
     assert len(h["model"]["weights_sha256"]) == 64 and len(h["model"]["tokenizer_sha256"]) == 64
+    # every setting resolved: nothing for the decoder to work out again
+    assert h["config"]["engine"] == "int" and h["config"]["dtype"] == "int8"
+    assert not h.get("env")
+
+
+def test_float_engine_header_is_machine_bound(tiny):
+    """A float engine's file records what changes its numbers (torch build, CPU capability, float behaviour)."""
+    h = toolkit.info(toolkit.compress(CORPUS, codec="lm", model=str(tiny), engine="lean", **SETTINGS))["header"]
     assert h["env"]["torch"] == torch.__version__ and h["env"]["cpu_capability"]
     assert len(h["env"]["float_fingerprint"]) == 16
-    # every setting resolved: nothing for the decoder to work out again
     assert h["config"]["engine"] == "lean" and h["config"]["dtype"] in ("float32", "bfloat16")
     assert "transformers" not in h["env"]  # the lean engine does not run transformers' code
 
@@ -65,10 +73,10 @@ def test_other_environment_is_refused_unless_allowed(tiny, monkeypatch):
     from toolkit.codecs.lm import LMCodec
     from toolkit.errors import EnvironmentMismatchError
 
-    blob = toolkit.compress(CORPUS, codec="lm", model=str(tiny), **SETTINGS)
+    blob = toolkit.compress(CORPUS, codec="lm", model=str(tiny), engine="lean", **SETTINGS)
     real = LMCodec.environment
     monkeypatch.setattr(LMCodec, "environment", lambda self: {**real(self), "torch": "0.0.1"})
-    with pytest.raises(EnvironmentMismatchError, match="torch"):
+    with pytest.raises(EnvironmentMismatchError, match="torch.*machine-bound"):
         toolkit.decompress(blob)
     assert toolkit.decompress(blob, allow_mismatch=True) == CORPUS
 
@@ -168,7 +176,7 @@ def test_dtypes_round_trip_and_auto_is_resolved(tiny, tmp_path):
     """fp32 and bf16 both decode exactly (bf16 in a fresh process); the header holds the dtype used, never auto."""
     data = CORPUS * 3
     for dtype in ("float32", "bfloat16"):
-        blob = toolkit.compress(data, codec="lm", model=str(tiny), dtype=dtype, **SETTINGS)
+        blob = toolkit.compress(data, codec="lm", model=str(tiny), engine="lean", dtype=dtype, **SETTINGS)
         assert toolkit.info(blob)["header"]["config"]["dtype"] == dtype
         assert toolkit.decompress(blob) == data
     (tmp_path / "bf16.tkz").write_bytes(blob)
@@ -176,14 +184,16 @@ def test_dtypes_round_trip_and_auto_is_resolved(tiny, tmp_path):
     subprocess.run([sys.executable, "-m", "toolkit", "decompress", str(tmp_path / "bf16.tkz"), "-o", str(out), "-q"],
                    check=True)
     assert out.read_bytes() == data
+    lean = toolkit.compress(data, codec="lm", model=str(tiny), engine="lean", **SETTINGS)
+    assert toolkit.info(lean)["header"]["config"]["dtype"] in ("float32", "bfloat16")
     auto = toolkit.info(toolkit.compress(data, codec="lm", model=str(tiny), **SETTINGS))["header"]["config"]["dtype"]
-    assert auto in ("float32", "bfloat16")
+    assert auto == "int8"
 
 
 def test_hf_engine_roundtrip(tiny):
     blob = toolkit.compress(CORPUS * 3, codec="lm", model=str(tiny), engine="hf", **SETTINGS)
     assert toolkit.decompress(blob) == CORPUS * 3
-    assert toolkit.info(blob)["header"]["config"]["adapt"] == 0.0  # adaptation trains the lean engine only
+    assert toolkit.info(blob)["header"]["config"]["adapt"] == 0.0  # adaptation trains the int and lean heads only
 
 
 def test_model_mismatch_is_refused(tmp_path):

@@ -348,7 +348,7 @@ def _codec_for(header: dict, local: dict[str, str] | None = None, allow_mismatch
         cls = get_codec(header["codec"])
     except UnknownCodecError as e:
         raise UnknownCodecError(f"file needs {e}") from None
-    if header["codec_version"] != cls.version:
+    if header["codec_version"] != cls.version and header["codec_version"] not in cls.reads_versions:
         raise FormatError(
             f"file was written by {cls.name} codec version {header['codec_version']}, "
             f"this build has version {cls.version}"
@@ -363,8 +363,8 @@ def _codec_for(header: dict, local: dict[str, str] | None = None, allow_mismatch
     if diff:
         if not allow_mismatch:
             raise EnvironmentMismatchError(
-                f"file was coded where {'; '.join(diff)}; this can change the {cls.name} codec's numbers "
-                "(decode anyway with --allow-mismatch: the SHA-256 check then decides)")
+                f"file was coded where {'; '.join(diff)}; this can change the {cls.name} codec's numbers"
+                f"{codec.environment_note()} (decode anyway with --allow-mismatch: the SHA-256 check then decides)")
         logger.warning("decoding despite a different environment: %s", "; ".join(diff))
     # the file's framing wins over the codec's defaults: batches must match the encoder's
     codec.chunk_size = header["chunk_size"]

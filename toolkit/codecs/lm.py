@@ -15,13 +15,16 @@ as it does any chunk where that is smaller. The decoder recognises such
 chunks from their bytes and replays them as known streams, so the batch it
 runs is the encoder's batch.
 
-The header records every setting resolved (engine, dtype, threads,
-adaptation) and, as the environment, the library versions and CPU
-capability that change the numbers; a decoder elsewhere refuses the file
-unless told to try anyway.
+The default engine is the integer one (:mod:`toolkit.text.integer`): it
+computes every probability exactly in integer arithmetic, so a file decodes
+on any machine, thread count or device, and it runs without torch. The
+float engines (``lean``, ``hf``) are machine-bound: their header records,
+as the environment, the library versions and CPU capability that change
+their numbers, and a decoder elsewhere refuses such a file unless told to
+try anyway.
 
-Importing this module is cheap: torch and the text library load when a
-model is first used.
+Importing this module is cheap: the text library loads when a model is
+first used, and torch only for a float engine.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from toolkit.errors import ConfigError, FormatError, ModelMismatchError
 __all__ = ["LMCodec", "LMConfig"]
 
 DEFAULT_MODEL = "default"
-_VERSION = 6
+_VERSION = 7
 #: the KV cache of a batch may take at most this share of the machine's memory
 _MEMORY_SHARE = 0.5
 
@@ -83,8 +86,8 @@ class LMConfig:
             raise ConfigError(f"batch must be in 1..streams ({self.streams}) segments, got {self.batch}")
         if not 0 <= self.threads <= 256:
             raise ConfigError(f"threads must be in 0..256, got {self.threads}")
-        if self.engine not in ("auto", "lean", "hf"):
-            raise ConfigError(f"engine must be auto, lean or hf, got {self.engine!r}")
+        if self.engine not in ("auto", "int", "lean", "hf"):
+            raise ConfigError(f"engine must be auto, int, lean or hf, got {self.engine!r}")
         if not isinstance(self.orders, list) or not all(isinstance(k, int) and 1 <= k <= 32 for k in self.orders):
             raise ConfigError(f"orders must be a list of context lengths in 1..32, got {self.orders!r}")
         self.orders = sorted(set(self.orders))
@@ -102,8 +105,15 @@ class LMConfig:
             raise ConfigError(f"unwrap must be true or false, got {self.unwrap!r}")
         if not isinstance(self.numbers, bool):
             raise ConfigError(f"numbers must be true or false, got {self.numbers!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "int8", "float32", "bfloat16"):
+            raise ConfigError(f"dtype must be auto, int8, float32 or bfloat16, got {self.dtype!r}")
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 
 def _memory_limit() -> int:
     try:
@@ -121,6 +131,8 @@ class LMCodec(Codec):
     """Range coding driven by a causal language model's next-token probabilities."""
 
     version = _VERSION
+    # version 6 files (float engines only, every setting resolved in the header) decode unchanged
+    reads_versions = (6,)
     description = "language-model coding of text (shipped model, or --set model=HF_ID_OR_PATH)"
     Config = LMConfig
     decode_settings = ("model_dir",)
@@ -146,21 +158,25 @@ class LMCodec(Codec):
     def settings(self) -> LMConfig:
         """The config with everything that depends on the model and machine resolved: the header records this.
 
-        ``engine=auto`` is the lean engine where it runs the model, else ``hf``; ``dtype=auto`` is bf16
-        for the lean engine on CPUs with bf16 arithmetic (it measured the same bits per byte as fp32 on
-        held-out text, 1.6x faster), fp32 otherwise; ``threads=0`` is torch's thread count here;
-        adaptation trains the lean engine's top, so it is 0 for the ``hf`` engine. A decoder gets these
-        values from the header and resolves nothing again.
+        ``engine=auto`` is the integer engine where it runs the model (Llama family), else ``hf``;
+        ``dtype=auto`` is int8 for the integer engine, bf16 for the lean engine on CPUs with bf16
+        arithmetic (it measured the same bits per byte as fp32 on held-out text, 1.6x faster), fp32
+        otherwise; ``threads=0`` is the machine's thread count (the integer engine's output does
+        not depend on it); adaptation trains the head of the integer and lean engines, so it is 0
+        for the ``hf`` engine. A decoder gets these values from the header and resolves nothing again.
         """
         if self._settings is None:
-            import torch
-
             cm = self.coding_model
             cfg = dataclasses.replace(self.config)
             cfg.engine = cm.engine_kind(cfg.engine)
             cfg.dtype = cm.dtype(cfg.dtype, cfg.engine)
-            cfg.threads = self._threads or cfg.threads or torch.get_num_threads()
-            if cfg.engine != "lean":
+            if cfg.engine == "int":
+                cfg.threads = self._threads or cfg.threads or _cores()
+            else:
+                import torch
+
+                cfg.threads = self._threads or cfg.threads or torch.get_num_threads()
+            if cfg.engine == "hf":
                 cfg.adapt = 0.0
             _check_memory(cm, cfg)
             self._settings = cfg
@@ -174,6 +190,10 @@ class LMCodec(Codec):
         return {"model": {**self.coding_model.header(), "name": self.config.model}}
 
     def environment(self) -> dict:
+        """Nothing for the integer engine (its numbers are the same everywhere); for a float engine, what
+        changes its numbers."""
+        if self.settings.engine == "int":
+            return {}
         import torch
 
         from toolkit.numerics import float_fingerprint
@@ -185,6 +205,10 @@ class LMCodec(Codec):
 
             env["transformers"] = transformers.__version__
         return env
+
+    def environment_note(self) -> str:
+        return (f": engine={self.settings.engine} computes in floats and is machine-bound; files coded with "
+                "engine=int (the default) decode anywhere")
 
     @classmethod
     def from_header(cls, header: dict, local: dict[str, str] | None = None) -> LMCodec:
@@ -298,7 +322,7 @@ def _check_memory(cm: Any, cfg: LMConfig) -> None:
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     d = getattr(c, "head_dim", None) or c.hidden_size // heads
-    width = 2 if cfg.dtype == "bfloat16" else 4
+    width = 2 if cfg.dtype == "bfloat16" else 4  # int8: int8 values held in float32 for an exact GEMM
     need = 2 * c.num_hidden_layers * cfg.streams * kv * cfg.window * d * width
     limit = _memory_limit()
     if need > limit:

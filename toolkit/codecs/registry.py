@@ -45,6 +45,8 @@ class Codec:
 
     name: ClassVar[str] = ""
     version: ClassVar[int] = 1
+    #: older versions whose files this codec still decodes
+    reads_versions: ClassVar[tuple[int, ...]] = ()
     description: ClassVar[str] = ""
     Config: ClassVar[type] = NoConfig
     #: raw bytes per chunk; the container never passes a longer chunk.
@@ -92,6 +94,10 @@ class Codec:
         CPU capability, ...). Recorded in the header as ``env``; a decoder whose own
         environment differs refuses the file unless told to try anyway."""
         return {}
+
+    def environment_note(self) -> str:
+        """What to add, after a comma, when the environment differs (why the settings are machine-bound)."""
+        return ""
 
     # --- sessions ---------------------------------------------------------
     def open_encoder(self, progress: ProgressFn | None = None) -> EncodeSession:

@@ -33,9 +33,14 @@ __all__ = [
 ]
 
 
+#: what a torch-free caller (the integer lm engine) needs comes from the coder module alone
+_CODER = {"CATEGORICAL", "DEFAULT_TOTAL_BITS", "MAX_TOTAL_BITS", "RangeCoder"}
+
+
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        value = getattr(importlib.import_module("toolkit.entropy.core"), name)
+        module = "toolkit.entropy.coder" if name in _CODER else "toolkit.entropy.core"
+        value = getattr(importlib.import_module(module), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'toolkit.entropy' has no attribute {name!r}")

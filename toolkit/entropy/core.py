@@ -21,6 +21,7 @@ import constriction
 import numpy as np
 import torch
 
+from toolkit.entropy.coder import _DAMAGED, CATEGORICAL, DEFAULT_TOTAL_BITS, MAX_TOTAL_BITS, RangeCoder, _words
 from toolkit.errors import ConfigError, FormatError
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
 
 #: constriction's range coder quantizes probabilities to 24 bits; tables with
 #: the same total pass through it unchanged in practice.
-DEFAULT_TOTAL_BITS = 24
-MAX_TOTAL_BITS = 24
-#: what constriction raises when it decodes words no encoder wrote (it asserts)
-_DAMAGED = (AssertionError, ValueError, RuntimeError)
 
 
 def _check_total(total_bits: int, num_symbols: int) -> int:
@@ -165,8 +162,6 @@ def freqs_to_table(freqs: torch.Tensor | np.ndarray, total_bits: int | None = No
     return f / f.sum(axis=-1, keepdims=True)
 
 
-#: the model family every coder here uses; it quantizes the exact rows of :func:`freqs_to_table`.
-CATEGORICAL = constriction.stream.model.Categorical(perfect=False)
 
 
 def encode_symbols(symbols: Sequence[int] | np.ndarray, freqs: torch.Tensor | np.ndarray) -> bytes:
@@ -181,12 +176,6 @@ def encode_symbols(symbols: Sequence[int] | np.ndarray, freqs: torch.Tensor | np
     if sym.size:
         enc.encode(sym, CATEGORICAL, table)
     return enc.get_compressed().tobytes()
-
-
-def _words(data: bytes) -> np.ndarray:
-    if len(data) % 4:
-        raise FormatError("range-coded stream length is not a multiple of 4 bytes")
-    return np.frombuffer(data, dtype=np.uint32).copy()
 
 
 def decode_symbols(data: bytes, freqs: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -237,45 +226,6 @@ class StreamDecoder:
                 except _DAMAGED as e:
                     raise FormatError(f"stream {i}: range-coded data is damaged ({e})") from None
         return out
-
-
-class RangeCoder:
-    """One range-coded stream seen from either side, so that a coding loop is written once.
-
-    ``code(table, symbol)`` encodes ``symbol`` under the one-row ``table`` and
-    returns it (an encoder), or decodes a symbol under it and returns that (a
-    decoder, ``symbol`` left out). Encoder and decoder run the same loop and
-    compute the same tables; only this call differs.
-    """
-
-    def __init__(self, words: np.ndarray | None = None):
-        self.decoding = words is not None
-        self._coder = (constriction.stream.queue.RangeDecoder(words) if self.decoding
-                       else constriction.stream.queue.RangeEncoder())
-
-    @classmethod
-    def encoder(cls) -> RangeCoder:
-        return cls()
-
-    @classmethod
-    def decoder(cls, data: bytes | np.ndarray) -> RangeCoder:
-        """A decoder over coded ``data`` (bytes, a whole number of 32-bit words, or the words)."""
-        return cls(data if isinstance(data, np.ndarray) else _words(data))
-
-    def code(self, table: np.ndarray, symbol: int | None = None) -> int:
-        if self.decoding:
-            try:
-                return int(self._coder.decode(CATEGORICAL, table)[0])
-            except _DAMAGED as e:  # constriction on words no encoder wrote
-                raise FormatError(f"range-coded data is damaged ({e})") from None
-        self._coder.encode(np.array([symbol], dtype=np.int32), CATEGORICAL, table)
-        return int(symbol)  # type: ignore[arg-type]
-
-    def finish(self) -> bytes:
-        """The encoder's output (32-bit words as bytes)."""
-        if self.decoding:
-            raise ConfigError("finish() is the encoder's: a decoder has no output")
-        return self._coder.get_compressed().tobytes()
 
 
 def encode_iid(symbols: Sequence[int] | np.ndarray, freqs: torch.Tensor | np.ndarray) -> bytes:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from toolkit.text.llama import rope_theta, supports
+
 __all__ = ["LeanLlama", "HFEngine", "Top", "rms_norm", "native_bf16"]
 
 
@@ -88,12 +90,7 @@ class LeanLlama:
         return (torch.cat([ang.cos(), ang.cos()], dim=-1).to(self.dtype),
                 torch.cat([ang.sin(), ang.sin()], dim=-1).to(self.dtype))
 
-    @staticmethod
-    def supports(cfg: Any) -> bool:
-        """True for configs this forward computes exactly (Llama without biases, scaling or other activations)."""
-        return (cfg.model_type in ("llama",) and not getattr(cfg, "attention_bias", False)
-                and not getattr(cfg, "mlp_bias", False) and cfg.hidden_act == "silu"
-                and rope_theta(cfg) is not None and not has_rope_scaling(cfg))
+    supports = staticmethod(supports)
 
     def reset(self, streams: int) -> None:
         shape = (streams, self.kv, self.window, self.d)
@@ -205,25 +202,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def rope_theta(cfg: Any) -> float | None:
-    theta = getattr(cfg, "rope_theta", None)
-    if theta is None:
-        params = getattr(cfg, "rope_parameters", None) or {}
-        theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(theta) if theta is not None else None
-
-
-def has_rope_scaling(cfg: Any) -> bool:
-    scaling = getattr(cfg, "rope_scaling", None)
-    if isinstance(scaling, dict):
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        return kind not in (None, "default")
-    params = getattr(cfg, "rope_parameters", None)
-    if isinstance(params, dict):
-        return params.get("rope_type", "default") not in (None, "default")
-    return scaling is not None
 
 
 class HFEngine:

@@ -22,11 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from toolkit import entropy
-from toolkit.text.adapt import HeadAdapter
-from toolkit.text.mixer import NgramMixer
+from toolkit.text.mixer import NgramMixer, mass_to_table
 
 __all__ = ["Lockstep", "Stream"]
 
@@ -58,7 +57,7 @@ class Lockstep:
         self.alphabet, self.bos = tok.alphabet, tok.bos
         self.mixer = NgramMixer(settings.orders, settings.gamma, settings.contexts, tok.alphabet) \
             if settings.orders else None
-        self.adapter: HeadAdapter | None = None
+        self.head: Any = None  # the adapted head, carried from batch to batch
 
     def run(self, streams: list[Stream], costs: dict[int, list[float]] | None = None,
             on_tokens: Callable[[int], None] | None = None) -> dict[int, list[int]]:
@@ -68,70 +67,157 @@ class Lockstep:
         """
         if not streams:
             return {}
-        s = self.s
         lengths = [st.length for st in streams]
         out: dict[int, list[int]] = {i: [] for i, st in enumerate(streams) if st.coder is not None
                                      and st.coder.decoding}
-        prev_threads = torch.get_num_threads()
-        torch.set_num_threads(s.threads)
-        try:
-            with torch.inference_mode():
-                engine = self.model.engine(s.engine, s.window, s.keep, s.dtype)
-                engine.reset(len(streams))
-                if s.adapt and self.adapter is None:
-                    self.adapter = HeadAdapter(engine.top(), s.adapt, s.adapt_tokens, s.adapt_rows, engine.dtype)
-                adapter = self.adapter if s.adapt else None
-                cur = torch.full((len(streams),), self.bos, dtype=torch.long)
-                history: list[list[int]] = [[] for _ in streams]
-                # finished streams leave the batch once a quarter of it is done (engines that can drop
-                # rows): the steps that remain cost what the live streams need. Both sides know every
-                # length, so they drop the same rows at the same step.
-                compact = hasattr(engine, "select")
-                rows = list(range(len(streams)))  # engine row -> index into streams
-                pending = 0
-                for t in range(max(lengths)):
-                    if compact:
-                        live = [j for j, r in enumerate(rows) if t < lengths[r]]
-                        if len(live) * 4 <= len(rows) * 3:
-                            engine.select(torch.tensor(live, dtype=torch.long))
-                            cur = cur[live]
-                            history = [history[j] for j in live]
-                            rows = [rows[j] for j in live]
-                    # the adapter's logits() replaces the engine's top (the adapted head)
-                    logits = (engine.step(cur, adapter) if adapter is not None else engine.step(cur))[:, :self.alphabet]
-                    active = [t < lengths[r] for r in rows]
-                    model_probs = torch.softmax(logits, dim=-1) if self.mixer or adapter is not None else None
-                    if self.mixer is not None:
-                        table = entropy.probs_to_table(self.mixer.mix(model_probs, history, active))
-                    else:
-                        table = entropy.freqs_to_table(entropy.logits_to_freqs(logits), entropy.DEFAULT_TOTAL_BITS)
-                    nxt = cur.clone()
-                    for j, r in enumerate(rows):
-                        if not active[j]:
-                            continue
-                        st = streams[r]
-                        known = st.tokens[t] if st.tokens is not None else None
-                        sym = known if st.coder is None else st.coder.code(table[j : j + 1], known)
-                        if r in out:
-                            out[r].append(sym)
-                        nxt[j] = sym
-                        if costs is not None:
-                            costs.setdefault(r, []).append(-math.log2(float(table[j, sym])))
-                    coded = nxt.tolist()
-                    if adapter is not None:
-                        adapter.observe(model_probs, coded, active)
-                    if self.mixer is not None:
-                        self.mixer.update(history, coded, active)
-                    cur = nxt
-                    if on_tokens is not None:
-                        pending += sum(active)
-                        if t % _REPORT_EVERY == _REPORT_EVERY - 1:
-                            on_tokens(pending)
-                            pending = 0
-                if on_tokens is not None and pending:
-                    on_tokens(pending)
-                if adapter is not None:
-                    adapter.flush()
-        finally:
-            torch.set_num_threads(prev_threads)
+        with self._predictor(len(streams)) as pred:
+            cur = np.full(len(streams), self.bos, dtype=np.int64)
+            history: list[list[int]] = [[] for _ in streams]
+            # finished streams leave the batch once a quarter of it is done (engines that can drop
+            # rows): the steps that remain cost what the live streams need. Both sides know every
+            # length, so they drop the same rows at the same step.
+            rows = list(range(len(streams)))  # engine row -> index into streams
+            pending = 0
+            for t in range(max(lengths)):
+                if pred.compact:
+                    live = [j for j, r in enumerate(rows) if t < lengths[r]]
+                    if len(live) * 4 <= len(rows) * 3:
+                        pred.select(np.array(live, dtype=np.int64))
+                        cur = cur[live]
+                        history = [history[j] for j in live]
+                        rows = [rows[j] for j in live]
+                active = [t < lengths[r] for r in rows]
+                table = pred.table(cur, history, active)
+                nxt = cur.copy()
+                for j, r in enumerate(rows):
+                    if not active[j]:
+                        continue
+                    st = streams[r]
+                    known = st.tokens[t] if st.tokens is not None else None
+                    sym = known if st.coder is None else st.coder.code(table[j : j + 1], known)
+                    if r in out:
+                        out[r].append(sym)
+                    nxt[j] = sym
+                    if costs is not None:
+                        costs.setdefault(r, []).append(-math.log2(float(table[j, sym])))
+                coded = nxt.tolist()
+                pred.learn(coded, active)
+                if self.mixer is not None:
+                    self.mixer.update(history, coded, active)
+                cur = nxt
+                if on_tokens is not None:
+                    pending += sum(active)
+                    if t % _REPORT_EVERY == _REPORT_EVERY - 1:
+                        on_tokens(pending)
+                        pending = 0
+            if on_tokens is not None and pending:
+                on_tokens(pending)
         return out
+
+    def _predictor(self, streams: int) -> Any:
+        if self.s.engine == "int":
+            if self.head is None:
+                engine = self.model.engine("int", self.s.window, self.s.keep, "int8")
+                self.head = engine.new_head(self.s.adapt, self.s.adapt_tokens, self.s.adapt_rows)
+            return _IntPredictor(self, streams)
+        return _FloatPredictor(self, streams)
+
+
+class _IntPredictor:
+    """The integer engine's step: integer logits, probabilities, mixing and table; the head learns."""
+
+    compact = True
+
+    def __init__(self, ls: Lockstep, streams: int):
+        self.ls = ls
+        self.engine = ls.model.engine("int", ls.s.window, ls.s.keep, "int8")
+        self.engine.reset(streams)
+        self.parts = max(1, ls.s.threads)
+
+    def __enter__(self) -> _IntPredictor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
+        # BLAS on one thread: the engine's own threads split the rows (results do not depend on either)
+        self._blas = threadpool_limits(1, user_api="blas")
+        self.pool = ThreadPoolExecutor(self.parts) if self.parts > 1 else None
+        self.ls.head.pool = self.pool
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.ls.head.flush()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+            self.ls.head.pool = None
+            self._blas.restore_original_limits()
+
+    def select(self, rows: np.ndarray) -> None:
+        self.engine.select(rows)
+
+    def table(self, cur: np.ndarray, history: list[list[int]], active: list[bool]) -> np.ndarray:
+        from toolkit.text.integer import normalize_q30
+
+        ls = self.ls
+        probs = self.engine.step(cur, ls.head, ls.alphabet, self.pool, self.parts)
+        self.probs = normalize_q30(probs) if ls.s.adapt else None
+        freqs = ls.mixer.mix_int(probs, history, active) if ls.mixer is not None else mass_to_table(probs)
+        return freqs * (1.0 / (1 << entropy.DEFAULT_TOTAL_BITS))  # exact: integers over a power of 2
+
+    def learn(self, coded: list[int], active: list[bool]) -> None:
+        if self.probs is not None:
+            self.ls.head.observe(self.probs, coded, active)
+
+
+class _FloatPredictor:
+    """A float engine's step (lean or ``transformers``), on torch with the settings' thread count."""
+
+    def __init__(self, ls: Lockstep, streams: int):
+        import torch
+
+        self.ls, self.torch, self.streams = ls, torch, streams
+
+    def __enter__(self) -> _FloatPredictor:
+        from toolkit.text.adapt import HeadAdapter
+
+        torch, ls, s = self.torch, self.ls, self.ls.s
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(s.threads)
+        self._mode = torch.inference_mode()
+        self._mode.__enter__()
+        self.engine = ls.model.engine(s.engine, s.window, s.keep, s.dtype)
+        self.engine.reset(self.streams)
+        if s.adapt and ls.head is None:
+            ls.head = HeadAdapter(self.engine.top(), s.adapt, s.adapt_tokens, s.adapt_rows, self.engine.dtype)
+        self.adapter = ls.head if s.adapt else None
+        self.compact = hasattr(self.engine, "select")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.adapter is not None and exc[0] is None:
+                self.adapter.flush()
+        finally:
+            self._mode.__exit__(*exc)
+            self.torch.set_num_threads(self._threads)
+
+    def select(self, rows: np.ndarray) -> None:
+        self.engine.select(self.torch.from_numpy(rows))
+
+    def table(self, cur: np.ndarray, history: list[list[int]], active: list[bool]) -> np.ndarray:
+        torch, ls = self.torch, self.ls
+        tokens = torch.from_numpy(cur)
+        # the adapter's logits() replaces the engine's top (the adapted head)
+        logits = (self.engine.step(tokens, self.adapter) if self.adapter is not None
+                  else self.engine.step(tokens))[:, : ls.alphabet]
+        self.probs = torch.softmax(logits, dim=-1) if ls.mixer or self.adapter is not None else None
+        if ls.mixer is not None:
+            return entropy.probs_to_table(ls.mixer.mix(self.probs, history, active))
+        return entropy.freqs_to_table(entropy.logits_to_freqs(logits), entropy.DEFAULT_TOTAL_BITS)
+
+    def learn(self, coded: list[int], active: list[bool]) -> None:
+        if self.adapter is not None:
+            self.adapter.observe(self.probs, coded, active)
