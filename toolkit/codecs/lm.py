@@ -67,6 +67,7 @@ class LMConfig:
     adapt_rows: int = 1
     unwrap: bool = True
     numbers: bool = True
+    device: str = "auto"
 
     def __post_init__(self):
         if not 16 <= self.window <= 1 << 16:
@@ -105,8 +106,24 @@ class LMConfig:
             raise ConfigError(f"unwrap must be true or false, got {self.unwrap!r}")
         if not isinstance(self.numbers, bool):
             raise ConfigError(f"numbers must be true or false, got {self.numbers!r}")
+        if not isinstance(self.device, str) or not (self.device == "auto" or self.device.split(":")[0] in
+                                                     ("cpu", "cuda")):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N] (the integer engine's linear layers), "
+                              f"got {self.device!r}")
         if self.dtype not in ("auto", "int8", "float32", "bfloat16"):
             raise ConfigError(f"dtype must be auto, int8, float32 or bfloat16, got {self.dtype!r}")
+
+def _parse_threads(value: str | None) -> int:
+    if value is None:
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"threads must be a whole number, got {value!r}") from None
+    if not 1 <= n <= 256:
+        raise ConfigError(f"threads must be in 1..256, got {n}")
+    return n
+
 
 def _cores() -> int:
     try:
@@ -135,7 +152,7 @@ class LMCodec(Codec):
     reads_versions = (6,)
     description = "language-model coding of text (shipped model, or --set model=HF_ID_OR_PATH)"
     Config = LMConfig
-    decode_settings = ("model_dir",)
+    decode_settings = ("model_dir", "threads", "device")
 
     def __init__(self, config: LMConfig | None = None, threads: int | None = None, model_dir: str | None = None):
         super().__init__(config)
@@ -178,6 +195,8 @@ class LMCodec(Codec):
                 cfg.threads = self._threads or cfg.threads or torch.get_num_threads()
             if cfg.engine == "hf":
                 cfg.adapt = 0.0
+            if cfg.engine != "int" and cfg.device != "auto":
+                raise ConfigError(f"device={cfg.device} is the integer engine's; engine={cfg.engine} runs on the CPU")
             _check_memory(cm, cfg)
             self._settings = cfg
         return self._settings
@@ -213,7 +232,19 @@ class LMCodec(Codec):
     @classmethod
     def from_header(cls, header: dict, local: dict[str, str] | None = None) -> LMCodec:
         base: LMCodec = super().from_header(header, local)  # type: ignore[assignment]
-        codec = cls(base.config, model_dir=(local or {}).get("model_dir"))
+        local = local or {}
+        threads = None
+        if base.config.engine == "int":
+            # the integer engine's output depends on neither: decode with this machine's threads and device
+            threads = _parse_threads(local.get("threads")) or _cores()
+            base.config.device = "auto"
+            if "device" in local:
+                base.config.device = local["device"]
+                base.config.__post_init__()
+        elif "threads" in local or "device" in local:
+            raise ConfigError(f"engine={base.config.engine} must decode with the encoder's threads "
+                              f"({base.config.threads}) on the CPU: threads and device cannot be set")
+        codec = cls(base.config, threads=threads, model_dir=local.get("model_dir"))
         want = header.get("model")
         if not isinstance(want, dict):
             raise FormatError("LM header has no model record")

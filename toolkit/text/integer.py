@@ -108,17 +108,23 @@ def quantize(cfg: Any, weights: Mapping[str, np.ndarray], clip: Mapping[str, np.
 class _Linear:
     """One int8 linear layer: int8 weights ``[O, K]``, one multiplier per output row."""
 
-    def __init__(self, q: np.ndarray, m: np.ndarray):
+    def __init__(self, q: np.ndarray, m: np.ndarray, device: str | None = None):
         self.q = np.ascontiguousarray(q, dtype=np.int8)
         self.m = np.ascontiguousarray(m, dtype=np.int64)
+        self.device = device
         self._wt: np.ndarray | None = None
+        self._dev: tuple | None = None
 
     def __call__(self, x8: np.ndarray, r: np.ndarray) -> np.ndarray:
         """Rows ``x8`` (int8 ``[R, K]``) standing for ``x8[i] * r[i] / (127 * 2**FRAC)``, times ``W^T``, in Q16.
 
         A few rows take the compiled int8 loop; more take float32 BLAS, whose products and sums of int8
-        values stay below 2**24 and so are exact: the same integers either way.
+        values stay below 2**24 and so are exact: the same integers either way. With a torch
+        ``device``, the layer runs there (:func:`toolkit.kernels.int_linear.int_linear`: Triton on CUDA),
+        and again gives the same integers.
         """
+        if self.device is not None:
+            return self._on_device(x8, r)
         out = np.empty((x8.shape[0], self.q.shape[0]), dtype=np.int64)
         if x8.shape[0] < ik.SMALL_ROWS:
             ik.linear_small(x8, r, self.q, self.m, out)
@@ -127,6 +133,18 @@ class _Linear:
                 self._wt = np.ascontiguousarray(self.q.T, dtype=np.float32)
             ik.requant(x8.astype(np.float32) @ self._wt, r, self.m, out)
         return out
+
+
+    def _on_device(self, x8: np.ndarray, r: np.ndarray) -> np.ndarray:
+        import torch
+
+        from toolkit.kernels.int_linear import int_linear
+
+        if self._dev is None:
+            self._dev = (torch.from_numpy(self.q).to(self.device), torch.from_numpy(self.m).to(self.device))
+        w, m = self._dev
+        y = int_linear(torch.from_numpy(x8).to(self.device), torch.from_numpy(r).to(self.device), w, m)
+        return y.cpu().numpy()
 
 
 def _quant_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +162,8 @@ class IntLlama:
     ``keep == 0`` is a ring buffer.
     """
 
-    def __init__(self, cfg: Any, q: Mapping[str, np.ndarray], window: int, keep: int):
+    def __init__(self, cfg: Any, q: Mapping[str, np.ndarray], window: int, keep: int, device: str | None = None):
+        """``device``: a torch device for the linear layers (the default: numpy and compiled loops on the CPU)."""
         if window > MAX_WINDOW:
             raise ConfigError(f"the integer engine attends to at most {MAX_WINDOW} tokens; window={window}")
         self.h = cfg.num_attention_heads
@@ -158,7 +177,8 @@ class IntLlama:
         # scores: q.k * rq * rk / (127**2 * sqrt(d)) in Q16, with 1/sqrt(d) from an exact integer square root
         self.score_scale = math.isqrt((1 << 32) // self.d) * (1 << 24) // (127 * 127 * 4)
         self.embed = np.asarray(q["embed"], dtype=np.int64)
-        self.layers = [tuple(_Linear(q[f"{i}.{n}.q"], q[f"{i}.{n}.m"]) for n in ("qkv", "o", "gu", "down"))
+        self.device = device
+        self.layers = [tuple(_Linear(q[f"{i}.{n}.q"], q[f"{i}.{n}.m"], device) for n in ("qkv", "o", "gu", "down"))
                        for i in range(cfg.num_hidden_layers)]
         self.inter = self.layers[0][2].m.shape[0] // 2 if self.layers else 0
         self.head = np.asarray(q["head"], dtype=np.int64)
@@ -169,7 +189,7 @@ class IntLlama:
 
     def new_head(self, lr: float, tokens: int, rows: int) -> IntHead:
         """A fresh copy of the output head that adapts to one file (rate ``lr``; 0 keeps it fixed)."""
-        return IntHead(self.head, self.head_rate, lr, tokens, rows)
+        return IntHead(self.head, self.head_rate, lr, tokens, rows, self.device)
 
     def reset(self, streams: int) -> None:
         shape = (streams, self.kv, self.window, self.d)
@@ -269,8 +289,10 @@ class IntHead:
     takes it, here with the learning rate in Q20 and exact integer products).
     """
 
-    def __init__(self, head: np.ndarray, rate: np.ndarray, lr: float, tokens: int, rows: int):
+    def __init__(self, head: np.ndarray, rate: np.ndarray, lr: float, tokens: int, rows: int,
+                 device: str | None = None):
         self.w = np.asarray(head, dtype=np.float64).copy()  # integers below 2**53: exact
+        self.device = device
         self._requant()
         self.lr = round(lr * (1 << 20))
         self.rate = rate  # per column, Q16
@@ -297,7 +319,7 @@ class IntHead:
         m = np.empty(self.w.shape[0], dtype=np.int64)
         # the row scale in the multiplier format of _Linear: amax / 2**24 * 2**34 / 127**2
         ik.quant_head(self.w, q, m, HEAD_FRAC, _COL_BITS)
-        self.coding = _Linear(q, m)
+        self.coding = _Linear(q, m, self.device)
 
     def observe(self, p: np.ndarray, targets: list[int], active: list[bool]) -> None:
         """Record the step's coded tokens with their probabilities ``p`` (Q30); train when due."""

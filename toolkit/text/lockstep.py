@@ -117,7 +117,7 @@ class Lockstep:
     def _predictor(self, streams: int) -> Any:
         if self.s.engine == "int":
             if self.head is None:
-                engine = self.model.engine("int", self.s.window, self.s.keep, "int8")
+                engine = self.model.engine("int", self.s.window, self.s.keep, "int8", self.s.device)
                 self.head = engine.new_head(self.s.adapt, self.s.adapt_tokens, self.s.adapt_rows)
             return _IntPredictor(self, streams)
         return _FloatPredictor(self, streams)
@@ -130,7 +130,7 @@ class _IntPredictor:
 
     def __init__(self, ls: Lockstep, streams: int):
         self.ls = ls
-        self.engine = ls.model.engine("int", ls.s.window, ls.s.keep, "int8")
+        self.engine = ls.model.engine("int", ls.s.window, ls.s.keep, "int8", ls.s.device)
         self.engine.reset(streams)
         self.parts = max(1, ls.s.threads)
 

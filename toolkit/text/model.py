@@ -94,14 +94,19 @@ class CodingModel:
             self._hf = _load_hf_model(self.where)
         return self._hf
 
-    def engine(self, kind: str, window: int, keep: int, dtype: str) -> Any:
-        """The engine for these settings, built once per model (the lean engine copies and fuses weights)."""
-        key = (kind, window, keep, dtype)
+    def engine(self, kind: str, window: int, keep: int, dtype: str, device: str = "auto") -> Any:
+        """The engine for these settings, built once per model (the lean engine copies and fuses weights).
+
+        ``device`` (integer engine): ``auto`` runs it on the CPU with numpy and compiled loops; a torch
+        device runs its linear layers there. Either gives the same integers.
+        """
+        key = (kind, window, keep, dtype, device)
         if key not in self._engines:
             if kind == "int":
                 from toolkit.text.integer import IntLlama
 
-                self._engines[key] = IntLlama(self.config, self.integer_weights(), window, keep)
+                self._engines[key] = IntLlama(self.config, self.integer_weights(), window, keep,
+                                              None if device == "auto" else device)
             elif kind == "lean":
                 import torch
 
