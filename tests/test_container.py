@@ -277,10 +277,7 @@ def test_auto_picks_by_cheap_statistics(monkeypatch):
 
     from toolkit.codecs import auto
 
-    def no_trials(sample):
-        raise AssertionError("lm trial-coded where the cheap test decides")
-
-    monkeypatch.setattr(auto, "_lm_bpb", no_trials)
+    _no_model_loads(monkeypatch)
     choice = auto.choose_codec(os.urandom(5000), size=5000)
     assert choice.codec == "store" and "binary" in choice.reason
     # long text: the smaller classic codec, exactly, and a hint saying how to ask for lm
@@ -295,22 +292,29 @@ def test_auto_picks_by_cheap_statistics(monkeypatch):
     assert auto.choose_codec(b"", size=0).codec == "store"
 
 
-def test_auto_trial_codes_lm_only_for_text_it_can_finish_in_a_minute(monkeypatch):
+def _no_model_loads(monkeypatch):
+    from toolkit.codecs.lm import LMCodec
+
+    def refuse(self):
+        raise AssertionError("auto loaded a model where the cheap test decides")
+
+    monkeypatch.setattr(LMCodec, "coding_model", property(refuse))
+
+
+def test_auto_decides_lm_from_classic_sizes_without_a_model(monkeypatch):
     from toolkit.codecs import auto
 
-    seen = []
-    monkeypatch.setattr(auto, "_lm_bpb", lambda sample: seen.append(len(sample)) or 0.001)
-    assert auto.choose_codec(DATA, size=len(DATA)).codec == "lm" and seen
-    seen.clear()
-    assert auto.choose_codec(DATA, size=10 * auto.LM_BYTES_PER_S * auto.LM_BUDGET_S).codec != "lm" and not seen
-    assert auto.choose_codec(DATA, size=10 * auto.LM_BYTES_PER_S * auto.LM_BUDGET_S, best=True).codec == "lm"
-    monkeypatch.setattr(auto, "_lm_bpb", lambda sample: 7.0)
-    assert auto.choose_codec(DATA, size=len(DATA)).codec in {"zstd", "xz"}
-    # text that xz codes at 1.5 bits/byte or more goes to lm without a trial
+    _no_model_loads(monkeypatch)
     prose = (SAMPLES / "prose.txt").read_bytes()
-    seen.clear()
-    monkeypatch.setattr(auto, "_lm_bpb", lambda sample: seen.append(len(sample)) or 7.0)
-    assert auto.choose_codec(prose, size=len(prose)).codec == "lm" and not seen
+    assert auto.choose_codec(prose, size=len(prose)).codec == "lm"
+    long = 10 * auto.LM_BYTES_PER_S * auto.LM_BUDGET_S
+    assert auto.choose_codec(prose, size=long).codec != "lm"
+    assert auto.choose_codec(prose, size=long, best=True).codec == "lm"
+    assert auto.choose_codec(DATA, size=len(DATA)).codec != "lm"  # one sentence repeated
+    # text so repetitive that xz needs under LM_MIN_BPB bits/byte: the classic pick, with a hint
+    repetitive = b"2026-12-04 10:00:00 ok\n" * 400
+    choice = auto.choose_codec(repetitive, size=len(repetitive))
+    assert choice.codec in {"zstd", "xz"} and "--codec lm" in choice.hint
 
 
 def test_auto_falls_back_where_pc_refuses_a_png():

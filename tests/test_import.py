@@ -76,3 +76,26 @@ def test_looking_up_a_codec_imports_only_its_module():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "toolkit.codecs.lm" not in out and "toolkit.codecs.pc" not in out and "toolkit.codecs.classic" in out
+
+
+def _heavy_after(argv: list[str], tmp_path) -> list[str]:
+    code = (
+        "import sys\n"
+        "from toolkit.cli import main\n"
+        "main(sys.argv[1:])\n"
+        "print([m for m in ('torch', 'transformers', 'torchvision') if m in sys.modules])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path, check=True)
+    return eval(r.stdout.strip().splitlines()[-1])  # a list literal of names
+
+
+def test_lm_codec_with_the_shipped_model_imports_no_torch(tmp_path):
+    """The integer engine runs the shipped model on numpy: neither torch nor transformers is imported."""
+    text = b"The integer engine codes this note without torch.\n" * 20
+    (tmp_path / "note.txt").write_bytes(text)
+    assert _heavy_after(["compress", "note.txt", "--codec", "lm", "-q"], tmp_path) == []
+    assert _heavy_after(["decompress", "note.txt.tkz", "-o", "back.txt", "-q"], tmp_path) == []
+    assert (tmp_path / "back.txt").read_bytes() == text
+    # auto on a short note decides without loading a model, and picks lm
+    (tmp_path / "auto.txt").write_bytes(text[:2048])
+    assert _heavy_after(["compress", "auto.txt", "-q"], tmp_path) == []

@@ -115,3 +115,22 @@ def test_encode_on_cpu_decode_on_cuda_and_back(text):
     on_cuda = toolkit.compress(data, codec="lm", device="cuda", **SETTINGS)
     assert toolkit.decompress(on_cuda) == data
     assert _payloads(data, device="cuda") == _payloads(data)
+
+
+def test_manifest_records_the_integer_calibration():
+    """The shipped model's entry says how its integer weights were chosen, and the choice is the one it measured."""
+    import json
+
+    from toolkit.models.store import model_entry
+
+    entry = model_entry("lm-default")["integer"]
+    bits = entry["bits_per_token_held_back"]
+    assert entry["chosen"] == min(bits, key=bits.get) and len(bits) >= 2
+    assert entry["calibration_data"]["sources"] and entry["heldout_payload_bits_per_byte"]["integer"]
+    shipped = (SAMPLES.parent / "lm-default" / "integer.safetensors").exists()
+    assert shipped == (entry["sha256"] is not None)
+    header = toolkit.info(toolkit.compress(b"calibrated or not " * 40, codec="lm"))["header"]
+    assert ("integer_sha256" in header["model"]) == shipped
+    figures = entry["heldout_payload_bits_per_byte"]
+    for name, bpb in figures["integer"].items():  # the integer engine within 2% of the float one
+        assert bpb <= 1.02 * figures["lean_float32"][name], json.dumps(figures)

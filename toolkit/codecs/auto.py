@@ -16,13 +16,13 @@ The rule, in order:
 4. Text (nearly UTF-8, at most 1% control bytes) may go to ``lm``, whose
    coder runs at about 8 KB/s each way on this project's 2-core machine.
    ``lm`` competes only where its estimated time, size / 8 KB/s, stays within
-   a minute (about 480 KB), or with ``best``. On such text lm beats xz -9e by
-   20-30% where xz needs 1.5 bits/byte or more (prose, code, CSV:
-   benchmarks/lossless_text), so it is picked without a trial. Below that
-   (logs, repetitive text) the margin is unknown: lm trial-codes a few KiB
-   (``LMCodec.estimate_bpb``, the only step that loads torch) and wins if it
-   beats the classic pick. Longer or unsized text gets the classic pick and a
-   hint saying how to ask for lm.
+   a minute (about 480 KB), or with ``best``. The decision is made from the
+   classic codecs' sizes alone, before any model loads: lm is picked where
+   the classic pick needs ``LM_MIN_BPB`` bits/byte or more (prose, code,
+   CSV, logs: lm beat xz -9e on all of them in benchmarks/lossless_text);
+   below that the text is so repetitive that a classic codec is as good and
+   far faster. Longer or unsized text gets the classic pick and a hint
+   saying how to ask for lm.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ __all__ = ["Choice", "choose_codec", "LM_BYTES_PER_S", "LM_BUDGET_S"]
 LM_BYTES_PER_S = 8_000
 LM_BUDGET_S = 60
 _LM_MIN_SAMPLE = 512  # lm's estimate needs this much text
-#: classic bits per byte from which lm is picked for text without a trial
-LM_SURE_BPB = 1.5
+#: classic bits per byte from which lm is picked for text
+LM_MIN_BPB = 0.5
 _PNG = b"\x89PNG\r\n\x1a\n"
 _NPY = b"\x93NUMPY"
 
@@ -65,14 +65,6 @@ def _classic(sample: bytes) -> tuple[str, float]:
         sizes[name] = len(get_codec(name)().compress_whole(sample))
     name = min(sizes, key=lambda k: (sizes[k], k != "zstd"))  # ties: the fastest that is not store
     return name, 8 * sizes[name] / len(sample)
-
-
-def _lm_bpb(sample: bytes) -> float | None:
-    try:
-        return get_codec("lm").estimate_bpb(sample)
-    except (ToolkitError, ImportError) as e:  # no torch, no model: auto goes on without lm
-        logger.info("auto: lm unavailable (%s)", e)
-        return None
 
 
 def _header_len(sample: bytes) -> int:
@@ -130,10 +122,7 @@ def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> 
         took = "of unknown length" if seconds is None else f"of {size:,} bytes (lm: about {seconds / 60:.0f} min)"
         return Choice(classic, f"text {took}: {classic} at {classic_bpb:.2f} bits/byte on the sample",
                       hint="for the strongest (slow) mode add --best to codec compress, or use --codec lm")
-    if classic_bpb >= LM_SURE_BPB:
+    if classic_bpb >= LM_MIN_BPB:
         return Choice("lm", f"text: {classic} needs {classic_bpb:.2f} bits/byte, where lm does better")
-    lm_bpb = _lm_bpb(sample)
-    if lm_bpb is not None and lm_bpb < classic_bpb:
-        return Choice("lm", f"text: lm estimates {lm_bpb:.2f} bits/byte, {classic} {classic_bpb:.2f}")
-    estimate = "unavailable" if lm_bpb is None else f"{lm_bpb:.2f}"
-    return Choice(classic, f"text: {classic} at {classic_bpb:.2f} bits/byte (lm estimate {estimate})")
+    return Choice(classic, f"repetitive text: {classic} at {classic_bpb:.2f} bits/byte",
+                  hint="lm may still be smaller, and much slower: --codec lm")

@@ -272,25 +272,6 @@ class LMCodec(Codec):
     def open_decoder(self, progress: ProgressFn | None = None) -> DecodeSession:
         return _LMDecoder(self)
 
-    # -- auto ------------------------------------------------------------------
-    @classmethod
-    def estimate_bpb(cls, sample: bytes) -> float | None:
-        """Bits per byte on the first 4 KiB, coded as 4 streams (pessimistic: short contexts)."""
-        from toolkit.text.detect import looks_like_text
-
-        part = sample[:4096]
-        if len(part) < 512 or not looks_like_text(part):
-            return None
-        codec = cls(LMConfig(streams=4, batch=4, segment=1024))
-        try:
-            _ = codec.coding_model
-        except ModelMismatchError:
-            return None
-        segs = [part[i : i + 1024] for i in range(0, len(part), 1024)]
-        payloads = codec.open_encoder().encode_chunks(segs)
-        total = sum(len(p) if p is not None else len(s) for p, s in zip(payloads, segs, strict=True))
-        return 8 * total / len(part)
-
     # -- tokens ----------------------------------------------------------------
     def tokens(self, chunks: list[bytes]) -> tuple[list[list[int] | None], list[bytes]]:
         """Each chunk's tokens (None: not text, or not codable) and its text-transform side data.
