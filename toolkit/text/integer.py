@@ -115,6 +115,13 @@ class _Linear:
         self._wt: np.ndarray | None = None
         self._dev: tuple | None = None
 
+    @property
+    def wt(self) -> np.ndarray:
+        """The weights transposed, as float32 (int8 values): what BLAS multiplies."""
+        if self._wt is None:
+            self._wt = np.ascontiguousarray(self.q.T, dtype=np.float32)
+        return self._wt
+
     def __call__(self, x8: np.ndarray, r: np.ndarray) -> np.ndarray:
         """Rows ``x8`` (int8 ``[R, K]``) standing for ``x8[i] * r[i] / (127 * 2**FRAC)``, times ``W^T``, in Q16.
 
@@ -129,9 +136,7 @@ class _Linear:
         if x8.shape[0] < ik.SMALL_ROWS:
             ik.linear_small(x8, r, self.q, self.m, out)
         else:
-            if self._wt is None:
-                self._wt = np.ascontiguousarray(self.q.T, dtype=np.float32)
-            ik.requant(x8.astype(np.float32) @ self._wt, r, self.m, out)
+            ik.requant(x8.astype(np.float32) @ self.wt, r, self.m, out)
         return out
 
 
@@ -347,23 +352,24 @@ class IntHead:
         n = self.pending
         self._grads, self._inputs, self.pending = [], [], 0
         v = g.shape[1]  # the coder's alphabet may stop short of the head (a BOS row that is never coded)
-        lr = self.lr * (1 << 16) // n  # Q36 rate per token; the division of the update is one shift
+        # lr / n * rate * grad / (2**16 * 127 * 2**FRAC) in Q24 is rshr(rate-scaled grad * lr127, 28):
+        # grad >> 16 is below n * 2**27, with the rate below n * 2**29, with lr127 (below 2**31 / n) below 2**60
+        lr127 = (self.lr << 16) // (n * 127)
+        coding = self.coding
 
         def update(cols: slice) -> None:
-            grad = np.zeros((cols.stop - cols.start, x.shape[1]), dtype=np.int64)
-            # 2**16 * 2**27 * 256 rows < 2**53: each block's float64 product is exact
-            for a in range(0, len(g), 256):
+            # 2**16 * 2**27 * 256 rows < 2**53: each block's float64 product is exact, and so is their sum
+            grad = g[:256, cols].T @ x[:256]
+            for a in range(256, len(g), 256):
                 grad += (g[a : a + 256, cols].T @ x[a : a + 256]).astype(np.int64)
-            # lr / n * rate * grad / (2**16 * 127 * 2**FRAC) in Q24; grad >> 16 is below n * 2**27, with the
-            # rate below n * 2**29, with lr / n (Q36) below 2**60
-            grad = rshr(rshr(grad, 16) * self.rate, 16)
-            self.w[cols] -= ((grad * lr) // (127 << (36 + FRAC - HEAD_FRAC))).astype(np.float64)
+            ik.update_head(self.w, grad, cols.start, self.rate, lr127, coding.q, coding.m, coding.wt,
+                           HEAD_FRAC, _COL_BITS)
 
         if self.pool is None:
             update(slice(0, v))
         else:
             list(self.pool.map(update, [slice(v * i // 2, v * (i + 1) // 2) for i in range(2)]))
-        self._requant()
+        coding._dev = None  # a device copy of the old weights
 
 
 def normalize_q30(p: np.ndarray) -> np.ndarray:

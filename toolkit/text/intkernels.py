@@ -154,7 +154,7 @@ def attend(qkv, heads, kv, d, k8, rk, v8, rv, cos, sin, pos0, ring_slot, n_keys,
     v_lim = np.int64(1) << (FRAC + 10)
     top = att_exp.shape[0] - 1
     tmp = np.empty(d, dtype=np.int64)
-    q8 = np.empty(d, dtype=np.int64)
+    q8 = np.empty(d, dtype=np.int32)
     z = np.empty(k8.shape[2], dtype=np.int64)
     acc = np.empty(d, dtype=np.int64)
     for s in range(s_n):
@@ -198,11 +198,11 @@ def attend(qkv, heads, kv, d, k8, rk, v8, rv, cos, sin, pos0, ring_slot, n_keys,
                     q8[c] = _rshr(tmp[c] * recip, 55)
                 zmax = np.iinfo(np.int64).min
                 for j in range(nk):
-                    dot = np.int64(0)
+                    dot = np.int32(0)
                     for c in range(d):
-                        dot += q8[c] * k8[s, g, j, c]  # below 2**20
+                        dot += q8[c] * np.int32(k8[s, g, j, c])  # below 2**20: int32 lanes
                     # dot * rk < 2**44, then * rq < 2**58, then the score scale (below 2**21): Q16 nats
-                    zj = _rshr(_rshr(_rshr(dot * rk[s, g, j], 10) * mq, 20) * score_scale, 24)
+                    zj = _rshr(_rshr(_rshr(np.int64(dot) * rk[s, g, j], 10) * mq, 20) * score_scale, 24)
                     z[j] = zj
                     zmax = max(zmax, zj)
                 for c in range(d):
@@ -246,3 +246,29 @@ def quant_head(w, q, m, head_frac, col_bits):  # noqa: ANN001, ANN201
         for c in range(w.shape[1]):
             q[i, c] = _rshr(np.int64(w[i, c]) * recip, 32)
         m[i] = (mx << (col_bits - head_frac)) // (127 * 127)
+
+
+@njit(nogil=True, cache=True)
+def update_head(w, grad, first, rate, lr, q, m, wt, head_frac, col_bits):  # noqa: ANN001, ANN201
+    """One SGD step on rows ``first ..`` of the master head ``w`` (Q``head_frac`` integers in float64), and their
+    int8 copy: ``q`` (rows), ``wt`` (float32 columns, for BLAS) and the multipliers ``m``.
+
+    ``grad`` (float64 integers) is ``G^T X`` for these rows: the Q16 softmax gradient times the int8 inputs
+    times their scales. The step is ``rshr(rshr(rshr(grad, 16) * rate, 16) * lr, 28)`` with ``rate`` per
+    column (Q16) and ``lr`` the rate per token over 127 (Q36).
+    """
+    k = w.shape[1]
+    for i in range(grad.shape[0]):
+        row = first + i
+        mx = np.int64(1)
+        for c in range(k):
+            g = _rshr(_rshr(np.int64(grad[i, c]), 16) * rate[c], 16)
+            v = np.int64(w[row, c]) - _rshr(g * lr, 28)
+            w[row, c] = v
+            mx = max(mx, abs(v))
+        recip = (np.int64(127) << 32) // mx
+        for c in range(k):
+            qv = _rshr(np.int64(w[row, c]) * recip, 32)
+            q[row, c] = qv
+            wt[c, row] = qv
+        m[row] = (mx << (col_bits - head_frac)) // (127 * 127)
