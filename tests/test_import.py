@@ -96,6 +96,6 @@ def test_lm_codec_with_the_shipped_model_imports_no_torch(tmp_path):
     assert _heavy_after(["compress", "note.txt", "--codec", "lm", "-q"], tmp_path) == []
     assert _heavy_after(["decompress", "note.txt.tkz", "-o", "back.txt", "-q"], tmp_path) == []
     assert (tmp_path / "back.txt").read_bytes() == text
-    # auto on a short note decides without loading a model, and picks lm
+    # auto decides from the classic codecs' sizes: no model loads on its way to a choice
     (tmp_path / "auto.txt").write_bytes(text[:2048])
     assert _heavy_after(["compress", "auto.txt", "-q"], tmp_path) == []
