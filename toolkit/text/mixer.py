@@ -52,31 +52,29 @@ class NgramMixer:
             self.n1 = np.zeros(alphabet, dtype=np.int64)
             self.u1 = np.zeros(alphabet, dtype=np.int64)
 
-    def mix(self, probs: Any, history: list[list[int]], active: list[bool]) -> Any:
-        # The chain p <- (1 - l_k) p + l_k c_k over ascending k unrolls to
-        # a * p_model + sum_k w_k c_k with a = prod(1 - l_k) and w_k = l_k prod_{k' > k}(1 - l_k'),
-        # so all orders land in one sparse scatter instead of one dense pass each.
-        import torch
+    def _walk(self, history: list[list[int]], active: list[bool], one: Any, weigh: Any) -> tuple[list, tuple]:
+        """Each active stream's contexts, highest order first, with their weights.
 
-        s, v = probs.shape
-        scale = [1.0] * s
-        # per context: its row, its weight per count and how many continuations it has; the
-        # continuations and their counts go into flat lists at C speed (no per-count Python work)
+        ``weigh(w, n, u)`` gives a context's weight per count and what weight is left for the lower
+        orders and the model. Returns the model's share per stream and, per context found, its row,
+        weight per count and number of continuations, with the continuations and their counts in flat
+        lists (filled at C speed: no per-count Python work). The contexts looked up are kept for
+        :meth:`update`, which counts into them after coding.
+        """
+        scale = [one] * len(history)
         rows: list[int] = []
-        coefs: list[float] = []
+        coefs: list = []
         sizes: list[int] = []
         cols: list[int] = []
         cnts: list[int] = []
-        table, gamma = self.table, self.gamma
-        # the contexts looked up here are the ones update() counts into after coding: keep them
+        table = self.table
         self._found = found = []
-        for j in range(s):
-            h = history[j]
+        for j, h in enumerate(history):
             here: list[tuple[tuple, list | None]] = []
             found.append(here)
             if not active[j]:
                 continue
-            w = 1.0
+            w = one
             for k in reversed(self.orders):  # highest order first: it keeps the most weight
                 if len(h) < k:
                     continue
@@ -86,14 +84,29 @@ class NgramMixer:
                 if entry is None:
                     continue
                 n, counts = entry
-                lam = n / (n + gamma * len(counts))
+                coef, w = weigh(w, n, len(counts))
                 rows.append(j)
-                coefs.append(w * lam / n)
+                coefs.append(coef)
                 sizes.append(len(counts))
                 cols.extend(counts)
                 cnts.extend(counts.values())
-                w *= 1.0 - lam
             scale[j] = w
+        return scale, (rows, coefs, sizes, cols, cnts)
+
+    def mix(self, probs: Any, history: list[list[int]], active: list[bool]) -> Any:
+        # The chain p <- (1 - l_k) p + l_k c_k over ascending k unrolls to
+        # a * p_model + sum_k w_k c_k with a = prod(1 - l_k) and w_k = l_k prod_{k' > k}(1 - l_k'),
+        # so all orders land in one sparse scatter instead of one dense pass each.
+        import torch
+
+        s, v = probs.shape
+        gamma = self.gamma
+
+        def weigh(w: float, n: int, u: int) -> tuple[float, float]:
+            lam = n / (n + gamma * u)
+            return w * lam / n, w * (1.0 - lam)
+
+        scale, (rows, coefs, sizes, cols, cnts) = self._walk(history, active, 1.0, weigh)
         w = torch.tensor(scale, dtype=torch.float32)
         dense = None
         if self.dense1:
@@ -126,39 +139,13 @@ class NgramMixer:
         division by a count is a multiplication by a Q24 reciprocal.
         """
         s, v = probs.shape
-        one = 1 << _W
-        scale = [one] * s
-        rows: list[int] = []
-        coefs: list[int] = []
-        sizes: list[int] = []
-        cols: list[int] = []
-        cnts: list[int] = []
-        table, gq = self.table, self.gamma_q
-        self._found = found = []
-        for j in range(s):
-            h = history[j]
-            here: list[tuple[tuple, list | None]] = []
-            found.append(here)
-            if not active[j]:
-                continue
-            w = one
-            for k in reversed(self.orders):
-                if len(h) < k:
-                    continue
-                key = (k, *h[-k:])
-                entry = table.get(key)
-                here.append((key, entry))
-                if entry is None:
-                    continue
-                n, counts = entry
-                lam = (n << (_W + 8)) // (n * 256 + gq * len(counts))
-                rows.append(j)
-                coefs.append(((w * lam) >> _W << 24) // n)  # this order's weight per count, Q54
-                sizes.append(len(counts))
-                cols.extend(counts)
-                cnts.extend(counts.values())
-                w = (w * (one - lam)) >> _W
-            scale[j] = w
+        one, gq = 1 << _W, self.gamma_q
+
+        def weigh(w: int, n: int, u: int) -> tuple[int, int]:
+            lam = (n << (_W + 8)) // (n * 256 + gq * u)
+            return ((w * lam) >> _W << 24) // n, (w * (one - lam)) >> _W  # the weight per count in Q54
+
+        scale, (rows, coefs, sizes, cols, cnts) = self._walk(history, active, one, weigh)
         w = np.array(scale, dtype=np.int64)
         out = None
         if self.dense1:
