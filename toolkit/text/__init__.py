@@ -3,7 +3,10 @@
 - :mod:`toolkit.text.detect`: is a chunk text (cheap, no torch);
 - :mod:`toolkit.text.transforms`: exact text transforms (wrapped lines, line numbers) with side data;
 - :mod:`toolkit.text.tokens`: tokenizers as the coder sees them;
-- :mod:`toolkit.text.engines`: the lean Llama forward and the ``transformers`` one;
+- :mod:`toolkit.text.integer`: the integer engine (the default; the same numbers on every machine), with
+  its compiled loops (:mod:`toolkit.text.intkernels`), fixed-point tables (:mod:`toolkit.text.fixed`) and
+  calibration (:mod:`toolkit.text.calibrate`); :mod:`toolkit.text.llama` says which configs it runs;
+- :mod:`toolkit.text.engines`: the float engines, machine-bound: the lean Llama forward and the ``transformers`` one;
 - :mod:`toolkit.text.mixer`, :mod:`toolkit.text.adapt`: the file's n-gram counts and adapted head;
 - :mod:`toolkit.text.plan`: how a batch's segments become streams;
 - :mod:`toolkit.text.lockstep`: the coding loop encoder and decoder share;
