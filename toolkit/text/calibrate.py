@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.text.integer import quantize
+from toolkit.text.integer import folded_linears, quantize
 
 __all__ = ["calibration_inputs", "choose_clips", "calibration_text"]
 
@@ -95,27 +95,12 @@ def calibration_inputs(cfg: Any, w: dict[str, np.ndarray], sequences: list[list[
     return gram
 
 
-def _folded(cfg: Any, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The weight matrices as :func:`~toolkit.text.integer.quantize` stores them (norm gains folded)."""
-    f = {k: np.asarray(v, dtype=np.float64) for k, v in w.items()}
-    out = {}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        qkv = np.concatenate([f[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        out[f"{i}.qkv"] = qkv * f[p + "input_layernorm.weight"][None, :]
-        out[f"{i}.o"] = f[p + "self_attn.o_proj.weight"]
-        gu = np.concatenate([f[p + "mlp.gate_proj.weight"], f[p + "mlp.up_proj.weight"]])
-        out[f"{i}.gu"] = gu * f[p + "post_attention_layernorm.weight"][None, :]
-        out[f"{i}.down"] = f[p + "mlp.down_proj.weight"]
-    return out
-
-
 def choose_clips(cfg: Any, w: dict[str, np.ndarray], gram: dict[str, np.ndarray], ratios: np.ndarray = RATIOS
                  ) -> tuple[dict, dict]:
     """Per layer, each row's clipping level (largest magnitude kept, from ``ratios`` of the largest) and the
     output error it saves."""
     clips, report = {}, {}
-    for name, mat in _folded(cfg, w).items():
+    for name, mat in folded_linears(cfg, w).items():
         h = gram[name]
         amax = np.abs(mat).max(axis=1)
         errs = []

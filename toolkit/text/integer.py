@@ -59,6 +59,24 @@ MAX_INPUTS = (1 << 24) // (127 * 127)
 MAX_WINDOW = 4096
 
 
+def folded_linears(cfg: Any, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each linear layer's float64 weights as the engine multiplies them: q, k and v stacked, gate and up
+    stacked, and the RMSNorm gains folded into the weights that read the norm's output."""
+
+    def f(name: str) -> np.ndarray:
+        return np.asarray(weights[name], dtype=np.float64)
+
+    out = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        ln1, ln2 = f(p + "input_layernorm.weight"), f(p + "post_attention_layernorm.weight")
+        out[f"{i}.qkv"] = np.concatenate([f(p + f"self_attn.{n}_proj.weight") for n in "qkv"]) * ln1[None, :]
+        out[f"{i}.o"] = f(p + "self_attn.o_proj.weight")
+        out[f"{i}.gu"] = np.concatenate([f(p + "mlp.gate_proj.weight"), f(p + "mlp.up_proj.weight")]) * ln2[None, :]
+        out[f"{i}.down"] = f(p + "mlp.down_proj.weight")
+    return out
+
+
 def quantize(cfg: Any, weights: Mapping[str, np.ndarray], clip: Mapping[str, np.ndarray] | None = None
              ) -> dict[str, np.ndarray]:
     """The integer engine's arrays from a Llama state dict (float arrays, names as in ``transformers``).
@@ -87,15 +105,8 @@ def quantize(cfg: Any, weights: Mapping[str, np.ndarray], clip: Mapping[str, np.
         out[key + ".m"] = np.rint(amax * (2.0**_COL_BITS / (127 * 127))).astype(np.int64)
 
     out["embed"] = np.rint(f("model.embed_tokens.weight") * 2.0**FRAC).astype(np.int64)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        ln1, ln2 = f(p + "input_layernorm.weight"), f(p + "post_attention_layernorm.weight")
-        qkv = np.concatenate([f(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        linear(f"{i}.qkv", qkv * ln1[None, :])
-        linear(f"{i}.o", f(p + "self_attn.o_proj.weight"))
-        gu = np.concatenate([f(p + "mlp.gate_proj.weight"), f(p + "mlp.up_proj.weight")])
-        linear(f"{i}.gu", gu * ln2[None, :])
-        linear(f"{i}.down", f(p + "mlp.down_proj.weight"))
+    for key, w in folded_linears(cfg, weights).items():
+        linear(key, w)
     tied = "lm_head.weight" not in weights and getattr(cfg, "tie_word_embeddings", False)
     head = f("model.embed_tokens.weight" if tied else "lm_head.weight") * f("model.norm.weight")[None, :]
     out["head"] = np.rint(head * 2.0**HEAD_FRAC).astype(np.int64)
@@ -139,6 +150,10 @@ class _Linear:
             ik.requant(x8.astype(np.float32) @ self.wt, r, self.m, out)
         return out
 
+
+    def weights_changed(self) -> None:
+        """``q``, ``m`` and ``wt`` were rewritten in place: drop the device copy of the old ones."""
+        self._dev = None
 
     def _on_device(self, x8: np.ndarray, r: np.ndarray) -> np.ndarray:
         import torch
@@ -241,8 +256,11 @@ class IntLlama:
         else:
             edges = [s * i // parts for i in range(parts + 1)]
             done = list(pool.map(run, [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]))
-        head.remember(np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done]))
         self.pos += batch.shape[1]
+        if len(done) == 1:
+            head.remember(*done[0][:2])
+            return done[0][2]
+        head.remember(np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done]))
         return np.concatenate([d[2] for d in done])
 
     def _norm_quant(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -358,8 +376,8 @@ class IntHead:
         coding = self.coding
 
         def update(cols: slice) -> None:
-            # 2**16 * 2**27 * 256 rows < 2**53: each block's float64 product is exact, and so is their sum
-            grad = g[:256, cols].T @ x[:256]
+            # 2**16 * 2**27 * 256 rows < 2**53: each block's float64 product is exact; their sum is int64
+            grad = (g[:256, cols].T @ x[:256]).astype(np.int64)
             for a in range(256, len(g), 256):
                 grad += (g[a : a + 256, cols].T @ x[a : a + 256]).astype(np.int64)
             ik.update_head(self.w, grad, cols.start, self.rate, lr127, coding.q, coding.m, coding.wt,
@@ -369,7 +387,7 @@ class IntHead:
             update(slice(0, v))
         else:
             list(self.pool.map(update, [slice(v * i // 2, v * (i + 1) // 2) for i in range(2)]))
-        coding._dev = None  # a device copy of the old weights
+        coding.weights_changed()
 
 
 def normalize_q30(p: np.ndarray) -> np.ndarray:

@@ -40,6 +40,27 @@ def _isqrt(n):  # noqa: ANN001, ANN202
     return y
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _quant_into(v, mx, out):  # noqa: ANN001, ANN202
+    """``out[c] = round(v[c] * 127 / mx)`` with ``mx >= max |v|``: ``v * (127 * 2**55 // mx)`` stays below 2**62."""
+    recip = (np.int64(127) << 55) // mx
+    for c in range(v.shape[0]):
+        out[c] = _rshr(v[c] * recip, 55)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _rope_into(x, cos, sin, lim, out):  # noqa: ANN001, ANN202
+    """``out`` = ``x`` rotated (Q14 ``cos``, ``sin`` rows; Llama's halves), clamped to +-``lim``; returns max |out|."""
+    half = x.shape[0] // 2
+    mx = np.int64(1)
+    for c in range(x.shape[0]):
+        rot = -x[c + half] if c < half else x[c - half]
+        v = min(max(_rshr(x[c] * cos[c] + rot * sin[c], 14), -lim), lim)
+        out[c] = v
+        mx = max(mx, abs(v))
+    return mx
+
+
 @njit(nogil=True, cache=True)
 def quant_rows(x, q, m):  # noqa: ANN001, ANN201
     """``q[i] = round(x[i] * 127 / m[i])`` (int8) with ``m[i] = max |x[i]|`` (at least 1), rows of a 2-D ``x``."""
@@ -47,9 +68,7 @@ def quant_rows(x, q, m):  # noqa: ANN001, ANN201
         mx = np.int64(1)
         for c in range(x.shape[1]):
             mx = max(mx, abs(x[i, c]))
-        recip = (np.int64(127) << 55) // mx  # |x| <= mx keeps x * recip below 2**62
-        for c in range(x.shape[1]):
-            q[i, c] = _rshr(x[i, c] * recip, 55)
+        _quant_into(x[i], mx, q[i])
         m[i] = mx
 
 
@@ -67,9 +86,7 @@ def norm_quant(x, eps, q, r):  # noqa: ANN001, ANN201
             v = x[i, c]
             mx = max(mx, abs(v))
             ss += v * v  # |x| <= 2**26: each square below 2**52, a row of up to 2**10 below 2**62
-        recip = (np.int64(127) << 55) // mx
-        for c in range(k):
-            q[i, c] = _rshr(x[i, c] * recip, 55)
+        _quant_into(x[i], mx, q[i])
         rms = max(_isqrt(ss // k + eps), 1)
         r[i] = (mx << FRAC) // rms
 
@@ -129,9 +146,7 @@ def silu_mul_quant(gu, inter, sig, q, r):  # noqa: ANN001, ANN201
             v = _rshr(g * s, 15) * u
             h[c] = v
             mx = max(mx, abs(v))
-        recip = (np.int64(127) << 55) // mx
-        for c in range(inter):
-            q[i, c] = _rshr(h[c] * recip, 55)
+        _quant_into(h, mx, q[i])
         r[i] = max(_rshr(mx, FRAC), 1)
 
 
@@ -148,7 +163,6 @@ def attend(qkv, heads, kv, d, k8, rk, v8, rv, cos, sin, pos0, ring_slot, n_keys,
     first ``n_keys`` slots.
     """
     s_n, l_n = qkv.shape[0], qkv.shape[1]
-    half = d // 2
     group = heads // kv
     qk_lim = np.int64(1) << (FRAC + 8)
     v_lim = np.int64(1) << (FRAC + 10)
@@ -162,15 +176,8 @@ def attend(qkv, heads, kv, d, k8, rk, v8, rv, cos, sin, pos0, ring_slot, n_keys,
             slot = ring_slot if ring_slot >= 0 else pos0 + ll
             for g in range(kv):
                 bk = (heads + g) * d
-                mk = np.int64(1)
-                for c in range(d):
-                    rot = -qkv[s, ll, bk + c + half] if c < half else qkv[s, ll, bk + c - half]
-                    v = min(max(_rshr(qkv[s, ll, bk + c] * cos[ll, c] + rot * sin[ll, c], 14), -qk_lim), qk_lim)
-                    tmp[c] = v
-                    mk = max(mk, abs(v))
-                recip = (np.int64(127) << 55) // mk
-                for c in range(d):
-                    k8[s, g, slot, c] = _rshr(tmp[c] * recip, 55)
+                mk = _rope_into(qkv[s, ll, bk : bk + d], cos[ll], sin[ll], qk_lim, tmp)
+                _quant_into(tmp, mk, k8[s, g, slot])
                 rk[s, g, slot] = mk
                 bv = (heads + kv + g) * d
                 mv = np.int64(1)
@@ -178,24 +185,15 @@ def attend(qkv, heads, kv, d, k8, rk, v8, rv, cos, sin, pos0, ring_slot, n_keys,
                     v = min(max(qkv[s, ll, bv + c], -v_lim), v_lim)
                     tmp[c] = v
                     mv = max(mv, abs(v))
-                recip = (np.int64(127) << 55) // mv
-                for c in range(d):
-                    v8[s, g, slot, c] = _rshr(tmp[c] * recip, 55)
+                _quant_into(tmp, mv, v8[s, g, slot])
                 rv[s, g, slot] = mv
         for ll in range(l_n):
             nk = ll + 1 if l_n > 1 else n_keys
             for hh in range(heads):
                 g = hh // group
                 bq = hh * d
-                mq = np.int64(1)
-                for c in range(d):
-                    rot = -qkv[s, ll, bq + c + half] if c < half else qkv[s, ll, bq + c - half]
-                    v = min(max(_rshr(qkv[s, ll, bq + c] * cos[ll, c] + rot * sin[ll, c], 14), -qk_lim), qk_lim)
-                    tmp[c] = v
-                    mq = max(mq, abs(v))
-                recip = (np.int64(127) << 55) // mq
-                for c in range(d):
-                    q8[c] = _rshr(tmp[c] * recip, 55)
+                mq = _rope_into(qkv[s, ll, bq : bq + d], cos[ll], sin[ll], qk_lim, tmp)
+                _quant_into(tmp, mq, q8)
                 zmax = np.iinfo(np.int64).min
                 for j in range(nk):
                     dot = np.int32(0)

@@ -116,10 +116,10 @@ class Lockstep:
 
     def _predictor(self, streams: int) -> Any:
         if self.s.engine == "int":
+            engine = self.model.engine("int", self.s.window, self.s.keep, "int8", self.s.device)
             if self.head is None:
-                engine = self.model.engine("int", self.s.window, self.s.keep, "int8", self.s.device)
                 self.head = engine.new_head(self.s.adapt, self.s.adapt_tokens, self.s.adapt_rows)
-            return _IntPredictor(self, streams)
+            return _IntPredictor(self, engine, streams)
         return _FloatPredictor(self, streams)
 
 
@@ -128,9 +128,8 @@ class _IntPredictor:
 
     compact = True
 
-    def __init__(self, ls: Lockstep, streams: int):
-        self.ls = ls
-        self.engine = ls.model.engine("int", ls.s.window, ls.s.keep, "int8", ls.s.device)
+    def __init__(self, ls: Lockstep, engine: Any, streams: int):
+        self.ls, self.engine = ls, engine
         self.engine.reset(streams)
         self.parts = max(1, ls.s.threads)
 
