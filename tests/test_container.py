@@ -156,7 +156,9 @@ def test_incompressible_chunk_is_stored_not_grown(codec_settings):
 
     noise = os.urandom(50000)
     store = toolkit.compress(noise, codec="store")
-    for name in list_codecs():
+    for name, cls in list_codecs().items():
+        if cls.lossy:  # its output is not its input: test_audio covers it
+            continue
         kw = codec_settings.get(name, {})
         if name in ("pc", "kv", "weights"):  # structured inputs only (PNG, .npy, KV bitstreams, safetensors)
             with pytest.raises(UnsupportedInputError):

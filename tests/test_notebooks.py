@@ -199,3 +199,18 @@ def test_sam_slim(tmp_path, monkeypatch):
     # 12 held-out images (48 objects) in the smoke run: looser than the benchmark's 500-image figures
     for name, floor in (("SlimSAM 50%", 0.9), ("SlimSAM 25%", 0.8), ("MobileSAM", 0.8)):
         assert c[name]["share_of_teacher"]["box"] > floor, name
+
+
+@pytest.mark.notebook
+@pytest.mark.slow
+def test_audio_codec(tmp_path, monkeypatch):
+    rec = run_notebook("40_audio_codec.ipynb", tmp_path, monkeypatch)
+    assert rec["streaming_identical"] is True
+    m = rec["metrics"]
+    assert set(m) == {"1.5", "3.0", "6.0", "12.0"}
+    assert m["12.0"]["mel"] < m["1.5"]["mel"]  # more codebooks, closer to the original
+    for kbps, disk in rec["kbps_on_disk"].items():
+        # the priors code below the nominal rate; the header adds ~0.3 kbps on this 8 s clip
+        assert 0.5 * float(kbps) < disk < float(kbps) + 0.5
+    assert all(5 < r["kbps"] < 25 and 0 < r["stoi"] <= 1 for r in rec["opus"])
+    assert rec["train_steps_logged"] == 3 and rec["train_mel_finite"] is True

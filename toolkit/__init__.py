@@ -36,7 +36,7 @@ _LAZY = {
     "DependencyError": "toolkit.errors",
 }
 _SUBMODULES = {"codecs", "entropy", "formats", "text", "kernels", "circuits", "models", "data", "notebook", "errors",
-               "vision", "llm", "bench"}
+               "vision", "llm", "bench", "audio"}
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

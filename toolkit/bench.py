@@ -109,12 +109,12 @@ def run_bench(files: list[str | Path], codecs: list[str] | None = None, rivals: 
     """Rows of (file, codec, bytes, bpb, MB/s) for every file and codec, each round-trip verified.
 
     ``codecs`` are registered codec names (``auto`` allowed); the default is
-    every registered codec except ``store``. ``rivals`` selects classic tools.
+    every lossless registered codec except ``store``. ``rivals`` selects classic tools.
     """
     from toolkit.api import compress, decompress, info
     from toolkit.codecs.registry import list_codecs
 
-    names = codecs or [n for n in list_codecs() if n != "store"]
+    names = codecs or [n for n, c in list_codecs().items() if n != "store" and not c.lossy]
     rival_names = list(RIVALS) if rivals is True else list(rivals or [])
     rows = []
     for path in files:

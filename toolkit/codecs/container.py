@@ -155,7 +155,7 @@ def _smallest_record(raw: bytes, payload: bytes | None) -> tuple[int, bytes, byt
 
 
 # --------------------------------------------------------------------------- header
-def _encode_header(codec: Codec, chunk_size: int, batch_chunks: int) -> bytes:
+def _encode_header(codec: Codec, chunk_size: int, batch_chunks: int, extra: dict | None = None) -> bytes:
     out = bytearray(MAGIC + bytes([FORMAT_VERSION]))
     cid = CLASSIC_IDS.get((codec.name, codec.version))
     if cid:
@@ -171,7 +171,7 @@ def _encode_header(codec: Codec, chunk_size: int, batch_chunks: int) -> bytes:
     name = codec.name.encode()
     if not 1 <= len(name) <= 255 or not codec.name.isascii():
         raise ToolkitError(f"codec name {codec.name!r} must be 1..255 ASCII characters")
-    settings = {"config": codec.config_dict(), **codec.header_fields()}
+    settings = {"config": codec.config_dict(), **codec.header_fields(), **(extra or {})}
     env = codec.environment()
     if env:
         settings["env"] = env
@@ -283,6 +283,8 @@ def write_stream(codec: Codec, src: BinaryIO, dst: BinaryIO, size: int | None = 
     whole-file codec gets its input as one chunk of at most 64 MiB; a longer
     input is refused before anything is coded or written.
     """
+    if codec.lossy:
+        return _write_lossy(codec, src, dst, progress)
     chunk_size, batch_chunks = (MAX_CHUNK, 1) if codec.whole_file else (codec.chunk_size, codec.batch_chunks)
     _check_framing(chunk_size, batch_chunks)
     if codec.whole_file and size is not None and size > MAX_CHUNK:
@@ -340,6 +342,37 @@ def write_stream(codec: Codec, src: BinaryIO, dst: BinaryIO, size: int | None = 
     written += len(end)
     return {"codec": codec.name, "in_bytes": total, "out_bytes": written, "chunks": count,
             "methods": methods, "sha256": sha.hexdigest()}
+
+
+def _write_lossy(codec: Codec, src: BinaryIO, dst: BinaryIO, progress: ProgressFn | None) -> dict:
+    """A lossy codec reads its source itself; records carry the size of what each chunk decodes to,
+    and the end digest is the SHA-256 of the payloads (the decoded output is not the input)."""
+    _check_framing(codec.chunk_size, 1)
+    session = codec.open_source(src)  # refuses input it cannot code before anything is written
+    try:
+        head = _encode_header(codec, codec.chunk_size, 1, session.header_fields())
+        dst.write(head)
+        written, total, count = len(head), 0, 0
+        sha = hashlib.sha256()
+        for raw_len, payload in session.payloads(progress):
+            if not 1 <= raw_len <= codec.chunk_size or len(payload) > max_payload(raw_len):
+                raise ToolkitError(f"codec {codec.name} gave an impossible chunk {count} ({raw_len} bytes)")
+            rec = _record(METHOD_CODEC, raw_len, payload)
+            dst.write(rec)
+            dst.write(payload)
+            written += len(rec) + len(payload)
+            sha.update(payload)
+            total += raw_len
+            count += 1
+        end = varint(TAG_END) + sha.digest()[: digest_size(total)]
+        dst.write(end)
+        written += len(end)
+        notes = session.notes()
+        return {"codec": codec.name, "in_bytes": session.bytes_read, "out_bytes": written, "chunks": count,
+                "decoded_bytes": total, "methods": {"codec": count, "zstd": 0, "stored": 0},
+                "sha256": sha.hexdigest(), **({"hint": "; ".join(notes)} if notes else {})}
+    finally:
+        session.close()
 
 
 # --------------------------------------------------------------------------- reading
@@ -528,7 +561,8 @@ def _read_chunks(header: dict, codec: Codec, session: DecodeSession, src: Binary
     def write(out: list[bytes]) -> None:
         for data in out:
             dst.write(data)
-            sha.update(data)
+            if not codec.lossy:
+                sha.update(data)
             if progress:
                 progress(len(data))
 
@@ -545,6 +579,8 @@ def _read_chunks(header: dict, codec: Codec, session: DecodeSession, src: Binary
                 if isinstance(rec, _Chunk):
                     if rec.method != METHOD_CODEC and not codec.chunk_fallback:
                         raise FormatError(f"chunk {rec.index}: codec {codec.name} writes every chunk itself")
+                    if codec.lossy:  # its digest is of the payloads: the output is not the input
+                        sha.update(rec.payload)
                     batch.append(rec)
                     if len(batch) == header["batch_chunks"]:
                         flush(writer)
@@ -554,7 +590,8 @@ def _read_chunks(header: dict, codec: Codec, session: DecodeSession, src: Binary
                     if pending:
                         pending.pop().result()
                     if sha.digest()[: len(rec.digest)] != rec.digest:
-                        raise ChecksumError("SHA-256 of the decoded data does not match (model or data differ)")
+                        what = "coded chunks" if codec.lossy else "decoded data"
+                        raise ChecksumError(f"SHA-256 of the {what} does not match (model or data differ)")
         finally:
             for f in pending:  # a failure above: let the write in flight end before the caller cleans up
                 f.exception()

@@ -18,12 +18,12 @@ import importlib
 import json
 import types
 import typing
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO, ClassVar
 
 from toolkit.errors import ConfigError, UnknownCodecError
 
-__all__ = ["Codec", "EncodeSession", "DecodeSession", "register_codec", "get_codec", "list_codecs",
+__all__ = ["Codec", "EncodeSession", "DecodeSession", "SourceSession", "register_codec", "get_codec", "list_codecs",
            "codec_names", "parse_settings", "BUILTIN_CODECS"]
 
 ProgressFn = Callable[[int], None]
@@ -63,6 +63,9 @@ class Codec:
     #: codec's payload. False for codecs whose chunks are pieces of one running stream (the
     #: decoder needs every piece) and for ``store``, which exists to store.
     chunk_fallback: ClassVar[bool] = True
+    #: a lossy codec reads its whole source through :meth:`open_source` and decodes to something
+    #: else than its input (the container's digest then covers the payloads, not the output)
+    lossy: ClassVar[bool] = False
 
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()
@@ -108,6 +111,11 @@ class Codec:
     def open_decoder(self, progress: ProgressFn | None = None) -> DecodeSession:
         return _StatelessDecoder(self)
 
+    def open_source(self, src: BinaryIO) -> SourceSession:
+        """A lossy codec's encoder for one file: it reads ``src`` itself (a file it parses, not chunks
+        of bytes) and refuses input it cannot code here, before anything is written."""
+        raise NotImplementedError
+
     # --- coding (stateless codecs implement these; the default sessions call them) ---
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         """Code a batch; a None (or a payload not smaller than the chunk) makes the
@@ -141,6 +149,28 @@ class EncodeSession:
 
     def close(self) -> None:
         """Release the file's state (the container calls it once, also after an error)."""
+
+
+class SourceSession:
+    """A lossy codec's encoder for one file (:meth:`Codec.open_source`)."""
+
+    #: bytes of the source read (for the summary)
+    bytes_read: int = 0
+
+    def header_fields(self) -> dict:
+        """What the decoder must know about this source (JSON), added to the header."""
+        return {}
+
+    def notes(self) -> list[str]:
+        """What was changed in the input to code it (resampled, downmixed, ...), for the user."""
+        return []
+
+    def payloads(self, progress: ProgressFn | None = None) -> Iterator[tuple[int, bytes]]:
+        """``(decoded length, payload)`` of every chunk, in order; ``progress(n)``: source bytes done."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the source (the container calls it once, also after an error)."""
 
 
 class DecodeSession:
@@ -199,6 +229,7 @@ BUILTIN_CODECS: dict[str, str] = {
     "pc": "toolkit.codecs.pc",
     "weights": "toolkit.codecs.weights",
     "kv": "toolkit.codecs.kv",
+    "audio": "toolkit.codecs.audio",
 }
 
 

@@ -265,6 +265,43 @@ def decode_iid(data: bytes, freqs: torch.Tensor | np.ndarray, count: int) -> np.
         raise FormatError(f"range-coded data is damaged ({e})") from None
 
 
+def encode_iid_groups(groups: Sequence[tuple[np.ndarray, np.ndarray]]) -> bytes:
+    """Several static-model streams in one ANS stream: group ``i``'s symbols all under its table.
+
+    One coder for all groups (encoded last to first, so they decode first to
+    last) saves each group the coder's word of padding, which for short
+    groups (a few codebooks of audio codes per chunk) is a visible share.
+    """
+    enc = constriction.stream.stack.AnsCoder()
+    for symbols, freqs in reversed(groups):
+        sym = np.asarray(symbols, dtype=np.int32).reshape(-1)
+        table = freqs_to_table(freqs)
+        if table.shape[0] != 1:
+            raise ConfigError("each group takes one table [K]")
+        if sym.size and (sym.min() < 0 or sym.max() >= table.shape[1] or (table[0, sym] == 0).any()):
+            raise ConfigError("symbol outside the alphabet of its table, or with frequency 0")
+        if sym.size:
+            enc.encode_reverse(sym, constriction.stream.model.Categorical(table[0], perfect=False))
+    return enc.get_compressed().tobytes()
+
+
+def decode_iid_groups(data: bytes, groups: Sequence[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+    """Decode what :func:`encode_iid_groups` wrote: ``(table, count)`` per group, in order."""
+    try:
+        dec = constriction.stream.stack.AnsCoder(_words(data))
+        out = []
+        for freqs, count in groups:
+            table = freqs_to_table(freqs)
+            if count == 0:
+                out.append(np.zeros(0, dtype=np.int32))
+                continue
+            model = constriction.stream.model.Categorical(table[0], perfect=False)
+            out.append(np.asarray(dec.decode(model, count), dtype=np.int32))
+        return out
+    except _DAMAGED as e:
+        raise FormatError(f"range-coded data is damaged ({e})") from None
+
+
 def counts_to_freqs(counts: np.ndarray, total_bits: int = 16) -> np.ndarray:
     """Integer frequencies summing to ``2**total_bits`` from symbol counts; absent symbols get 0.
 

@@ -1,0 +1,289 @@
+"""The neural audio codec: training (one process, resumed, two DDP processes), streaming, the file codec."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from toolkit.errors import ConfigError, FormatError, ToolkitError, UnsupportedInputError
+
+SR = 16000
+#: a tiny codec: hop 4 (4000 frames/s), 16 codes of 4 bits, 4 quantizers kept in pairs: 32 and 64 kbps;
+#: it codes blocks of 0.5 s, as the shipped model's 1 s blocks, so that an hour is a few thousand blocks
+TINY = ["--channels", "4", "--max-channels", "16", "--dim", "8", "--ratios", "2", "2", "--codebook-size", "16",
+        "--quantizers", "4", "--dropout-multiple", "2", "--block-frames", "2000", "--segment", "0.15", "--batch", "2",
+        "--warmup", "2",
+        "--log-every", "2", "--valid-every", "4", "--ckpt-every", "2", "--quiet", "--threads", "1"]
+ENV = {**os.environ, "LOGURU_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"}
+
+
+def _signal(seconds: float, seed: int = 0) -> np.ndarray:
+    """Harmonic tones with vibrato and a little noise, like a voiced sound."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    f0 = 140 + 30 * np.sin(2 * np.pi * 3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    x = sum(np.sin(k * phase) / k for k in range(1, 6)) * 0.2 + 0.01 * rng.standard_normal(t.size)
+    return x.astype(np.float32)
+
+
+def _write_split(root, name: str, x: np.ndarray) -> None:
+    pcm = np.round(x * 32767).astype(np.int16)
+    np.save(root / f"{name}.npy", pcm)
+    (root / f"{name}.json").write_text(json.dumps({"sample_rate": SR, "clips": [
+        {"source": "test", "offset": 0, "length": int(pcm.size)}]}))
+
+
+def _train(run, data, *extra: str, steps: int = 4, nproc: int = 1) -> subprocess.CompletedProcess:
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    cmd = head + ["-m", "toolkit.audio.train", "--data", str(data), "--run-dir", str(run), "--steps", str(steps),
+                  *TINY, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny codec trained for a few steps (adversarial losses on from step 2) and exported."""
+    root = tmp_path_factory.mktemp("audio")
+    data = root / "data"
+    data.mkdir()
+    _write_split(data, "train", _signal(8.0, 0))
+    _write_split(data, "valid", _signal(5.0, 1))
+    run = root / "run"
+    r = _train(run, data, "--gan-start", "2")
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(data), "--run-dir", str(run),
+                        "--export", str(root / "model"), *TINY], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return {"root": root, "data": data, "run": run, "model": root / "model"}
+
+
+def test_training_logs_checkpoints_and_resumes(tiny, tmp_path):
+    log = [json.loads(line) for line in (tiny["run"] / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]
+    assert log[-1]["adv"] > 0 and log[-1]["disc"] > 0  # the adversarial terms ran
+    assert np.isfinite(log[-1]["valid"]["mel"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes((tiny["run"] / "last.pt").read_bytes())
+    r = _train(run, tiny["data"], "--resume", "--gan-start", "2", steps=6)
+    assert r.returncode == 0, r.stderr
+    import torch
+
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["step"] == 6
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [6]
+
+
+def test_ddp_two_processes_keep_identical_weights(tiny, tmp_path):
+    r = _train(tmp_path / "ddp", tiny["data"], "--gan-start", "2", steps=4, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = json.loads((tmp_path / "ddp" / "ranks.json").read_text())
+    assert len(ranks["digests"]) == 2 and ranks["agree"], ranks
+
+
+def test_export_has_priors_for_every_codebook(tiny):
+    from toolkit.audio import load_codec
+
+    codec = load_codec(str(tiny["model"]))
+    assert codec.priors.shape == (4, 16)
+    assert (codec.priors.sum(axis=1) == 1 << 16).all() and (codec.priors >= 1).all()
+    assert codec.bitrates == (32.0, 64.0)
+    with pytest.raises(ConfigError, match="not a bitrate"):
+        codec.encoder(kbps=48)
+
+
+def test_streaming_equals_offline_and_the_full_forward(tiny):
+    import torch
+
+    from toolkit.audio import load_codec
+
+    codec = load_codec(str(tiny["model"]))
+    x = _signal(0.7, 3)
+    off = codec.encode(x, SR, kbps=64)
+    assert off.codes.shape == (4, -(-x.size // 4))
+    rng = np.random.default_rng(0)
+    enc, parts, i = codec.encoder(kbps=64), [], 0
+    while i < x.size:
+        n = int(rng.integers(1, 700))
+        parts.append(enc.push(x[i:i + n]))
+        i += n
+    streamed = np.concatenate(parts + [enc.flush()], axis=1)
+    assert np.array_equal(streamed, off.codes)
+    y = codec.decode(off)
+    dec, outs, i = codec.decoder(), [], 0
+    while i < off.codes.shape[1]:
+        n = int(rng.integers(1, 90))
+        outs.append(dec.push(off.codes[:, i:i + n]))
+        i += n
+    ys = np.concatenate(outs + [dec.flush()])[: x.size]
+    assert y.shape == x.shape and np.array_equal(ys, y)
+    # the block loop carries convolution state correctly: it matches one pass over the whole signal
+    with torch.no_grad():
+        pad = torch.from_numpy(np.pad(x, (0, -x.size % 4))).view(1, 1, -1)
+        z_full = codec.net.encoder(pad)
+        state, block = {}, codec.cfg.block_frames * codec.cfg.hop
+        z_blocks = torch.cat([codec.net.encoder.step(pad[..., i:i + block], state)
+                              for i in range(0, pad.shape[-1], block)], dim=-1)
+        y_full = codec.net.decoder(codec.net.dequantize(torch.from_numpy(off.codes.astype(np.int64))[None]))
+    assert torch.allclose(z_full, z_blocks, atol=1e-5)
+    assert np.allclose(y_full[0, 0, : x.size].numpy(), y, atol=1e-5)
+
+
+def test_encode_takes_other_rates_channels_and_bad_samples(tiny):
+    from toolkit.audio import load_codec
+
+    codec = load_codec(str(tiny["model"]))
+    x = _signal(0.5)
+    stereo44 = np.stack([x, -x], axis=1).repeat(2, axis=0)[: int(0.5 * 32000)]
+    c = codec.encode(stereo44, 32000, kbps=32)
+    assert c.num_samples == x.size and c.codes.shape[0] == 2
+    bad = x.copy()
+    bad[::7] = np.nan
+    bad[::11] = 5.0
+    assert np.isfinite(codec.decode(codec.encode(bad, SR, 32))).all()
+    assert codec.decode(codec.encode(np.zeros(0, np.float32), SR, 32)).size == 0
+    assert codec.decode(codec.encode(np.ones(1, np.float32) * 0.1, SR, 32)).size == 1
+    with pytest.raises(ConfigError):
+        codec.encode(x, 0, 32)
+    with pytest.raises(UnsupportedInputError):
+        codec.encode(np.zeros((2, 2, 2)), SR, 32)
+    with pytest.raises(ConfigError):
+        codec.decode(np.full((2, 3), 99))
+
+
+# --------------------------------------------------------------------------- the file codec
+def _compress(data: bytes, model, kbps: float = 32) -> tuple[bytes, dict]:
+    from toolkit.api import compress_stream
+
+    out = io.BytesIO()
+    summary = compress_stream(io.BytesIO(data), out, codec="audio", settings={"kbps": str(kbps), "model": str(model)})
+    return out.getvalue(), summary
+
+
+def _decompress(blob: bytes) -> bytes:
+    from toolkit.api import decompress
+
+    return decompress(blob)
+
+
+def _wav_bytes(x: np.ndarray, sr: int = SR, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    b = io.BytesIO()
+    sf.write(b, x, sr, format=fmt, subtype=subtype)
+    return b.getvalue()
+
+
+def test_file_round_trip_is_a_wav_of_the_same_length_and_codes_entropy_coded(tiny):
+    x = _signal(1.3)
+    blob, summary = _compress(_wav_bytes(x), tiny["model"])
+    out = _decompress(blob)
+    y, sr = sf.read(io.BytesIO(out), dtype="float32")
+    assert sr == SR and y.shape == x.shape
+    with wave.open(io.BytesIO(out)) as w:
+        assert w.getnchannels() == 1 and w.getsampwidth() == 2
+    # entropy coding with the priors: fewer bits than 4 per code for 2 of 4 quantizers at 4000 frames/s
+    from toolkit.audio import load_codec
+
+    ref = load_codec(str(tiny["model"])).encode(x, SR, 32)
+    assert len(blob) < ref.codes.size * 4 / 8 + 600
+    assert summary["decoded_bytes"] == len(out)
+
+
+@pytest.mark.parametrize("fmt,subtype", [("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("WAV", "FLOAT")])
+def test_flac_ogg_and_float_wav_in_with_notes(tiny, fmt, subtype):
+    x = _signal(0.6)
+    stereo = np.stack([x, x * 0.5], axis=1)
+    data = _wav_bytes(np.repeat(stereo, 3, axis=0) if fmt != "OGG" else stereo, 48000 if fmt != "OGG" else SR,
+                      fmt, subtype)
+    blob, summary = _compress(data, tiny["model"])
+    from toolkit.api import info
+
+    notes = info(blob)["header"]["audio"]["notes"]
+    assert "downmixed from 2 channels to mono" in notes
+    assert (fmt == "OGG") != any("resampled from 48000 Hz" in n for n in notes)
+    y, sr = sf.read(io.BytesIO(_decompress(blob)))
+    assert sr == SR and abs(y.size - x.size) <= 1
+
+
+def test_nan_and_out_of_range_samples_are_noted(tiny):
+    x = _signal(0.3)
+    x[5:9] = np.nan
+    x[20:30] = 3.0
+    blob, summary = _compress(_wav_bytes(x, subtype="FLOAT"), tiny["model"])
+    assert "4 NaN or infinite samples set to silence" in summary["hint"]
+    assert "10 samples outside [-1, 1] clipped" in summary["hint"]
+    y, _ = sf.read(io.BytesIO(_decompress(blob)))
+    assert np.isfinite(y).all() and y.size == x.size
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_empty_and_one_sample_files(tiny, n):
+    blob, _ = _compress(_wav_bytes(np.full(n, 0.25, np.float32)), tiny["model"])
+    y, sr = sf.read(io.BytesIO(_decompress(blob)))
+    assert sr == SR and y.size == n
+
+
+def test_refusals_and_damage(tiny):
+    with pytest.raises(UnsupportedInputError, match="not an audio file"):
+        _compress(b"this is plain text, not sound\n" * 20, tiny["model"])
+    with pytest.raises(ConfigError, match="not a bitrate"):
+        _compress(_wav_bytes(_signal(0.1)), tiny["model"], kbps=6)
+    blob, _ = _compress(_wav_bytes(_signal(0.8)), tiny["model"])
+    for cut in (len(blob) // 2, len(blob) - 3):
+        with pytest.raises(FormatError):
+            _decompress(blob[:cut])
+    damaged = bytearray(blob)
+    damaged[-40] ^= 0x10
+    with pytest.raises(ToolkitError):
+        _decompress(bytes(damaged))
+
+
+def test_cli_round_trip_and_one_line_errors(tiny, tmp_path):
+    src = tmp_path / "voice.flac"
+    sf.write(src, _signal(0.9), SR)
+    model = str(tiny["model"])
+    r = subprocess.run(["codec", "compress", str(src), "--codec", "audio", "--set", "kbps=32", "--set",
+                        f"model={model}", "-q"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "voice.wav"
+    r = subprocess.run(["codec", "decompress", str(src) + ".tkz", "-o", str(out), "-q"], capture_output=True,
+                       text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert sf.info(out).frames == sf.info(src).frames
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello\n" * 100)
+    r = subprocess.run(["codec", "compress", str(junk), "--codec", "audio", "--set", "kbps=32", "--set",
+                        f"model={model}"],
+                       capture_output=True, text=True, env=ENV)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "not an audio file" in r.stderr
+    assert not (tmp_path / "notes.txt.tkz").exists()
+
+
+@pytest.mark.slow
+def test_one_hour_file_in_bounded_memory(tiny, tmp_path):
+    """An hour at 16 kHz (115 MB of WAV) through the CLI both ways, memory well under the file's size."""
+    src = tmp_path / "hour.wav"
+    with sf.SoundFile(src, "w", SR, 1, subtype="PCM_16") as f:
+        piece = _signal(60.0)
+        for _ in range(60):
+            f.write(piece)
+    model = str(tiny["model"])
+    script = ("import resource, sys; from toolkit.cli import main; rc = main(sys.argv[1:]); "
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); raise SystemExit(rc)")
+    for args in (["compress", str(src), "--codec", "audio", "--set", "kbps=32", "--set", f"model={model}", "-q"],
+                 ["decompress", str(src) + ".tkz", "-o", str(tmp_path / "out.wav"), "-q"]):
+        r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        peak_mb = int(r.stdout.split()[-1]) / 1024
+        assert peak_mb < 900, f"{args[0]} peaked at {peak_mb:.0f} MB"
+    assert sf.info(tmp_path / "out.wav").frames == 3600 * SR

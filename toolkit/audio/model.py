@@ -1,0 +1,283 @@
+"""The codec network: a causal SEANet encoder and decoder around a residual vector quantizer.
+
+The layout follows SoundStream and EnCodec (Zeghidour et al. 2021, Défossez
+et al. 2022): a 1-D convolution, then per downsampling stage residual units
+(dilated convolutions with a skip) and a strided convolution that doubles the
+channels; the decoder mirrors it with transposed convolutions. Every
+convolution is causal (padded on the left only), so a sample's code depends
+on the past alone and the network streams.
+
+Streaming is exact, not approximate: each convolution keeps the last inputs
+its kernel needs (a transposed one keeps the tail of its output that the next
+block overlaps), and offline coding *is* the streaming loop run over fixed
+blocks of frames. So streamed and offline coding run the same arithmetic on
+the same shapes and give the same codes and samples.
+
+The quantizer is ``vector_quantize_pytorch.ResidualVQ``: EMA codebooks with
+k-means initialisation, restart of dead codes from the batch, and quantizer
+dropout (EnCodec's structured form: the number of quantizers in a step is a
+multiple of the smallest bitrate's), so one model serves every bitrate. Its
+DDP support (codebook statistics and dropout seed synchronised across ranks)
+is what a multi-process training needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["CodecConfig", "SEANetCodec", "StreamingState"]
+
+
+@dataclass
+class CodecConfig:
+    sample_rate: int = 16000
+    channels: int = 16
+    #: downsampling factors, first to last (their product is the hop)
+    ratios: tuple[int, ...] = (2, 4, 5, 8)
+    #: latent width, the quantizer's input
+    dim: int = 128
+    residual_layers: int = 1
+    max_channels: int = 256
+    codebook_size: int = 1024
+    #: 24 quantizers at 50 frames/s and 10 bits: 12 kbps; bitrates below use the first ones
+    num_quantizers: int = 24
+    #: quantizer dropout keeps a multiple of this many (3 = 1.5 kbps at 50 frames/s)
+    dropout_multiple: int = 3
+    ema_decay: float = 0.99
+    #: a code whose EMA count of uses per step falls below this is restarted from the batch; a step
+    #: here has ~400 frames for 1024 codes (0.4 uses per code on average), so 2 (EnCodec's value at
+    #: ~5000 frames a step) would restart nearly every code on every step
+    dead_code_threshold: float = 0.02
+    commitment_weight: float = 1.0
+    #: frames per block of the streaming loop (offline coding runs the same blocks)
+    block_frames: int = 50
+
+    @property
+    def hop(self) -> int:
+        return math.prod(self.ratios)
+
+    @property
+    def frame_rate(self) -> float:
+        return self.sample_rate / self.hop
+
+    @property
+    def bits_per_code(self) -> int:
+        return int(math.log2(self.codebook_size))
+
+    @property
+    def bitrates(self) -> tuple[float, ...]:
+        """The bitrates quantizer dropout trained (kbps before entropy coding): multiples of the smallest."""
+        return tuple(q * self.frame_rate * self.bits_per_code / 1000
+                     for q in range(self.dropout_multiple, self.num_quantizers + 1, self.dropout_multiple))
+
+    def quantizers_for(self, kbps: float) -> int:
+        """How many quantizers give ``kbps`` (before entropy coding)."""
+        n = kbps * 1000 / (self.frame_rate * self.bits_per_code)
+        if abs(n - round(n)) > 1e-6 or round(n) % self.dropout_multiple or not 1 <= round(n) <= self.num_quantizers:
+            rates = ", ".join(f"{r:g}" for r in self.bitrates)
+            raise ValueError(f"{kbps:g} kbps is not a bitrate of this model (it has {rates} kbps)")
+        return int(round(n))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CodecConfig:
+        d = dict(d)
+        d.pop("bitrates", None)
+        if "ratios" in d:
+            d["ratios"] = tuple(d["ratios"])
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- streaming convolutions
+StreamingState = dict  # module -> its carried tensor, one per stream
+
+
+class CausalConv1d(nn.Conv1d):
+    """A convolution padded on the left by what its kernel reaches back, so output t sees inputs <= t.
+
+    ``step(x, state)`` continues from the inputs kept in ``state`` (zeros at
+    the start, which is what the offline left padding is).
+    """
+
+    @property
+    def context(self) -> int:
+        return (self.kernel_size[0] - 1) * self.dilation[0] + 1 - self.stride[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.pad(x, (self.context, 0)))
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> torch.Tensor:
+        prev = state.get(self)
+        if prev is None:
+            prev = x.new_zeros(x.shape[0], x.shape[1], self.context)
+        x = torch.cat([prev, x], dim=-1)
+        state[self] = x[..., x.shape[-1] - self.context:]
+        return super().forward(x)
+
+
+class CausalConvTranspose1d(nn.ConvTranspose1d):
+    """A transposed convolution whose output is cut to ``stride`` samples per input, the overlap carried.
+
+    Offline, the ``kernel - stride`` samples that spill past the end are
+    dropped; streaming, they are added to the start of the next block's
+    output (overlap-add), with the bias added once per sample.
+    """
+
+    @property
+    def overlap(self) -> int:
+        return self.kernel_size[0] - self.stride[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y[..., : y.shape[-1] - self.overlap]
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> torch.Tensor:
+        y = F.conv_transpose1d(x, self.weight, None, self.stride)
+        prev = state.get(self)
+        if prev is not None:
+            y = torch.cat([y[..., : self.overlap] + prev, y[..., self.overlap:]], dim=-1)
+        n = y.shape[-1] - self.overlap
+        state[self] = y[..., n:]
+        return y[..., :n] + self.bias[:, None]
+
+
+def _step(module: nn.Module, x: torch.Tensor, state: StreamingState) -> torch.Tensor:
+    return module.step(x, state) if hasattr(module, "step") else module(x)
+
+
+class Sequential(nn.Sequential):
+    def step(self, x: torch.Tensor, state: StreamingState) -> torch.Tensor:
+        for m in self:
+            x = _step(m, x, state)
+        return x
+
+
+class ResidualUnit(nn.Module):
+    """ELU, a dilated kernel-3 convolution to half the channels, ELU, a 1x1 back: added to the input."""
+
+    def __init__(self, ch: int, dilation: int):
+        super().__init__()
+        self.block = Sequential(nn.ELU(), CausalConv1d(ch, ch // 2, 3, dilation=dilation), nn.ELU(),
+                                CausalConv1d(ch // 2, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> torch.Tensor:
+        return x + self.block.step(x, state)
+
+
+def _wn(m: nn.Module) -> nn.Module:
+    # weight normalisation, as SEANet's convolutions have; folded away for inference (InferenceCodec)
+    return nn.utils.parametrizations.weight_norm(m)
+
+
+def encoder(cfg: CodecConfig) -> Sequential:
+    ch = cfg.channels
+    layers: list[nn.Module] = [_wn(CausalConv1d(1, ch, 7))]
+    for r in cfg.ratios:
+        out = min(2 * ch, cfg.max_channels)
+        layers += [ResidualUnit(ch, 3 ** i) for i in range(cfg.residual_layers)]
+        layers += [nn.ELU(), _wn(CausalConv1d(ch, out, 2 * r, stride=r))]
+        ch = out
+    layers += [nn.ELU(), _wn(CausalConv1d(ch, cfg.dim, 3))]
+    return Sequential(*layers)
+
+
+def decoder(cfg: CodecConfig) -> Sequential:
+    chans = [cfg.channels]
+    for _ in cfg.ratios:
+        chans.append(min(2 * chans[-1], cfg.max_channels))
+    ch = chans[-1]
+    layers: list[nn.Module] = [_wn(CausalConv1d(cfg.dim, ch, 7))]
+    for r, out in zip(reversed(cfg.ratios), reversed(chans[:-1]), strict=True):
+        layers += [nn.ELU(), _wn(CausalConvTranspose1d(ch, out, 2 * r, stride=r))]
+        layers += [ResidualUnit(out, 3 ** i) for i in range(cfg.residual_layers)]
+        ch = out
+    layers += [nn.ELU(), _wn(CausalConv1d(ch, 1, 7))]
+    return Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- the codec network
+class SEANetCodec(nn.Module):
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        from vector_quantize_pytorch import ResidualVQ
+
+        self.cfg = cfg
+        self.encoder = encoder(cfg)
+        self.decoder = decoder(cfg)
+        self.quantizer = ResidualVQ(
+            dim=cfg.dim, num_quantizers=cfg.num_quantizers, codebook_size=cfg.codebook_size,
+            decay=cfg.ema_decay, kmeans_init=True, kmeans_iters=10,
+            threshold_ema_dead_code=cfg.dead_code_threshold, commitment_weight=cfg.commitment_weight,
+            quantize_dropout=True, quantize_dropout_cutoff_index=cfg.dropout_multiple - 1,
+            quantize_dropout_multiple_of=cfg.dropout_multiple,
+        )
+
+    # training ----------------------------------------------------------------
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``wav [B, 1, T]`` (T a multiple of the hop) -> (reconstruction, codes [B, frames, q], commit loss)."""
+        z = self.encoder(wav)
+        q, codes, commit = self.quantizer(z.transpose(1, 2))
+        return self.decoder(q.transpose(1, 2)), codes, commit.sum()
+
+    @torch.no_grad()
+    def inference_state(self) -> dict[str, torch.Tensor]:
+        """Encoder and decoder weights with weight norm folded in, and each quantizer's codebook."""
+        state = {}
+        for part in ("encoder", "decoder"):
+            for name, m in getattr(self, part).named_modules():
+                if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
+                    state[f"{part}.{name}.weight"] = m.weight.detach().float().cpu().clone()
+                    state[f"{part}.{name}.bias"] = m.bias.detach().float().cpu().clone()
+        for i, layer in enumerate(self.quantizer.layers):
+            state[f"codebook.{i}"] = layer._codebook.embed[0].detach().float().cpu().clone()
+        return state
+
+
+class InferenceCodec(nn.Module):
+    """The parts that run after training: plain convolutions (weight norm folded) and the codebooks."""
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder(cfg)
+        self.decoder = decoder(cfg)
+        for m in self.modules():
+            if nn.utils.parametrize.is_parametrized(m, "weight"):
+                nn.utils.parametrize.remove_parametrizations(m, "weight")
+        self.register_buffer("codebooks", torch.zeros(cfg.num_quantizers, cfg.codebook_size, cfg.dim))
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        enc = {k[len("encoder."):]: v.float() for k, v in state.items() if k.startswith("encoder.")}
+        dec = {k[len("decoder."):]: v.float() for k, v in state.items() if k.startswith("decoder.")}
+        self.encoder.load_state_dict(enc)
+        self.decoder.load_state_dict(dec)
+        books = [state[f"codebook.{i}"].float() for i in range(self.cfg.num_quantizers)]
+        self.codebooks.copy_(torch.stack(books))
+
+    @torch.no_grad()
+    def quantize(self, z: torch.Tensor, n_q: int) -> torch.Tensor:
+        residual = z.transpose(1, 2)
+        codes = []
+        for embed in self.codebooks[:n_q]:
+            idx = (embed.pow(2).sum(-1) - 2 * residual @ embed.t()).argmin(-1)
+            codes.append(idx)
+            residual = residual - embed[idx]
+        return torch.stack(codes, dim=1)
+
+    @torch.no_grad()
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(codes.shape[0], codes.shape[2], self.cfg.dim)
+        for i in range(codes.shape[1]):
+            out += self.codebooks[i][codes[:, i]]
+        return out.transpose(1, 2)

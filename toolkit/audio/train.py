@@ -1,0 +1,314 @@
+"""Train the audio codec: ``python -m toolkit.audio.train --data runs/audio --run-dir runs/audio-train``.
+
+One process, or many under ``torchrun --nproc-per-node N -m toolkit.audio.train ...``: the
+generator and the discriminators are wrapped in DistributedDataParallel (gloo on CPU, NCCL on
+CUDA), each rank draws its own crops, and the quantizer's codebook statistics and dropout seed are
+synchronised by the quantizer itself, so every rank holds the same weights after every step.
+
+A step: random crops of the training material (random gain and polarity), the codec's
+reconstruction at a bitrate drawn by quantizer dropout, then the generator loss
+
+    15 * multi-scale mel + 1 * multi-resolution STFT + commitment
+    (+ 1 * hinge adversarial + 2 * feature matching once ``--gan-start`` is reached)
+
+and, with the adversarial terms on, one discriminator step on the same batch. Rank 0 writes
+``last.pt`` every ``--ckpt-every`` steps (model, discriminators, optimisers, step, RNG), logs
+losses and a validation (6 kbps) to ``log.jsonl`` and shows a tqdm bar; ``--resume`` continues.
+``--export DIR`` writes the inference model (safetensors + config + code priors) from ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from toolkit.audio.losses import (
+    Discriminators,
+    MelLoss,
+    discriminator_loss,
+    feature_matching_loss,
+    generator_adv_loss,
+    mel_distance,
+    si_sdr,
+)
+from toolkit.audio.model import CodecConfig, InferenceCodec, SEANetCodec
+
+__all__ = ["Batches", "train", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+class Batches:
+    """Random crops of a split written by :mod:`toolkit.data.audio`, augmented, as float tensors."""
+
+    def __init__(self, samples: np.ndarray, segment: int, batch: int, seed: int):
+        if samples.size < segment:
+            raise ValueError(f"the split has {samples.size} samples, fewer than one {segment}-sample crop")
+        self.samples, self.segment, self.batch = samples, segment, batch
+        self.rng = np.random.default_rng(seed)
+
+    def __next__(self) -> torch.Tensor:
+        starts = self.rng.integers(0, self.samples.size - self.segment + 1, self.batch)
+        x = np.stack([self.samples[s:s + self.segment] for s in starts]).astype(np.float32) / 32768.0
+        # loudness from -35 to -12 dB RMS, either polarity: the codec meets both quiet and loud inputs
+        rms = np.sqrt((x ** 2).mean(axis=1, keepdims=True)) + 1e-5
+        target = 10 ** (self.rng.uniform(-35, -12, (self.batch, 1)) / 20)
+        x = x * np.minimum(target / rms, 0.99 / (np.abs(x).max(axis=1, keepdims=True) + 1e-5))
+        x *= self.rng.choice([-1.0, 1.0], (self.batch, 1))
+        return torch.from_numpy(x.astype(np.float32)).unsqueeze(1)
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cpu")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    return rank, world, device
+
+
+@torch.no_grad()
+def validate(net: SEANetCodec, samples: np.ndarray, kbps: float | None = None, seconds: float = 4.0,
+             count: int = 8) -> dict:
+    """Mel distance and SI-SDR at ``kbps`` (6 where the model has it) on ``count`` fixed crops."""
+    cfg = net.cfg
+    if kbps is None:
+        kbps = 6.0 if 6.0 in cfg.bitrates else cfg.bitrates[len(cfg.bitrates) // 2]
+    inf = InferenceCodec(cfg)
+    inf.load_state(net.inference_state())
+    seg = int(seconds * cfg.sample_rate) // cfg.hop * cfg.hop
+    starts = np.linspace(0, samples.size - seg, count).astype(int)
+    mels, sdrs = [], []
+    for s in starts:
+        x = torch.from_numpy(samples[s:s + seg].astype(np.float32) / 32768.0).view(1, 1, -1)
+        codes = inf.quantize(inf.encoder(x), cfg.quantizers_for(kbps))
+        y = inf.decoder(inf.dequantize(codes))
+        mels.append(mel_distance(y, x, cfg.sample_rate))
+        sdrs.append(si_sdr(y, x))
+    return {"mel": float(np.mean(mels)), "si_sdr": float(np.mean(sdrs))}
+
+
+def _lr(step: int, base: float, warmup: int, total: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+
+
+def train(args: argparse.Namespace) -> Path:
+    from tqdm import tqdm
+
+    from toolkit.data.audio import load_split
+
+    if args.segment * 16000 < 2048:
+        raise SystemExit("--segment must be at least 0.128 s: the losses' longest window is 2048 samples")
+    rank, world, device = _setup_distributed()
+    run = Path(args.run_dir)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
+                      ratios=tuple(args.ratios), codebook_size=args.codebook_size, num_quantizers=args.quantizers,
+                      dropout_multiple=args.dropout_multiple, block_frames=args.block_frames)
+    net = SEANetCodec(cfg).to(device)
+    disc = Discriminators().to(device)
+    opt_g = torch.optim.AdamW(net.parameters(), args.lr, betas=(0.8, 0.99))
+    opt_d = torch.optim.AdamW(disc.parameters(), args.lr, betas=(0.8, 0.99))
+    step, elapsed = 0, 0.0
+    ckpt = run / "last.pt"
+    if args.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        disc.load_state_dict(state["disc"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        if rank == 0:
+            print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    train_pcm, _ = load_split(args.data, "train")
+    valid_pcm, _ = load_split(args.data, "valid")
+    batches = Batches(train_pcm, int(args.segment * cfg.sample_rate) // cfg.hop * cfg.hop, args.batch,
+                      seed=args.seed * 1000 + rank + 7919 * step)
+    g_model = DDP(net, broadcast_buffers=False) if world > 1 else net
+    d_model = DDP(disc, broadcast_buffers=False) if world > 1 else disc
+    mel_loss = MelLoss(cfg.sample_rate).to(device)
+    import auraloss
+
+    stft_loss = auraloss.freq.MultiResolutionSTFTLoss(fft_sizes=[256, 512, 1024], hop_sizes=[64, 128, 256],
+                                                      win_lengths=[256, 512, 1024]).to(device)
+    log = open(run / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - closed at the end
+    bar = tqdm(total=args.steps, initial=step, desc="audio codec", mininterval=5, disable=rank != 0 or args.quiet)
+    t0 = time.time() - elapsed
+    net.train()
+    while step < args.steps:
+        for group in opt_g.param_groups + opt_d.param_groups:
+            group["lr"] = _lr(step, args.lr, args.warmup, args.steps)
+        x = next(batches).to(device)
+        y, _, commit = g_model(x)
+        gan = step >= args.gan_start
+        rec_mel, rec_stft = mel_loss(y, x), stft_loss(y, x)
+        loss = 15 * rec_mel + rec_stft + commit
+        adv = fm = torch.zeros(())
+        if gan:
+            real, fake = d_model(x), d_model(y)
+            adv, fm = generator_adv_loss(fake), feature_matching_loss(real, fake)
+            loss = loss + adv + 2 * fm
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 100.0)
+        opt_g.step()
+        d_loss = torch.zeros(())
+        if gan:
+            d_loss = discriminator_loss(d_model(x), d_model(y.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        step += 1
+        bar.update(1)
+        if rank == 0 and (step % args.log_every == 0 or step == args.steps):
+            rec = {"step": step, "minutes": round((time.time() - t0) / 60, 2), "mel": round(rec_mel.item(), 4),
+                   "stft": round(float(rec_stft), 4), "commit": round(float(commit), 4),
+                   "adv": round(float(adv), 4), "fm": round(float(fm), 4), "disc": round(float(d_loss), 4)}
+            if step % args.valid_every == 0 or step == args.steps:
+                net.eval()
+                rec["valid"] = validate(net, valid_pcm)
+                net.train()
+            bar.set_postfix(mel=rec["mel"], adv=rec["adv"])
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
+            tmp = run / "last.pt.tmp"
+            torch.save({"net": net.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
+                        "opt_d": opt_d.state_dict(), "step": step, "elapsed": time.time() - t0,
+                        "torch_rng": torch.get_rng_state(), "config": json.loads(cfg.to_json()),
+                        "args": vars(args)}, tmp)
+            os.replace(tmp, ckpt)
+    bar.close()
+    if log:
+        log.close()
+    if world > 1:
+        _check_ranks_agree(net, disc, run, rank, world)
+        dist.destroy_process_group()
+    return ckpt
+
+
+def _state_digest(*modules: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for m in modules:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode() + v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_ranks_agree(net, disc, run: Path, rank: int, world: int) -> None:
+    """Every rank's digest of its weights and buffers, gathered to rank 0 into ``ranks.json``: DDP
+    keeps ranks identical only if everything outside the gradients (codebooks) is synchronised too."""
+    digests: list[str | None] = [None] * world
+    dist.all_gather_object(digests, _state_digest(net, disc))
+    if rank == 0:
+        (run / "ranks.json").write_text(json.dumps({"digests": digests, "agree": len(set(digests)) == 1}))
+        if len(set(digests)) != 1:
+            logger.error("ranks hold different weights after training: %s", digests)
+
+
+@torch.no_grad()
+def export(ckpt: str | Path, out: str | Path, data: str | Path, prior_seconds: float = 600.0) -> dict:
+    """Write the inference model of a checkpoint to ``out``: weights (float16), config, code priors.
+
+    The priors are each codebook's code counts at the full bitrate over
+    ``prior_seconds`` of training audio (evenly spaced 10-second pieces),
+    plus one for every code so that none is uncodable, as integer
+    frequencies summing to 2**16.
+    """
+    from safetensors.torch import save_file
+
+    from toolkit.data.audio import load_split
+    from toolkit.entropy import counts_to_freqs
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    cfg = CodecConfig.from_dict(state["config"])
+    net = SEANetCodec(cfg)
+    net.load_state_dict(state["net"])
+    weights = {k: v.half() for k, v in net.inference_state().items()}
+    inf = InferenceCodec(cfg)
+    inf.load_state(weights)  # priors from the float16 weights that ship
+    pcm, _ = load_split(data, "train")
+    piece = 10 * cfg.sample_rate
+    counts = np.zeros((cfg.num_quantizers, cfg.codebook_size), np.int64)
+    for s in np.linspace(0, pcm.size - piece, max(1, int(prior_seconds // 10))).astype(int):
+        x = torch.from_numpy(pcm[s:s + piece].astype(np.float32) / 32768.0).view(1, 1, -1)
+        codes = inf.quantize(inf.encoder(x), cfg.num_quantizers)[0].numpy()
+        for i in range(cfg.num_quantizers):
+            counts[i] += np.bincount(codes[i], minlength=cfg.codebook_size)
+    priors = np.stack([counts_to_freqs(c + 1, 16) for c in counts]).astype(np.int32)
+    weights["priors"] = torch.from_numpy(priors)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({"config": json.loads(cfg.to_json()), "step": state["step"]},
+                                                indent=1) + "\n")
+    p = counts / counts.sum(axis=1, keepdims=True)
+    entropy = -(np.where(p > 0, p * np.log2(np.where(p > 0, p, 1)), 0)).sum(axis=1)
+    return {"step": state["step"], "train_minutes": round(state["elapsed"] / 60, 1),
+            "prior_bits_per_code": [round(float(e), 3) for e in entropy]}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="runs/audio", help="a directory written by python -m toolkit.data.audio")
+    ap.add_argument("--run-dir", default="runs/audio-train")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--segment", type=float, default=1.0, help="seconds per crop")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--gan-start", type=int, default=2000, help="step at which the adversarial losses start")
+    ap.add_argument("--channels", type=int, default=24)
+    ap.add_argument("--max-channels", type=int, default=384)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 5, 8])
+    ap.add_argument("--codebook-size", type=int, default=1024)
+    ap.add_argument("--quantizers", type=int, default=24)
+    ap.add_argument("--dropout-multiple", type=int, default=3)
+    ap.add_argument("--block-frames", type=int, default=50, help="frames per block when coding (streaming unit)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's choice)")
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--valid-every", type=int, default=250)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--export", metavar="DIR", help="write the inference model of RUN_DIR/last.pt to DIR and stop")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.export:
+        print(json.dumps(export(Path(args.run_dir) / "last.pt", args.export, args.data)))
+        return 0
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The ``audio`` codec: lossy coding of sound with the trained neural codec (:mod:`toolkit.audio`).
+
+``codec compress speech.wav --codec audio --set kbps=6`` reads any file
+libsndfile reads (WAV, FLAC, OGG, ...), downmixes it to mono and resamples it
+to the model's rate (16 kHz), noting both in the header, and codes it in
+chunks of 30 seconds, streaming, in bounded memory. ``codec decompress``
+writes a 16-bit WAV file at the model's rate.
+
+A lossy codec: the container's digest covers the coded chunks, not the
+decoded samples (which differ from the input by design and, in their last
+bits, between machines). Each record's size is the number of WAV bytes its
+chunk decodes to (the first one includes the 44-byte WAV header), so the
+decoder writes the WAV header first and then samples as they come.
+
+Payload of a chunk: the frame count (varint), then one ANS stream of the
+chunk's codes, codebook by codebook, each codebook under its own frequency
+table: the per-codebook code frequencies the model measured on its training
+audio (``priors``). Codes are 10-bit before this step, fewer after.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from toolkit.codecs.registry import Codec, DecodeSession, SourceSession, register_codec
+from toolkit.entropy.varint import varint
+from toolkit.errors import FormatError, ModelMismatchError
+
+__all__ = ["AudioCodecConfig", "AudioFileCodec"]
+
+logger = logging.getLogger(__name__)
+
+_SHIPPED = "audio-16k"
+CHUNK_SECONDS = 30
+#: a decoder refuses files that claim more samples than this (24 hours at 16 kHz; WAV's limit is 37 hours)
+MAX_SAMPLES = 24 * 3600 * 16000
+
+
+@dataclass
+class AudioCodecConfig:
+    #: bitrate before entropy coding; the model's bitrates (1.5, 3, 6, 12 for the shipped one)
+    kbps: float = 6.0
+    #: a model directory (``toolkit.audio.train --export``); "": the shipped model
+    model: str = ""
+
+
+def _model(config: AudioCodecConfig, model_dir: str | None = None):
+    from toolkit.audio.codec import load_codec
+    from toolkit.models import store
+
+    name = config.model or _SHIPPED
+    if model_dir is not None:
+        name = str(store.locate(name, model_dir).path)
+    return load_codec(name)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    for _ in range(5):
+        if pos >= len(data):
+            raise FormatError("audio payload truncated")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return n, pos
+        shift += 7
+    raise FormatError("audio payload: overlong number")
+
+
+class _Encoder(SourceSession):
+    """Reads the whole source itself (the container hands it over): codes come out chunk by chunk."""
+
+    def __init__(self, codec: AudioFileCodec, reader):
+        from toolkit.audio.io import WAV_HEADER_BYTES
+
+        self.codec, self.reader = codec, reader
+        self.model = _model(codec.config, codec.model_dir)
+        self.n_q = self.model._n_q(codec.config.kbps)
+        self.chunk_frames = CHUNK_SECONDS * int(self.model.cfg.frame_rate)
+        self.first_extra = WAV_HEADER_BYTES
+
+    @property
+    def bytes_read(self) -> int:
+        return self.reader.bytes_read
+
+    def header_fields(self) -> dict:
+        r = self.reader
+        return {"audio": {"sample_rate": r.out_rate, "samples": r.out_frames, "source_rate": r.rate,
+                          "source_channels": r.channels, "source_format": r.format, "notes": r.notes()}}
+
+    def notes(self) -> list[str]:
+        return self.reader.notes()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def payloads(self, progress=None):
+        """``(raw_len, payload)`` of every chunk, in order."""
+        import numpy as np
+
+        enc = self.model.encoder(self.codec.config.kbps)
+        hop = self.model.cfg.hop
+        left = self.reader.out_frames
+        pending = np.zeros((self.n_q, 0), np.int16)
+        done = 0
+        for block in self.reader.blocks():
+            pending = np.concatenate([pending, enc.push(block)], axis=1)
+            while pending.shape[1] >= self.chunk_frames:
+                n = min(left, self.chunk_frames * hop)
+                yield self._chunk(pending[:, : self.chunk_frames], n)
+                left -= n
+                pending = pending[:, self.chunk_frames:]
+            if progress:
+                new = int(self.reader.bytes_read * (self.reader.out_frames - left) / max(1, self.reader.out_frames))
+                progress(new - done)
+                done = new
+        pending = np.concatenate([pending, enc.flush()], axis=1)
+        while pending.shape[1] or left or self.first_extra:
+            n = min(left, self.chunk_frames * hop)
+            k = -(-n // hop)
+            yield self._chunk(pending[:, :k], n)
+            left -= n
+            pending = pending[:, k:]
+
+    def _chunk(self, codes, samples: int) -> tuple[int, bytes]:
+        from toolkit.entropy import encode_iid_groups
+
+        raw_len = 2 * samples + self.first_extra
+        self.first_extra = 0
+        groups = [(codes[i], self.model.priors[i]) for i in range(codes.shape[0])]
+        return raw_len, varint(codes.shape[1]) + encode_iid_groups(groups)
+
+
+class _Decoder(DecodeSession):
+    def __init__(self, codec: AudioFileCodec):
+        self.codec = codec
+        self.model = _model(codec.config, codec.model_dir)
+        self.n_q = self.model._n_q(codec.config.kbps)
+        self.stream = self.model.decoder()
+        self.samples_left = codec.samples
+        self.first = True
+
+    def decode_chunks(self, payloads, sizes, known):
+        from toolkit.audio.io import WAV_HEADER_BYTES, to_pcm16, wav_header
+        from toolkit.entropy import decode_iid_groups
+
+        out = []
+        hop = self.model.cfg.hop
+        for payload, size in zip(payloads, sizes, strict=True):
+            if payload is None:
+                raise FormatError("audio chunks are always coded by the codec")
+            head = b""
+            if self.first:
+                head, size = wav_header(self.codec.samples, self.model.sample_rate), size - WAV_HEADER_BYTES
+                self.first = False
+            if size < 0 or size % 2 or size // 2 > self.samples_left:
+                raise FormatError(f"audio chunk of {size} bytes does not fit the {self.samples_left} samples left")
+            samples = size // 2
+            frames, pos = _read_varint(payload, 0)
+            if frames != -(-samples // hop):
+                raise FormatError(f"audio chunk has {frames} frames for {samples} samples")
+            codes = decode_iid_groups(payload[pos:], [(self.model.priors[i], frames) for i in range(self.n_q)])
+            import numpy as np
+
+            y = self.stream.push(np.stack(codes)) if frames else np.zeros(0, np.float32)
+            if y.size < samples:
+                y = np.concatenate([y, self.stream.flush()])
+            self.samples_left -= samples
+            out.append(head + to_pcm16(y[:samples]))
+        return out
+
+
+@register_codec("audio")
+class AudioFileCodec(Codec):
+    """Neural audio codec: WAV/FLAC/OGG in, 16 kHz WAV out, 1.5-12 kbps."""
+
+    description = "lossy neural audio codec: WAV/FLAC/OGG in, 16 kHz WAV out (set kbps=1.5|3|6|12)"
+    version = 1
+    Config = AudioCodecConfig
+    lossy = True
+    chunk_fallback = False
+    decode_settings = ("model_dir",)
+
+    def __init__(self, config: AudioCodecConfig | None = None, model_dir: str | None = None):
+        super().__init__(config)
+        self.model_dir = model_dir
+        self.samples = 0
+        model = _model(self.config, model_dir)
+        model._n_q(self.config.kbps)  # an unknown bitrate fails here, before any input is read
+        self.chunk_size = 2 * CHUNK_SECONDS * model.sample_rate + 44
+
+    def header_fields(self) -> dict:
+        model = _model(self.config, self.model_dir)
+        return {"model": self.config.model or _SHIPPED, "model_sha256": model.sha256}
+
+    @classmethod
+    def from_header(cls, header: dict, local: dict[str, str] | None = None) -> AudioFileCodec:
+        base = super().from_header(header, local)
+        codec = cls(base.config, model_dir=(local or {}).get("model_dir"))
+        model = _model(codec.config, codec.model_dir)
+        if header.get("model_sha256") != model.sha256:
+            raise ModelMismatchError(f"file was coded with audio model {header.get('model')!r} "
+                                     f"(sha256 {str(header.get('model_sha256'))[:12]}), not this one "
+                                     f"({model.sha256[:12]})")
+        audio = header.get("audio")
+        if not isinstance(audio, dict) or not isinstance(audio.get("samples"), int):
+            raise FormatError("audio header lacks its sample count")
+        if not 0 <= audio["samples"] <= MAX_SAMPLES or audio.get("sample_rate") != model.sample_rate:
+            raise FormatError(f"audio header: {audio.get('samples')} samples at {audio.get('sample_rate')} Hz "
+                              "is not something this codec wrote")
+        codec.samples = audio["samples"]
+        return codec
+
+    def open_source(self, src: BinaryIO) -> _Encoder:
+        from toolkit.audio.io import AudioReader
+
+        model = _model(self.config, self.model_dir)
+        return _Encoder(self, AudioReader(src, model.sample_rate))
+
+    def open_decoder(self, progress=None) -> DecodeSession:
+        return _Decoder(self)
+
