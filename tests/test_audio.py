@@ -84,6 +84,24 @@ def test_training_logs_checkpoints_and_resumes(tiny, tmp_path):
     assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [6]
 
 
+def test_training_continues_from_an_exported_model(tiny, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from toolkit.audio.model import CodecConfig, SEANetCodec
+
+    exported = load_file(str(tiny["model"] / "model.safetensors"))
+    cfg = CodecConfig.from_dict(json.loads((tiny["model"] / "config.json").read_text())["config"])
+    net = SEANetCodec(cfg)
+    net.load_inference_state(exported)
+    back = net.inference_state()
+    for k, v in back.items():
+        assert torch.allclose(v, exported[k].float(), atol=1e-3, rtol=1e-3), k
+    r = _train(tmp_path / "more", tiny["data"], "--init-from", str(tiny["model"]), steps=2)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "more" / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
 def test_ddp_two_processes_keep_identical_weights(tiny, tmp_path):
     r = _train(tmp_path / "ddp", tiny["data"], "--gan-start", "2", steps=4, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -230,6 +248,13 @@ def test_empty_and_one_sample_files(tiny, n):
     blob, _ = _compress(_wav_bytes(np.full(n, 0.25, np.float32)), tiny["model"])
     y, sr = sf.read(io.BytesIO(_decompress(blob)))
     assert sr == SR and y.size == n
+
+
+def test_odd_sample_rates(tiny):
+    blob, summary = _compress(_wav_bytes(_signal(0.2)[::2], 8000), tiny["model"])
+    assert "resampled from 8000 Hz to 16000 Hz" in summary["hint"]
+    with pytest.raises(UnsupportedInputError, match="cannot resample 44101 Hz"):
+        _compress(_wav_bytes(_signal(0.2), 44101), tiny["model"])
 
 
 def test_refusals_and_damage(tiny):

@@ -208,7 +208,9 @@ def test_audio_codec(tmp_path, monkeypatch):
     assert rec["streaming_identical"] is True
     m = rec["metrics"]
     assert set(m) == {"1.5", "3.0", "6.0", "12.0"}
-    assert m["12.0"]["mel"] < m["1.5"]["mel"]  # more codebooks, closer to the original
+    # the shipped model beats Opus 6 kbps on mel distance at every bitrate (Opus at 6 kbps is narrowband)
+    assert all(m[kb]["mel"] < rec["opus"][0]["mel"] for kb in m)
+    assert all(0.6 < m[kb]["stoi"] <= 1 for kb in m)
     for kbps, disk in rec["kbps_on_disk"].items():
         # the priors code below the nominal rate; the header adds ~0.3 kbps on this 8 s clip
         assert 0.5 * float(kbps) < disk < float(kbps) + 0.5

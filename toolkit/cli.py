@@ -239,6 +239,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if out != "-":
         n, m = summary["in_bytes"], summary["out_bytes"]
         bpb = f"{8 * m / n:.3f} bits/byte" if n else "empty input"
+        if summary.get("seconds"):  # lossy audio: the rate is what matters
+            bpb = f"{summary['seconds']:.1f} s at {8 * m / summary['seconds'] / 1000:.2f} kbps"
         why = f"; auto: {summary['auto']}" if summary.get("auto") else ""
         print(f"{args.input} -> {out}: {n} -> {m} bytes ({bpb}, codec {summary['codec']}{why})", file=sys.stderr)
     if summary.get("hint"):

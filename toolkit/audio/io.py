@@ -27,10 +27,23 @@ WAV_HEADER_BYTES = 44
 _MAX_WAV_DATA = 0xFFFFFFFF - 36
 
 
+#: torchaudio's resampler builds ``new/g`` filters of about ``orig/g`` taps (g their gcd): rates whose
+#: ratio does not reduce below this on both sides would need a filter bank of gigabytes
+MAX_RATIO_TERM = 4096
+
+
+def check_rates(orig: int, new: int) -> None:
+    g = math.gcd(orig, new)
+    if orig // g > MAX_RATIO_TERM or new // g > MAX_RATIO_TERM:
+        raise UnsupportedInputError(f"cannot resample {orig} Hz to {new} Hz here (the ratio {orig // g}/{new // g} "
+                                    "needs too large a filter bank); resample the file to a common rate first")
+
+
 def resample(x: np.ndarray, orig: int, new: int) -> np.ndarray:
     """Whole-signal resampling with torchaudio's windowed-sinc resampler."""
     if orig == new:
         return np.ascontiguousarray(x, dtype=np.float32)
+    check_rates(orig, new)
     import torch
     import torchaudio.functional as AF
 
@@ -96,6 +109,11 @@ class AudioReader:
             raise UnsupportedInputError(f"not an audio file that libsndfile reads (WAV, FLAC, OGG, ...): {e}") from None
         self.src, self.start = src, start
         self.rate, self.out_rate = int(self.f.samplerate), rate
+        try:
+            check_rates(self.rate, rate)
+        except UnsupportedInputError:
+            self.close()
+            raise
         self.channels, self.frames = int(self.f.channels), int(self.f.frames)
         self.format = f"{self.f.format}/{self.f.subtype}"
         self.block = max(1, int(block_seconds * self.rate))

@@ -64,6 +64,15 @@ def _wn(m: nn.Module) -> nn.Module:
     return nn.utils.parametrizations.weight_norm(m)
 
 
+def _features(convs: nn.ModuleList, out: nn.Module, x: torch.Tensor, slope: float) -> list[torch.Tensor]:
+    """Every layer's activations (for feature matching), then the logit map."""
+    feats = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), slope)
+        feats.append(x)
+    return feats + [out(x)]
+
+
 class _PeriodDisc(nn.Module):
     def __init__(self, period: int, channels: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
@@ -80,13 +89,7 @@ class _PeriodDisc(nn.Module):
         b, c, t = x.shape
         if t % self.period:
             x = F.pad(x, (0, self.period - t % self.period), mode="reflect")
-        x = x.view(b, c, -1, self.period)
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        feats.append(self.out(x))
-        return feats
+        return _features(self.convs, self.out, x.view(b, c, -1, self.period), 0.1)
 
 
 class MultiPeriodDiscriminator(nn.Module):
@@ -114,13 +117,7 @@ class _STFTDisc(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         z = torch.stft(x.squeeze(1), self.n_fft, self.n_fft // 4, window=self.window, return_complex=True)
-        x = torch.stack([z.real, z.imag], dim=1).transpose(2, 3)  # [B, 2, frames, bins]
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.2)
-            feats.append(x)
-        feats.append(self.out(x))
-        return feats
+        return _features(self.convs, self.out, torch.stack([z.real, z.imag], dim=1).transpose(2, 3), 0.2)
 
 
 class MultiScaleSTFTDiscriminator(nn.Module):

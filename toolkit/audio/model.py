@@ -231,6 +231,26 @@ class SEANetCodec(nn.Module):
         return self.decoder(q.transpose(1, 2)), codes, commit.sum()
 
     @torch.no_grad()
+    def load_inference_state(self, state: dict[str, torch.Tensor], uses_per_step: float = 0.4) -> None:
+        """Start from an exported model: the folded weights go back through weight norm's inverse and the
+        codebooks become the quantizer's, marked initialised (no k-means) with a neutral usage count."""
+        for part in ("encoder", "decoder"):
+            for name, m in getattr(self, part).named_modules():
+                if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
+                    w = state[f"{part}.{name}.weight"].float()
+                    if nn.utils.parametrize.is_parametrized(m, "weight"):
+                        m.weight = w  # weight norm's right inverse sets its g and v
+                    else:
+                        m.weight.copy_(w)
+                    m.bias.copy_(state[f"{part}.{name}.bias"].float())
+        for i, layer in enumerate(self.quantizer.layers):
+            book = layer._codebook
+            book.embed[0].copy_(state[f"codebook.{i}"].float())
+            book.cluster_size.fill_(uses_per_step)
+            book.embed_avg.copy_(book.embed * uses_per_step)
+            book.initted.fill_(True)
+
+    @torch.no_grad()
     def inference_state(self) -> dict[str, torch.Tensor]:
         """Encoder and decoder weights with weight norm folded in, and each quantizer's codebook."""
         state = {}

@@ -120,17 +120,28 @@ def train(args: argparse.Namespace) -> Path:
         run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
-                      ratios=tuple(args.ratios), codebook_size=args.codebook_size, num_quantizers=args.quantizers,
-                      dropout_multiple=args.dropout_multiple, block_frames=args.block_frames)
+    ckpt = run / "last.pt"
+    state = torch.load(ckpt, map_location=device, weights_only=True) if args.resume and ckpt.exists() else None
+    if state is not None:
+        cfg = CodecConfig.from_dict(state["config"])
+    elif args.init_from:
+        cfg = CodecConfig.from_dict(json.loads((Path(args.init_from) / "config.json").read_text())["config"])
+    else:
+        cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
+                          ratios=tuple(args.ratios), codebook_size=args.codebook_size,
+                          num_quantizers=args.quantizers, dropout_multiple=args.dropout_multiple,
+                          block_frames=args.block_frames)
     net = SEANetCodec(cfg).to(device)
+    if state is None and args.init_from:
+        # a later session continues from exported weights (fresh optimisers and discriminators)
+        from safetensors.torch import load_file
+
+        net.load_inference_state(load_file(str(Path(args.init_from) / "model.safetensors")))
     disc = Discriminators().to(device)
     opt_g = torch.optim.AdamW(net.parameters(), args.lr, betas=(0.8, 0.99))
     opt_d = torch.optim.AdamW(disc.parameters(), args.lr, betas=(0.8, 0.99))
     step, elapsed = 0, 0.0
-    ckpt = run / "last.pt"
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+    if state is not None:
         net.load_state_dict(state["net"])
         disc.load_state_dict(state["disc"])
         opt_g.load_state_dict(state["opt_g"])
@@ -293,6 +304,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", metavar="DIR", help="start from an exported model (its config wins)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--export", metavar="DIR", help="write the inference model of RUN_DIR/last.pt to DIR and stop")
     return ap.parse_args(argv)

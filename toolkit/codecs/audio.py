@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from toolkit.codecs.registry import Codec, DecodeSession, SourceSession, register_codec
 from toolkit.entropy.varint import varint
-from toolkit.errors import FormatError, ModelMismatchError
+from toolkit.errors import FormatError, ModelMismatchError, ToolkitError
 
 __all__ = ["AudioCodecConfig", "AudioFileCodec"]
 
@@ -94,6 +94,9 @@ class _Encoder(SourceSession):
     def notes(self) -> list[str]:
         return self.reader.notes()
 
+    def summary(self) -> dict:
+        return {"seconds": self.reader.out_frames / self.reader.out_rate}
+
     def close(self) -> None:
         self.reader.close()
 
@@ -121,6 +124,8 @@ class _Encoder(SourceSession):
         while pending.shape[1] or left or self.first_extra:
             n = min(left, self.chunk_frames * hop)
             k = -(-n // hop)
+            if n == 0 and pending.shape[1]:
+                raise ToolkitError(f"audio encoder produced {pending.shape[1]} frames past the end of the input")
             yield self._chunk(pending[:, :k], n)
             left -= n
             pending = pending[:, k:]
@@ -144,6 +149,8 @@ class _Decoder(DecodeSession):
         self.first = True
 
     def decode_chunks(self, payloads, sizes, known):
+        import numpy as np
+
         from toolkit.audio.io import WAV_HEADER_BYTES, to_pcm16, wav_header
         from toolkit.entropy import decode_iid_groups
 
@@ -163,8 +170,6 @@ class _Decoder(DecodeSession):
             if frames != -(-samples // hop):
                 raise FormatError(f"audio chunk has {frames} frames for {samples} samples")
             codes = decode_iid_groups(payload[pos:], [(self.model.priors[i], frames) for i in range(self.n_q)])
-            import numpy as np
-
             y = self.stream.push(np.stack(codes)) if frames else np.zeros(0, np.float32)
             if y.size < samples:
                 y = np.concatenate([y, self.stream.flush()])

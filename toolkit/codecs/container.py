@@ -370,7 +370,7 @@ def _write_lossy(codec: Codec, src: BinaryIO, dst: BinaryIO, progress: ProgressF
         notes = session.notes()
         return {"codec": codec.name, "in_bytes": session.bytes_read, "out_bytes": written, "chunks": count,
                 "decoded_bytes": total, "methods": {"codec": count, "zstd": 0, "stored": 0},
-                "sha256": sha.hexdigest(), **({"hint": "; ".join(notes)} if notes else {})}
+                "sha256": sha.hexdigest(), **session.summary(), **({"hint": "; ".join(notes)} if notes else {})}
     finally:
         session.close()
 

@@ -165,6 +165,10 @@ class SourceSession:
         """What was changed in the input to code it (resampled, downmixed, ...), for the user."""
         return []
 
+    def summary(self) -> dict:
+        """Fields for the compress summary (an audio codec gives ``seconds``, so the command shows kbps)."""
+        return {}
+
     def payloads(self, progress: ProgressFn | None = None) -> Iterator[tuple[int, bytes]]:
         """``(decoded length, payload)`` of every chunk, in order; ``progress(n)``: source bytes done."""
         raise NotImplementedError
