@@ -295,20 +295,29 @@ def test_cli_round_trip_and_one_line_errors(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_one_hour_file_in_bounded_memory(tiny, tmp_path):
-    """An hour at 16 kHz (115 MB of WAV) through the CLI both ways, memory well under the file's size."""
-    src = tmp_path / "hour.wav"
-    with sf.SoundFile(src, "w", SR, 1, subtype="PCM_16") as f:
-        piece = _signal(60.0)
-        for _ in range(60):
-            f.write(piece)
+    """An hour at 16 kHz (115 MB of WAV) through the CLI both ways: peak memory no higher than for 10 minutes.
+
+    The comparison is with a 10-minute file in the same environment, since the baseline (torch and the
+    libraries' import) differs between environments by a few hundred MB; holding an hour of samples
+    would add at least 230 MB (float32), and the input and output twice that.
+    """
+    piece = _signal(60.0)
     model = str(tiny["model"])
     script = ("import resource, sys; from toolkit.cli import main; rc = main(sys.argv[1:]); "
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); raise SystemExit(rc)")
-    for args in (["compress", str(src), "--codec", "audio", "--set", "kbps=32", "--set", f"model={model}", "-q"],
-                 ["decompress", str(src) + ".tkz", "-o", str(tmp_path / "out.wav"), "-q"]):
-        r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr
-        peak_mb = int(r.stdout.split()[-1]) / 1024
-        assert peak_mb < 900, f"{args[0]} peaked at {peak_mb:.0f} MB"
-    assert sf.info(tmp_path / "out.wav").frames == 3600 * SR
+    peaks = {}
+    for minutes in (10, 60):
+        src = tmp_path / f"{minutes}.wav"
+        with sf.SoundFile(src, "w", SR, 1, subtype="PCM_16") as f:
+            for _ in range(minutes):
+                f.write(piece)
+        out = tmp_path / f"{minutes}.out.wav"
+        for args in (["compress", str(src), "--codec", "audio", "--set", "kbps=32", "--set", f"model={model}", "-q"],
+                     ["decompress", str(src) + ".tkz", "-o", str(out), "-q"]):
+            r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV,
+                               timeout=600)
+            assert r.returncode == 0, r.stderr
+            peaks[args[0], minutes] = int(r.stdout.split()[-1]) / 1024
+        assert sf.info(out).frames == minutes * 60 * SR
+    for step in ("compress", "decompress"):
+        assert peaks[step, 60] < peaks[step, 10] + 100, peaks
