@@ -162,12 +162,13 @@ class AudioCodec:
         return codes
 
     def encoder(self, kbps: float = 6.0) -> StreamEncoder:
-        return StreamEncoder(self, self._n_q(kbps))
+        return StreamEncoder(self, self.quantizers_for(kbps))
 
     def decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 
-    def _n_q(self, kbps: float) -> int:
+    def quantizers_for(self, kbps: float) -> int:
+        """How many codebooks ``kbps`` uses; a bitrate the model was not trained for is a ConfigError."""
         try:
             return self.cfg.quantizers_for(float(kbps))
         except ValueError as e:

@@ -77,8 +77,8 @@ class _Encoder(SourceSession):
         from toolkit.audio.io import WAV_HEADER_BYTES
 
         self.codec, self.reader = codec, reader
-        self.model = _model(codec.config, codec.model_dir)
-        self.n_q = self.model._n_q(codec.config.kbps)
+        self.model = codec.model
+        self.n_q = self.model.quantizers_for(codec.config.kbps)
         self.chunk_frames = CHUNK_SECONDS * int(self.model.cfg.frame_rate)
         self.first_extra = WAV_HEADER_BYTES
 
@@ -142,8 +142,8 @@ class _Encoder(SourceSession):
 class _Decoder(DecodeSession):
     def __init__(self, codec: AudioFileCodec):
         self.codec = codec
-        self.model = _model(codec.config, codec.model_dir)
-        self.n_q = self.model._n_q(codec.config.kbps)
+        self.model = codec.model
+        self.n_q = self.model.quantizers_for(codec.config.kbps)
         self.stream = self.model.decoder()
         self.samples_left = codec.samples
         self.first = True
@@ -193,19 +193,18 @@ class AudioFileCodec(Codec):
         super().__init__(config)
         self.model_dir = model_dir
         self.samples = 0
-        model = _model(self.config, model_dir)
-        model._n_q(self.config.kbps)  # an unknown bitrate fails here, before any input is read
-        self.chunk_size = 2 * CHUNK_SECONDS * model.sample_rate + 44
+        self.model = _model(self.config, model_dir)
+        self.model.quantizers_for(self.config.kbps)  # an unknown bitrate fails here, before any input is read
+        self.chunk_size = 2 * CHUNK_SECONDS * self.model.sample_rate + 44
 
     def header_fields(self) -> dict:
-        model = _model(self.config, self.model_dir)
-        return {"model": self.config.model or _SHIPPED, "model_sha256": model.sha256}
+        return {"model": self.config.model or _SHIPPED, "model_sha256": self.model.sha256}
 
     @classmethod
     def from_header(cls, header: dict, local: dict[str, str] | None = None) -> AudioFileCodec:
         base = super().from_header(header, local)
         codec = cls(base.config, model_dir=(local or {}).get("model_dir"))
-        model = _model(codec.config, codec.model_dir)
+        model = codec.model
         if header.get("model_sha256") != model.sha256:
             raise ModelMismatchError(f"file was coded with audio model {header.get('model')!r} "
                                      f"(sha256 {str(header.get('model_sha256'))[:12]}), not this one "
@@ -222,8 +221,7 @@ class AudioFileCodec(Codec):
     def open_source(self, src: BinaryIO) -> _Encoder:
         from toolkit.audio.io import AudioReader
 
-        model = _model(self.config, self.model_dir)
-        return _Encoder(self, AudioReader(src, model.sample_rate))
+        return _Encoder(self, AudioReader(src, self.model.sample_rate))
 
     def open_decoder(self, progress=None) -> DecodeSession:
         return _Decoder(self)
