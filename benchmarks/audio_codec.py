@@ -5,7 +5,8 @@
 
 For each held-out set (``speech_recorded``: recorded voices; ``speech_unseen_voice``:
 synthetic voices no model here heard; ``music``) the clips are joined, 0.25 s of silence
-apart, into files of about 30 seconds. Every file goes through
+apart, into files of about 30 seconds, taking each speaker or source in turn so that the first
+minutes of a set cover all of them. Every file goes through
 
 - this project's ``audio`` codec (the ``.tkz`` file, header included) at each of its
   bitrates from 1.5 to 12 kbps;
@@ -40,11 +41,30 @@ SETS = ("speech_recorded", "speech_unseen_voice", "music")
 OPUS_KBPS = (6, 8, 12, 16)
 
 
+def source_of(name: str) -> str:
+    """The speaker or kind of a held-out clip: ``asterisk-allison``, ``ktuberling-de``, ``espeak-en-us+f5``,
+    ``festival-slt``, ``alsa``, ``midi``, ``sonic-pi``."""
+    parts = name.split("-")
+    if parts[0] == "espeak":
+        return "-".join(parts[:3])
+    return "-".join(parts[:2]) if len(parts) > 2 else parts[0]
+
+
+def interleaved(folder: Path) -> list[Path]:
+    """The folder's clips taking each source in turn (each source's clips in name order), so that the
+    first minutes of a set cover all of its speakers."""
+    by_source: dict[str, list[Path]] = {}
+    for p in sorted(folder.glob("*.flac")):
+        by_source.setdefault(source_of(p.stem), []).append(p)
+    queues = list(by_source.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def joined_files(folder: Path, seconds: float, count: int) -> list[np.ndarray]:
-    """The folder's clips (sorted by name) joined into ``count`` files of about ``seconds`` each."""
+    """The folder's clips, sources in turn, joined into ``count`` files of about ``seconds`` each."""
     gap = np.zeros(SR // 4, np.float32)
     out, cur, n = [], [], 0
-    for p in sorted(folder.glob("*.flac")):
+    for p in interleaved(folder):
         x, sr = sf.read(p, dtype="float32")
         assert sr == SR, p
         cur += [x, gap]
@@ -159,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"cpu_threads": args.threads, "cores": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "opus": f"libsndfile {sf.__libsndfile_version__} Ogg/Opus"}
     result = {"machine": machine, "model": args.model or "audio-16k", "model_sha256": codec.sha256,
-              "data": {s: sorted(p.stem for p in (args.eval_dir / s).glob("*.flac"))[:3] + ["..."] for s in SETS},
+              "data": {s: sorted({source_of(p.stem) for p in (args.eval_dir / s).glob("*.flac")}) for s in SETS},
               "rows": rows, "targets": targets(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -194,7 +214,9 @@ def targets(rows: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     m = result["machine"]
-    lines = [f"Machine: {m['cores']} cores, {m['cpu_threads']} torch threads, torch {m['torch']}, {m['opus']}.", "",
+    lines = [f"Machine: {m['cores']} cores, {m['cpu_threads']} torch threads, torch {m['torch']}, {m['opus']}.", ""]
+    lines += [f"- {s}: {', '.join(src)}" for s, src in result["data"].items()]
+    lines += ["",
              "| set | system | nominal kbps | kbps on disk | mel dist | SI-SDR dB | STOI | PESQ-wb | ViSQOL | "
              "enc x RT | dec x RT |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 

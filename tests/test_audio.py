@@ -102,6 +102,40 @@ def test_training_continues_from_an_exported_model(tiny, tmp_path):
     assert json.loads((tmp_path / "more" / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
+def test_a_model_grows_by_residual_units_and_keeps_its_function(tiny, tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from toolkit.audio import load_codec
+    from toolkit.audio.model import CodecConfig, SEANetCodec
+
+    exported = load_file(str(tiny["model"] / "model.safetensors"))
+    cfg = CodecConfig.from_dict(json.loads((tiny["model"] / "config.json").read_text())["config"])
+    small, grown = SEANetCodec(cfg).eval(), SEANetCodec(dataclasses.replace(cfg, residual_layers=3)).eval()
+    small.load_inference_state(exported)
+    grown.load_inference_state(exported, source=cfg)
+    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in small.parameters())
+    x = torch.from_numpy(_signal(0.2, 5)).view(1, 1, -1)
+    with torch.no_grad():
+        z = small.encoder(x)
+        assert torch.allclose(grown.encoder(x), z, atol=1e-6)
+        assert torch.allclose(grown.decoder(z), small.decoder(z), atol=1e-6)
+    with pytest.raises(ValueError, match="grows only by residual units"):
+        SEANetCodec(dataclasses.replace(cfg, dim=16)).load_inference_state(exported, source=cfg)
+    # training and export of the grown model, which then streams exactly like the small one
+    run = tmp_path / "grown"
+    r = _train(run, tiny["data"], "--init-from", str(tiny["model"]), "--residual-layers", "3", steps=2)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(tiny["data"]), "--run-dir",
+                        str(run), "--export", str(tmp_path / "model"), *TINY], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    codec = load_codec(str(tmp_path / "model"))
+    assert codec.cfg.residual_layers == 3
+    _check_streaming(codec)
+
+
 def test_ddp_two_processes_keep_identical_weights(tiny, tmp_path):
     r = _train(tmp_path / "ddp", tiny["data"], "--gan-start", "2", steps=4, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -121,11 +155,14 @@ def test_export_has_priors_for_every_codebook(tiny):
 
 
 def test_streaming_equals_offline_and_the_full_forward(tiny):
-    import torch
-
     from toolkit.audio import load_codec
 
-    codec = load_codec(str(tiny["model"]))
+    _check_streaming(load_codec(str(tiny["model"])))
+
+
+def _check_streaming(codec) -> None:
+    import torch
+
     x = _signal(0.7, 3)
     off = codec.encode(x, SR, kbps=64)
     assert off.codes.shape == (4, -(-x.size // 4))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -231,12 +231,25 @@ class SEANetCodec(nn.Module):
         return self.decoder(q.transpose(1, 2)), codes, commit.sum()
 
     @torch.no_grad()
-    def load_inference_state(self, state: dict[str, torch.Tensor], uses_per_step: float = 0.4) -> None:
+    def load_inference_state(self, state: dict[str, torch.Tensor], uses_per_step: float = 0.4,
+                             source: CodecConfig | None = None) -> None:
         """Start from an exported model: the folded weights go back through weight norm's inverse and the
-        codebooks become the quantizer's, marked initialised (no k-means) with a neutral usage count."""
+        codebooks become the quantizer's, marked initialised (no k-means) with a neutral usage count.
+
+        ``source``, the exported model's config, may have fewer residual units per block than this
+        one: the model then grows. Its units keep their weights and each new unit starts as the
+        identity (its output convolution at zero), so training resumes from the same function.
+        """
+        if source is not None and source != self.cfg:
+            state = grow_state(state, source, self.cfg)
         for part in ("encoder", "decoder"):
             for name, m in getattr(self, part).named_modules():
+                if isinstance(m, ResidualUnit) and f"{part}.{name}.block.1.weight" not in state:
+                    m.block[3].weight.zero_()  # the unit adds 0
+                    m.block[3].bias.zero_()
                 if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
+                    if f"{part}.{name}.weight" not in state:
+                        continue  # inside a new residual unit
                     w = state[f"{part}.{name}.weight"].float()
                     if nn.utils.parametrize.is_parametrized(m, "weight"):
                         m.weight = w  # weight norm's right inverse sets its g and v
@@ -262,6 +275,35 @@ class SEANetCodec(nn.Module):
         for i, layer in enumerate(self.quantizer.layers):
             state[f"codebook.{i}"] = layer._codebook.embed[0].detach().float().cpu().clone()
         return state
+
+
+def _layout(cfg: CodecConfig, part: str) -> list[str]:
+    seq = encoder(cfg) if part == "encoder" else decoder(cfg)
+    return [f"res{m.block[1].dilation[0]}" if isinstance(m, ResidualUnit) else type(m).__name__ for m in seq]
+
+
+def grow_state(state: dict[str, torch.Tensor], source: CodecConfig, target: CodecConfig) -> dict[str, torch.Tensor]:
+    """Rename an exported state of ``source`` to the layer indices of ``target``, a model that differs
+    only by more residual units per block: each old layer maps to the next matching one of the new
+    layout, and the new units are left out of the result."""
+    if replace(source, residual_layers=target.residual_layers) != target or \
+            target.residual_layers < source.residual_layers:
+        raise ValueError("a model grows only by residual units per block; the other settings must match")
+    out = {k: v for k, v in state.items() if k.startswith("codebook.")}
+    for part in ("encoder", "decoder"):
+        old, new = _layout(source, part), _layout(target, part)
+        rename, j = {}, 0
+        for i, kind in enumerate(new):
+            if j < len(old) and old[j] == kind:
+                rename[str(j)] = str(i)
+                j += 1
+        if j != len(old):
+            raise ValueError(f"the {part} of the source model does not fit into the grown one")
+        for k, v in state.items():
+            if k.startswith(part + "."):
+                idx, rest = k[len(part) + 1:].split(".", 1)
+                out[f"{part}.{rename[idx]}.{rest}"] = v
+    return out
 
 
 class InferenceCodec(nn.Module):

@@ -26,6 +26,7 @@ import math
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -125,18 +126,19 @@ def train(args: argparse.Namespace) -> Path:
     if state is not None:
         cfg = CodecConfig.from_dict(state["config"])
     elif args.init_from:
-        cfg = CodecConfig.from_dict(json.loads((Path(args.init_from) / "config.json").read_text())["config"])
+        source = CodecConfig.from_dict(json.loads((Path(args.init_from) / "config.json").read_text())["config"])
+        cfg = replace(source, residual_layers=args.residual_layers or source.residual_layers)
     else:
         cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
                           ratios=tuple(args.ratios), codebook_size=args.codebook_size,
                           num_quantizers=args.quantizers, dropout_multiple=args.dropout_multiple,
-                          block_frames=args.block_frames)
+                          block_frames=args.block_frames, residual_layers=args.residual_layers or 1)
     net = SEANetCodec(cfg).to(device)
     if state is None and args.init_from:
         # a later session continues from exported weights (fresh optimisers and discriminators)
         from safetensors.torch import load_file
 
-        net.load_inference_state(load_file(str(Path(args.init_from) / "model.safetensors")))
+        net.load_inference_state(load_file(str(Path(args.init_from) / "model.safetensors")), source=source)
     disc = Discriminators().to(device)
     opt_g = torch.optim.AdamW(net.parameters(), args.lr, betas=(0.8, 0.99))
     opt_d = torch.optim.AdamW(disc.parameters(), args.lr, betas=(0.8, 0.99))
@@ -173,6 +175,10 @@ def train(args: argparse.Namespace) -> Path:
         gan = step >= args.gan_start
         rec_mel, rec_stft = mel_loss(y, x), stft_loss(y, x)
         loss = 15 * rec_mel + rec_stft + commit
+        # EnCodec's time-domain L1 term, relative to the signal's level (1.4 for an unrelated waveform)
+        rec_wave = (y - x).abs().mean() / x.abs().mean().clamp_min(1e-5)
+        if args.wave_weight:
+            loss = loss + args.wave_weight * rec_wave
         adv = fm = torch.zeros(())
         if gan:
             real, fake = d_model(x), d_model(y)
@@ -191,9 +197,10 @@ def train(args: argparse.Namespace) -> Path:
         step += 1
         bar.update(1)
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            rec = {"step": step, "minutes": round((time.time() - t0) / 60, 2), "mel": round(rec_mel.item(), 4),
-                   "stft": round(float(rec_stft), 4), "commit": round(float(commit), 4),
-                   "adv": round(float(adv), 4), "fm": round(float(fm), 4), "disc": round(float(d_loss), 4)}
+            terms = {"mel": rec_mel, "stft": rec_stft, "commit": commit, "wave": rec_wave, "adv": adv, "fm": fm,
+                     "disc": d_loss}
+            rec = {"step": step, "minutes": round((time.time() - t0) / 60, 2),
+                   **{k: round(v.item(), 4) for k, v in terms.items()}}
             if step % args.valid_every == 0 or step == args.steps:
                 net.eval()
                 rec["valid"] = validate(net, valid_pcm)
@@ -289,9 +296,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--segment", type=float, default=1.0, help="seconds per crop")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--wave-weight", type=float, default=0.0, help="weight of the relative waveform L1 loss")
     ap.add_argument("--gan-start", type=int, default=2000, help="step at which the adversarial losses start")
     ap.add_argument("--channels", type=int, default=24)
     ap.add_argument("--max-channels", type=int, default=384)
+    ap.add_argument("--residual-layers", type=int, default=None,
+                    help="residual units per block (default 1); with --init-from, more than the model has grows it")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 5, 8])
     ap.add_argument("--codebook-size", type=int, default=1024)
