@@ -42,8 +42,9 @@ OPUS_KBPS = (6, 8, 12, 16)
 
 
 def source_of(name: str) -> str:
-    """The speaker or kind of a held-out clip: ``asterisk-allison``, ``ktuberling-de``, ``espeak-en-us+f5``,
-    ``festival-slt``, ``alsa``, ``midi``, ``sonic-pi``."""
+    """The speaker or kind of a held-out clip, from the names ``toolkit.data.audio`` gives them:
+    ``asterisk-allison``, ``ktuberling-de``, ``espeak-en-us+f5``, ``festival-slt``, ``alsa``, ``midi``,
+    ``sonic-pi``."""
     parts = name.split("-")
     if parts[0] == "espeak":
         return "-".join(parts[:3])
@@ -60,13 +61,15 @@ def interleaved(folder: Path) -> list[Path]:
     return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
-def joined_files(folder: Path, seconds: float, count: int) -> list[np.ndarray]:
-    """The folder's clips, sources in turn, joined into ``count`` files of about ``seconds`` each."""
+def joined_files(folder: Path, seconds: float, count: int, used: dict[str, float]) -> list[np.ndarray]:
+    """The folder's clips, sources in turn, joined into ``count`` files of about ``seconds`` each;
+    ``used`` gets the seconds taken from each source."""
     gap = np.zeros(SR // 4, np.float32)
     out, cur, n = [], [], 0
     for p in interleaved(folder):
         x, sr = sf.read(p, dtype="float32")
         assert sr == SR, p
+        used[source_of(p.stem)] = used.get(source_of(p.stem), 0.0) + x.size / SR
         cur += [x, gap]
         n += x.size + gap.size
         if n >= seconds * SR:
@@ -156,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - optional metric: any failure to set it up means it is left out
         print(f"ViSQOL left out: {e}")
         visqol_api = None
-    rows = []
+    rows, covered = [], {}
     for name in SETS:
-        files = joined_files(args.eval_dir / name, args.seconds, args.files)
+        covered[name] = {}
+        files = joined_files(args.eval_dir / name, args.seconds, args.files, covered[name])
         seconds = sum(x.size for x in files) / SR
         print(f"{name}: {len(files)} files, {seconds:.0f} s", flush=True)
         systems = [("ours", kb) for kb in codec.bitrates if kb in (1.5, 3.0, 6.0, 12.0)]
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"cpu_threads": args.threads, "cores": os.cpu_count(), "torch": torch.__version__,
                "platform": platform.platform(), "opus": f"libsndfile {sf.__libsndfile_version__} Ogg/Opus"}
     result = {"machine": machine, "model": args.model or "audio-16k", "model_sha256": codec.sha256,
-              "data": {s: sorted({source_of(p.stem) for p in (args.eval_dir / s).glob("*.flac")}) for s in SETS},
+              "data": {s: {src: round(t, 1) for src, t in sorted(c.items())} for s, c in covered.items()},
               "rows": rows, "targets": targets(rows)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -215,7 +219,8 @@ def targets(rows: list[dict]) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"Machine: {m['cores']} cores, {m['cpu_threads']} torch threads, torch {m['torch']}, {m['opus']}.", ""]
-    lines += [f"- {s}: {', '.join(src)}" for s, src in result["data"].items()]
+    lines += [f"- {s} (seconds per source): {', '.join(f'{k} {v:g}' for k, v in src.items())}"
+              for s, src in result["data"].items()]
     lines += ["",
              "| set | system | nominal kbps | kbps on disk | mel dist | SI-SDR dB | STOI | PESQ-wb | ViSQOL | "
              "enc x RT | dec x RT |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

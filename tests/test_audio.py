@@ -116,7 +116,6 @@ def test_a_model_grows_by_residual_units_and_keeps_its_function(tiny, tmp_path):
     small, grown = SEANetCodec(cfg).eval(), SEANetCodec(dataclasses.replace(cfg, residual_layers=3)).eval()
     small.load_inference_state(exported)
     grown.load_inference_state(exported, source=cfg)
-    assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in small.parameters())
     x = torch.from_numpy(_signal(0.2, 5)).view(1, 1, -1)
     with torch.no_grad():
         z = small.encoder(x)
@@ -124,14 +123,31 @@ def test_a_model_grows_by_residual_units_and_keeps_its_function(tiny, tmp_path):
         assert torch.allclose(grown.decoder(z), small.decoder(z), atol=1e-6)
     with pytest.raises(ValueError, match="grows only by residual units"):
         SEANetCodec(dataclasses.replace(cfg, dim=16)).load_inference_state(exported, source=cfg)
-    # training and export of the grown model, which then streams exactly like the small one
+    with pytest.raises(ValueError, match="does not shrink"):
+        small.load_inference_state(grown.inference_state(), source=grown.cfg)
+    # without the source config, a state that does not fit is refused rather than loaded in part
+    with pytest.raises(ValueError, match="does not fit this model: missing"):
+        SEANetCodec(dataclasses.replace(cfg, residual_layers=3)).load_inference_state(exported)
+    with pytest.raises(ValueError, match="wrong shape"):
+        small.load_inference_state({**exported, "codebook.0": exported["codebook.0"][:, :4]})
+    # training, resumption and export of the grown model, whose streaming then equals its offline coding
     run = tmp_path / "grown"
     r = _train(run, tiny["data"], "--init-from", str(tiny["model"]), "--residual-layers", "3", steps=2)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(tiny["data"]), "--run-dir",
-                        str(run), "--export", str(tmp_path / "model"), *TINY], capture_output=True, text=True, env=ENV)
+    r = _train(run, tiny["data"], "--resume", "--residual-layers", "3", steps=4)
     assert r.returncode == 0, r.stderr
-    codec = load_codec(str(tmp_path / "model"))
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
+    for extra, message in ((["--resume", "--residual-layers", "2"], "has 3 residual units per block, not 2"),
+                           (["--init-from", str(run.parent / "x"), "--residual-layers", "0"], "not a positive")):
+        r = _train(run, tiny["data"], *extra, steps=6)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    grown_model = tmp_path / "grown_model"
+    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(tiny["data"]), "--run-dir",
+                        str(run), "--export", str(grown_model), *TINY], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = _train(tmp_path / "shrunk", tiny["data"], "--init-from", str(grown_model), "--residual-layers", "2")
+    assert r.returncode != 0 and "grows but does not shrink" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    codec = load_codec(str(grown_model))
     assert codec.cfg.residual_layers == 3
     _check_streaming(codec)
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["CodecConfig", "SEANetCodec", "StreamingState"]
+__all__ = ["CodecConfig", "SEANetCodec", "StreamingState", "grow_state"]
 
 
 @dataclass
@@ -240,16 +240,31 @@ class SEANetCodec(nn.Module):
         one: the model then grows. Its units keep their weights and each new unit starts as the
         identity (its output convolution at zero), so training resumes from the same function.
         """
-        if source is not None and source != self.cfg:
+        growing = source is not None and source != self.cfg
+        if growing:
             state = grow_state(state, source, self.cfg)
+        expected = {k: v.shape for k, v in self._conv_weights().items()}
+        expected.update({f"codebook.{i}": (self.cfg.codebook_size, self.cfg.dim)
+                         for i in range(self.cfg.num_quantizers)})
+        new_units = set()
+        if growing:
+            new_units = {f"{part}.{name}" for part in ("encoder", "decoder")
+                         for name, m in getattr(self, part).named_modules()
+                         if isinstance(m, ResidualUnit) and f"{part}.{name}.block.1.weight" not in state}
+        missing = [k for k in expected if k not in state and k.rsplit(".", 3)[0] not in new_units]
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+        extra = [k for k in state if k not in expected and k != "priors"]
+        if missing or wrong or extra:
+            raise ValueError(f"the state does not fit this model: missing {missing[:3]}, wrong shape {wrong[:3]}, "
+                             f"unknown {extra[:3]}")
         for part in ("encoder", "decoder"):
             for name, m in getattr(self, part).named_modules():
-                if isinstance(m, ResidualUnit) and f"{part}.{name}.block.1.weight" not in state:
-                    m.block[3].weight.zero_()  # the unit adds 0
+                if f"{part}.{name}" in new_units:
+                    # a new unit adds 0; its convolutions carry no weight norm, so zeroing the weight is exact
+                    assert not nn.utils.parametrize.is_parametrized(m.block[3], "weight")
+                    m.block[3].weight.zero_()
                     m.block[3].bias.zero_()
-                if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
-                    if f"{part}.{name}.weight" not in state:
-                        continue  # inside a new residual unit
+                elif isinstance(m, nn.Conv1d | nn.ConvTranspose1d) and f"{part}.{name}.weight" in state:
                     w = state[f"{part}.{name}.weight"].float()
                     if nn.utils.parametrize.is_parametrized(m, "weight"):
                         m.weight = w  # weight norm's right inverse sets its g and v
@@ -263,22 +278,26 @@ class SEANetCodec(nn.Module):
             book.embed_avg.copy_(book.embed * uses_per_step)
             book.initted.fill_(True)
 
-    @torch.no_grad()
-    def inference_state(self) -> dict[str, torch.Tensor]:
-        """Encoder and decoder weights with weight norm folded in, and each quantizer's codebook."""
-        state = {}
+    def _conv_weights(self) -> dict[str, torch.Tensor]:
+        out = {}
         for part in ("encoder", "decoder"):
             for name, m in getattr(self, part).named_modules():
                 if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
-                    state[f"{part}.{name}.weight"] = m.weight.detach().float().cpu().clone()
-                    state[f"{part}.{name}.bias"] = m.bias.detach().float().cpu().clone()
+                    out[f"{part}.{name}.weight"], out[f"{part}.{name}.bias"] = m.weight, m.bias
+        return out
+
+    @torch.no_grad()
+    def inference_state(self) -> dict[str, torch.Tensor]:
+        """Encoder and decoder weights with weight norm folded in, and each quantizer's codebook."""
+        state = {k: v.detach().float().cpu().clone() for k, v in self._conv_weights().items()}
         for i, layer in enumerate(self.quantizer.layers):
             state[f"codebook.{i}"] = layer._codebook.embed[0].detach().float().cpu().clone()
         return state
 
 
 def _layout(cfg: CodecConfig, part: str) -> list[str]:
-    seq = encoder(cfg) if part == "encoder" else decoder(cfg)
+    with torch.device("meta"):  # the layer kinds only: no memory, no draws from the random generator
+        seq = encoder(cfg) if part == "encoder" else decoder(cfg)
     return [f"res{m.block[1].dilation[0]}" if isinstance(m, ResidualUnit) else type(m).__name__ for m in seq]
 
 
@@ -286,9 +305,11 @@ def grow_state(state: dict[str, torch.Tensor], source: CodecConfig, target: Code
     """Rename an exported state of ``source`` to the layer indices of ``target``, a model that differs
     only by more residual units per block: each old layer maps to the next matching one of the new
     layout, and the new units are left out of the result."""
-    if replace(source, residual_layers=target.residual_layers) != target or \
-            target.residual_layers < source.residual_layers:
+    if replace(source, residual_layers=target.residual_layers) != target:
         raise ValueError("a model grows only by residual units per block; the other settings must match")
+    if target.residual_layers < source.residual_layers:
+        raise ValueError(f"a model grows but does not shrink: it has {source.residual_layers} residual units "
+                         f"per block, not fewer ({target.residual_layers})")
     out = {k: v for k, v in state.items() if k.startswith("codebook.")}
     for part in ("encoder", "decoder"):
         old, new = _layout(source, part), _layout(target, part)

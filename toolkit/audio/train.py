@@ -9,12 +9,16 @@ A step: random crops of the training material (random gain and polarity), the co
 reconstruction at a bitrate drawn by quantizer dropout, then the generator loss
 
     15 * multi-scale mel + 1 * multi-resolution STFT + commitment
+    (+ --wave-weight * relative waveform L1, off by default)
     (+ 1 * hinge adversarial + 2 * feature matching once ``--gan-start`` is reached)
 
 and, with the adversarial terms on, one discriminator step on the same batch. Rank 0 writes
 ``last.pt`` every ``--ckpt-every`` steps (model, discriminators, optimisers, step, RNG), logs
 losses and a validation (6 kbps) to ``log.jsonl`` and shows a tqdm bar; ``--resume`` continues.
 ``--export DIR`` writes the inference model (safetensors + config + code priors) from ``last.pt``.
+``--init-from DIR`` starts from an exported model instead; with a larger ``--residual-layers`` the
+model grows (SoundStream's blocks have 3 residual units, dilations 1, 3, 9) and starts as the same
+function.
 """
 
 from __future__ import annotations
@@ -123,10 +127,17 @@ def train(args: argparse.Namespace) -> Path:
     random.seed(args.seed)
     ckpt = run / "last.pt"
     state = torch.load(ckpt, map_location=device, weights_only=True) if args.resume and ckpt.exists() else None
+    source = None
     if state is not None:
         cfg = CodecConfig.from_dict(state["config"])
+        if args.residual_layers is not None and args.residual_layers != cfg.residual_layers:
+            raise SystemExit(f"--resume continues {ckpt}, which has {cfg.residual_layers} residual units per block, "
+                             f"not {args.residual_layers}")
     elif args.init_from:
         source = CodecConfig.from_dict(json.loads((Path(args.init_from) / "config.json").read_text())["config"])
+        if args.residual_layers is not None and args.residual_layers < source.residual_layers:
+            raise SystemExit(f"--residual-layers {args.residual_layers}: the model in {args.init_from} has "
+                             f"{source.residual_layers} per block, and a model grows but does not shrink")
         cfg = replace(source, residual_layers=args.residual_layers or source.residual_layers)
     else:
         cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
@@ -175,8 +186,9 @@ def train(args: argparse.Namespace) -> Path:
         gan = step >= args.gan_start
         rec_mel, rec_stft = mel_loss(y, x), stft_loss(y, x)
         loss = 15 * rec_mel + rec_stft + commit
-        # EnCodec's time-domain L1 term, relative to the signal's level (1.4 for an unrelated waveform)
-        rec_wave = (y - x).abs().mean() / x.abs().mean().clamp_min(1e-5)
+        # a time-domain L1 term like EnCodec's, but relative to each clip's level (crops vary by 23 dB);
+        # 1.4 for an unrelated waveform
+        rec_wave = ((y - x).abs().mean(-1) / x.abs().mean(-1).clamp_min(1e-5)).mean()
         if args.wave_weight:
             loss = loss + args.wave_weight * rec_wave
         adv = fm = torch.zeros(())
@@ -287,6 +299,13 @@ def export(ckpt: str | Path, out: str | Path, data: str | Path, prior_seconds: f
             "prior_bits_per_code": [round(float(e), 3) for e in entropy]}
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return n
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/audio", help="a directory written by python -m toolkit.data.audio")
@@ -300,7 +319,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gan-start", type=int, default=2000, help="step at which the adversarial losses start")
     ap.add_argument("--channels", type=int, default=24)
     ap.add_argument("--max-channels", type=int, default=384)
-    ap.add_argument("--residual-layers", type=int, default=None,
+    ap.add_argument("--residual-layers", type=_positive, default=None,
                     help="residual units per block (default 1); with --init-from, more than the model has grows it")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 5, 8])
@@ -314,7 +333,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--init-from", metavar="DIR", help="start from an exported model (its config wins)")
+    ap.add_argument("--init-from", metavar="DIR",
+                    help="start from an exported model (its config wins; a larger --residual-layers grows it)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--export", metavar="DIR", help="write the inference model of RUN_DIR/last.pt to DIR and stop")
     return ap.parse_args(argv)
