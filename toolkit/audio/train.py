@@ -135,9 +135,6 @@ def train(args: argparse.Namespace) -> Path:
                              f"not {args.residual_layers}")
     elif args.init_from:
         source = CodecConfig.from_dict(json.loads((Path(args.init_from) / "config.json").read_text())["config"])
-        if args.residual_layers is not None and args.residual_layers < source.residual_layers:
-            raise SystemExit(f"--residual-layers {args.residual_layers}: the model in {args.init_from} has "
-                             f"{source.residual_layers} per block, and a model grows but does not shrink")
         cfg = replace(source, residual_layers=args.residual_layers or source.residual_layers)
     else:
         cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
@@ -149,7 +146,10 @@ def train(args: argparse.Namespace) -> Path:
         # a later session continues from exported weights (fresh optimisers and discriminators)
         from safetensors.torch import load_file
 
-        net.load_inference_state(load_file(str(Path(args.init_from) / "model.safetensors")), source=source)
+        try:
+            net.load_inference_state(load_file(str(Path(args.init_from) / "model.safetensors")), source=source)
+        except ValueError as e:  # a model that does not fit, or would shrink: one line, not a traceback
+            raise SystemExit(f"--init-from {args.init_from}: {e}") from None
     disc = Discriminators().to(device)
     opt_g = torch.optim.AdamW(net.parameters(), args.lr, betas=(0.8, 0.99))
     opt_d = torch.optim.AdamW(disc.parameters(), args.lr, betas=(0.8, 0.99))
