@@ -181,7 +181,7 @@ def _check_streaming(codec) -> None:
 
     x = _signal(0.7, 3)
     off = codec.encode(x, SR, kbps=64)
-    assert off.codes.shape == (4, -(-x.size // 4))
+    assert off.codes.shape == (4, codec.cfg.frames_for(x.size))
     rng = np.random.default_rng(0)
     enc, parts, i = codec.encoder(kbps=64), [], 0
     while i < x.size:
@@ -208,6 +208,71 @@ def _check_streaming(codec) -> None:
         y_full = codec.net.decoder(codec.net.dequantize(torch.from_numpy(off.codes.astype(np.int64))[None]))
     assert torch.allclose(z_full, z_blocks, atol=1e-5)
     assert np.allclose(y_full[0, 0, : x.size].numpy(), y, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_istft(tiny):
+    """The tiny codec's encoder and codebooks with a Vocos-style decoder trained alone for 2 steps."""
+    run, model = tiny["root"] / "istft_run", tiny["root"] / "istft_model"
+    r = _train(run, tiny["data"], "--init-from", str(tiny["model"]), "--decoder", "istft", "--decoder-channels", "8",
+               "--decoder-layers", "2", "--freeze-encoder", steps=2)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(tiny["data"]), "--run-dir",
+                        str(run), "--export", str(model), *TINY], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    return model
+
+
+def test_a_new_decoder_trained_alone_keeps_the_codes_and_streams(tiny, tiny_istft):
+    from toolkit.audio import load_codec
+
+    old, new = load_codec(str(tiny["model"])), load_codec(str(tiny_istft))
+    assert new.cfg.decoder == "istft" and new.cfg.decoder_lag == 6  # 3 hops of 2 samples
+    x = _signal(0.7, 5)
+    a, b = old.encode(x, SR, kbps=64), new.encode(x, SR, kbps=64)
+    # the frozen encoder codes alike; the lagging decoder needs 2 more frames to complete the end
+    assert np.array_equal(a.codes, b.codes[:, : a.codes.shape[1]]) and b.codes.shape[1] == a.codes.shape[1] + 2
+    assert np.array_equal(old.priors, new.priors)
+    y = new.decode(b)
+    assert y.shape == x.shape and np.isfinite(y).all() and np.abs(y).max() > 0
+    _check_streaming(new)
+    for n in (0, 1):
+        assert new.decode(new.encode(np.full(n, 0.1, np.float32), SR, 32)).size == n
+    # the state refuses to load into a model with the other decoder
+    from safetensors.torch import load_file
+
+    from toolkit.audio.model import SEANetCodec
+
+    with pytest.raises(ValueError, match="does not fit"):
+        SEANetCodec(old.cfg).load_inference_state(load_file(str(tiny_istft / "model.safetensors")))
+    r = _train(tiny["root"] / "refused", tiny["data"], "--freeze-encoder")
+    assert r.returncode != 0 and "--init-from" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_file_chunks_carry_a_lagging_decoder_across_their_boundaries(tiny_istft, monkeypatch):
+    """Files are cut into chunks; a decoder that lags its codes needs frames from the next chunk's time, so
+    each chunk carries whole blocks past its end. The decoded file equals the library's offline decoding."""
+    import toolkit.codecs.audio as audio_codec
+    from toolkit.audio import load_codec
+    from toolkit.audio.io import to_pcm16
+
+    monkeypatch.setattr(audio_codec, "CHUNK_SECONDS", 1)
+    x = np.round(_signal(3.3, 7) * 32767) / 32767
+    blob, _ = _compress(_wav_bytes(x), tiny_istft)
+    from toolkit.api import info
+
+    assert info(blob)["chunks"] == 4
+    out = _decompress(blob)
+    codec = load_codec(str(tiny_istft))
+    ref = to_pcm16(codec.decode(codec.encode(x.astype(np.float32), SR, 32)))
+    assert out[44:] == ref
+    for n in (0, 1):
+        y, _ = sf.read(io.BytesIO(_decompress(_compress(_wav_bytes(np.full(n, 0.25)), tiny_istft)[0])))
+        assert y.size == n
+    damaged = bytearray(blob)
+    damaged[len(blob) // 2] ^= 0x10
+    with pytest.raises(ToolkitError):
+        _decompress(bytes(damaged))
 
 
 def test_encode_takes_other_rates_channels_and_bad_samples(tiny):

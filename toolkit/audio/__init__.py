@@ -1,4 +1,5 @@
-"""Neural audio codec: a causal SEANet encoder and decoder with residual vector quantization.
+"""Neural audio codec: a causal SEANet encoder, residual vector quantization, and a causal decoder
+(SEANet's transposed convolutions, or Vocos's predicted spectra and inverse FFT).
 
 - :func:`load_codec` gives an :class:`AudioCodec` (the shipped 16 kHz model by
   default): ``encode(wav, sr, kbps)`` -> :class:`Codes`, ``decode(codes)`` -> samples,

@@ -21,7 +21,6 @@ codes and samples, however the input is split.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,10 +74,11 @@ class StreamEncoder:
         self.block = codec.cfg.block_frames * codec.cfg.hop
         self.pending = np.zeros(0, np.float32)
         self.state: StreamingState = {}
-        self.samples = 0
+        self.samples = self.frames = 0
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         net = self.codec.net
+        self.frames += x.size // self.codec.cfg.hop
         with torch.inference_mode():
             z = net.encoder.step(torch.from_numpy(x).view(1, 1, -1), self.state)
             return net.quantize(z, self.n_q)[0].numpy().astype(np.int16)
@@ -94,11 +94,12 @@ class StreamEncoder:
         return np.concatenate(out, axis=1) if out else np.zeros((self.n_q, 0), np.int16)
 
     def flush(self) -> np.ndarray:
-        """The codes of what is left, zero-padded to whole frames."""
-        hop = self.codec.cfg.hop
-        if self.pending.size == 0:
+        """The codes of what is left, padded with silence to the frames the decoder needs to play it all
+        (:meth:`CodecConfig.frames_for`: whole frames, and the decoder's lag)."""
+        missing = self.codec.cfg.frames_for(self.samples) - self.frames
+        if missing <= 0:
             return np.zeros((self.n_q, 0), np.int16)
-        x = np.zeros(math.ceil(self.pending.size / hop) * hop, np.float32)
+        x = np.zeros(missing * self.codec.cfg.hop, np.float32)
         x[: self.pending.size] = self.pending
         self.pending = np.zeros(0, np.float32)
         return self._run(x)
@@ -130,10 +131,15 @@ class StreamDecoder:
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def flush(self) -> np.ndarray:
-        if self.pending is None or self.pending.shape[1] == 0:
-            return np.zeros(0, np.float32)
-        out, self.pending = self._run(self.pending), self.pending[:, :0]
-        return out
+        """The rest of the stream: the frames short of a block, and what the decoder still holds."""
+        out = []
+        if self.pending is not None and self.pending.shape[1]:
+            out.append(self._run(self.pending))
+            self.pending = self.pending[:, :0]
+        finish = getattr(self.codec.net.decoder, "finish", None)
+        if finish is not None:
+            out.append(finish(self.state)[0, 0].numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class AudioCodec:

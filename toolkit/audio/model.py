@@ -7,6 +7,12 @@ channels; the decoder mirrors it with transposed convolutions. Every
 convolution is causal (padded on the left only), so a sample's code depends
 on the past alone and the network streams.
 
+The other decoder, :class:`ISTFTDecoder` (``decoder="istft"``), follows Vocos
+(Siuzdak 2023): it predicts short-time spectra at the frame rate and inverts
+them, which trains several times faster on a CPU than generating samples
+through transposed convolutions. Vocos itself decodes EnCodec's codes that
+way; here one is trained on this project's frozen encoder and codebooks.
+
 Streaming is exact, not approximate: each convolution keeps the last inputs
 its kernel needs (a transposed one keeps the tail of its output that the next
 block overlaps), and offline coding *is* the streaming loop run over fixed
@@ -57,10 +63,38 @@ class CodecConfig:
     commitment_weight: float = 1.0
     #: frames per block of the streaming loop (offline coding runs the same blocks)
     block_frames: int = 50
+    #: "seanet": transposed convolutions back to samples; "istft": ConvNeXt blocks that predict
+    #: short-time spectra, inverted by an inverse FFT and overlap-add (Vocos; Siuzdak 2023)
+    decoder: str = "seanet"
+    #: width and depth of the istft decoder's ConvNeXt blocks
+    decoder_channels: int = 384
+    decoder_layers: int = 6
+    #: spectra per latent frame in the istft decoder (its hop is hop / this, its window 4 hops)
+    decoder_upsample: int = 2
+
+    def __post_init__(self):
+        if self.decoder not in ("seanet", "istft"):
+            raise ValueError(f"decoder must be 'seanet' or 'istft', not {self.decoder!r}")
+        if self.decoder_upsample < 1 or self.hop % self.decoder_upsample:
+            raise ValueError(f"decoder_upsample must divide the hop ({self.hop}), got {self.decoder_upsample}")
 
     @property
     def hop(self) -> int:
         return math.prod(self.ratios)
+
+    @property
+    def stft_hop(self) -> int:
+        return self.hop // self.decoder_upsample
+
+    @property
+    def decoder_lag(self) -> int:
+        """Samples by which the decoder's output trails its codes: the istft decoder's overlap-add
+        completes a sample only once the 3 spectra after it are in."""
+        return 0 if self.decoder == "seanet" else 3 * self.stft_hop
+
+    def frames_for(self, samples: int) -> int:
+        """Frames that code ``samples`` samples: whole frames, and enough to complete the decoder's output."""
+        return -(-(samples + self.decoder_lag) // self.hop) if samples > 0 else 0
 
     @property
     def frame_rate(self) -> float:
@@ -192,7 +226,11 @@ def encoder(cfg: CodecConfig) -> Sequential:
     return Sequential(*layers)
 
 
-def decoder(cfg: CodecConfig) -> Sequential:
+def decoder(cfg: CodecConfig) -> nn.Module:
+    return seanet_decoder(cfg) if cfg.decoder == "seanet" else ISTFTDecoder(cfg)
+
+
+def seanet_decoder(cfg: CodecConfig) -> Sequential:
     chans = [cfg.channels]
     for _ in cfg.ratios:
         chans.append(min(2 * chans[-1], cfg.max_channels))
@@ -204,6 +242,103 @@ def decoder(cfg: CodecConfig) -> Sequential:
         ch = out
     layers += [nn.ELU(), _wn(CausalConv1d(ch, 1, 7))]
     return Sequential(*layers)
+
+
+class ConvNeXtBlock(nn.Module):
+    """Vocos's backbone block made causal: a depthwise kernel-7 convolution over this and past frames,
+    LayerNorm, a 3x-wide GELU MLP and a per-channel scale, added to the input."""
+
+    def __init__(self, ch: int, layer_scale: float):
+        super().__init__()
+        self.dw = CausalConv1d(ch, ch, 7, groups=ch)
+        self.norm = nn.LayerNorm(ch)
+        self.up, self.down = nn.Linear(ch, 3 * ch), nn.Linear(3 * ch, ch)
+        self.scale = nn.Parameter(torch.full((ch,), layer_scale))
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.down(F.gelu(self.up(self.norm(h.transpose(1, 2)))))
+        return (self.scale * h).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self._mlp(self.dw(x))
+
+    def step(self, x: torch.Tensor, state: StreamingState) -> torch.Tensor:
+        return x + self._mlp(self.dw.step(x, state))
+
+
+class ISTFTDecoder(nn.Module):
+    """Latent frames to samples through predicted spectra (Vocos; Siuzdak 2023), made causal.
+
+    Each latent frame becomes ``decoder_upsample`` spectra (one 1x1 convolution,
+    interleaved); causal ConvNeXt blocks refine them; a linear head gives each
+    spectrum's log magnitude and phase. An inverse real FFT, a Hann window and
+    overlap-add at ``stft_hop`` make the waveform. The network works at the
+    frame rate, not the sample rate, so it costs a fraction of a transposed-
+    convolution decoder, and a spectrum is an easier target than raw samples.
+
+    Causality: a spectrum's window ends where its latent frame's input ends,
+    so it never depicts audio the encoder has not heard. A sample is whole
+    once the 3 spectra after it are added, so the output lags its codes by 3
+    hops (:attr:`CodecConfig.decoder_lag`), and a stream's end is padded with
+    silence to complete the last samples (:meth:`CodecConfig.frames_for`). Offline,
+    the output is the overlap-add shifted left by those 3 hops; streaming
+    carries the incomplete tail from block to block and drops the first 3
+    hops, which gives the same samples.
+    """
+
+    def __init__(self, cfg: CodecConfig):
+        super().__init__()
+        ch, self.up_factor = cfg.decoder_channels, cfg.decoder_upsample
+        self.hop, self.n_fft = cfg.stft_hop, 4 * cfg.stft_hop
+        self.conv_in = CausalConv1d(cfg.dim, ch, 7)
+        self.upsample = nn.Conv1d(ch, ch * self.up_factor, 1)
+        self.blocks = nn.ModuleList(ConvNeXtBlock(ch, 1.0 / cfg.decoder_layers) for _ in range(cfg.decoder_layers))
+        self.norm = nn.LayerNorm(ch)
+        self.head = nn.Linear(ch, 2 * (self.n_fft // 2 + 1))
+        self.register_buffer("window", torch.hann_window(self.n_fft), persistent=False)
+
+    def _interleave(self, h: torch.Tensor) -> torch.Tensor:
+        b, _, t = h.shape
+        h = self.upsample(h).view(b, self.up_factor, -1, t)  # [b, j, c, t] -> spectrum t * up + j
+        return h.permute(0, 2, 3, 1).reshape(b, -1, t * self.up_factor)
+
+    def _overlap_add(self, h: torch.Tensor) -> torch.Tensor:
+        """Spectra features ``[b, ch, n]`` to the overlap-add of their windowed frames, ``(n + 3) * hop`` long."""
+        logmag, phase = self.head(self.norm(h.transpose(1, 2))).chunk(2, dim=-1)
+        # exp caps at e^4.6 = 100, Vocos's clip: a loud start cannot overflow
+        spec = torch.polar(logmag.clamp(max=4.6).exp(), phase)
+        frames = torch.fft.irfft(spec, n=self.n_fft) * self.window  # [b, n, n_fft]
+        n = frames.shape[1]
+        return F.fold(frames.transpose(1, 2), output_size=(1, (n + 3) * self.hop), kernel_size=(1, self.n_fft),
+                      stride=(1, self.hop)).view(frames.shape[0], 1, -1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self._interleave(self.conv_in(z))
+        for block in self.blocks:
+            h = block(h)
+        return self._overlap_add(h)[..., 3 * self.hop:]
+
+    def step(self, z: torch.Tensor, state: StreamingState) -> torch.Tensor:
+        h = self._interleave(self.conv_in.step(z, state))
+        for block in self.blocks:
+            h = block.step(h, state)
+        y = self._overlap_add(h)
+        tail = state.get(self)
+        if tail is not None:
+            y = torch.cat([y[..., : tail.shape[-1]] + tail, y[..., tail.shape[-1]:]], dim=-1)
+        n = y.shape[-1] - 3 * self.hop
+        state[self] = y[..., n:]
+        drop = state.get((self, "drop"), 3 * self.hop)  # the first 3 hops lie before the signal's start
+        out = y[..., min(drop, n):n]
+        state[(self, "drop")] = max(0, drop - n)
+        return out
+
+    def finish(self, state: StreamingState) -> torch.Tensor:
+        """The samples still held at the end of a stream (the last 3 hops, as offline decoding gives them)."""
+        tail = state.pop(self, None)
+        if tail is None:
+            return torch.zeros(1, 1, 0)
+        return tail[..., state.pop((self, "drop"), 0):]
 
 
 # --------------------------------------------------------------------------- the codec network
@@ -223,12 +358,40 @@ class SEANetCodec(nn.Module):
             quantize_dropout_multiple_of=cfg.dropout_multiple,
         )
 
+    #: train the decoder alone: the encoder and codebooks stay as they are (so do the codes, and the
+    #: priors measured on them), and quantizer dropout is drawn here instead of by the quantizer
+    frozen_encoder: bool = False
+
+    def freeze_encoder(self) -> None:
+        self.frozen_encoder = True
+        self.encoder.requires_grad_(False)
+        self.quantizer.requires_grad_(False)
+
     # training ----------------------------------------------------------------
     def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``wav [B, 1, T]`` (T a multiple of the hop) -> (reconstruction, codes [B, frames, q], commit loss)."""
+        if self.frozen_encoder:
+            keep = torch.randint(1, self.cfg.num_quantizers // self.cfg.dropout_multiple + 1, (wav.shape[0],),
+                                 device=wav.device) * self.cfg.dropout_multiple
+            q, codes = self.frozen_latent(wav, keep)
+            return self.decoder(q), codes, wav.new_zeros(())
         z = self.encoder(wav)
         q, codes, commit = self.quantizer(z.transpose(1, 2))
         return self.decoder(q.transpose(1, 2)), codes, commit.sum()
+
+    @torch.no_grad()
+    def frozen_latent(self, wav: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized latent ``[B, dim, frames]`` with the first ``keep[b]`` codebooks for clip ``b``, as
+        :class:`InferenceCodec` quantizes (nearest codeword of each residual), and the codes."""
+        residual = self.encoder(wav).transpose(1, 2)
+        out, codes = torch.zeros_like(residual), []
+        for i, layer in enumerate(self.quantizer.layers):
+            embed = layer._codebook.embed[0]
+            idx = (embed.pow(2).sum(-1) - 2 * residual @ embed.t()).argmin(-1)
+            out += embed[idx] * (i < keep).to(out.dtype)[:, None, None]
+            residual = residual - embed[idx]
+            codes.append(idx)
+        return out.transpose(1, 2), torch.stack(codes, dim=-1)
 
     @torch.no_grad()
     def load_inference_state(self, state: dict[str, torch.Tensor], uses_per_step: float = 0.4,
@@ -240,6 +403,12 @@ class SEANetCodec(nn.Module):
         one: the model then grows. Its units keep their weights and each new unit starts as the
         identity (its output convolution at zero), so training resumes from the same function.
         """
+        if source is not None and source.decoder != self.cfg.decoder:
+            # another kind of decoder: the encoder and codebooks carry over, the decoder starts afresh
+            state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+            source = replace(source, decoder=self.cfg.decoder, decoder_channels=self.cfg.decoder_channels,
+                             decoder_layers=self.cfg.decoder_layers, decoder_upsample=self.cfg.decoder_upsample)
+            state.update({k: v.detach().clone() for k, v in self._conv_weights().items() if k.startswith("decoder.")})
         growing = source is not None and source != self.cfg
         if growing:
             state = grow_state(state, source, self.cfg)
@@ -264,6 +433,8 @@ class SEANetCodec(nn.Module):
                     assert not nn.utils.parametrize.is_parametrized(m.block[3], "weight")
                     m.block[3].weight.zero_()
                     m.block[3].bias.zero_()
+                elif part == "decoder" and self.cfg.decoder == "istft":
+                    continue
                 elif isinstance(m, nn.Conv1d | nn.ConvTranspose1d) and f"{part}.{name}.weight" in state:
                     w = state[f"{part}.{name}.weight"].float()
                     if nn.utils.parametrize.is_parametrized(m, "weight"):
@@ -271,6 +442,9 @@ class SEANetCodec(nn.Module):
                     else:
                         m.weight.copy_(w)
                     m.bias.copy_(state[f"{part}.{name}.bias"].float())
+        if self.cfg.decoder == "istft":
+            self.decoder.load_state_dict({k[len("decoder."):]: v.float() for k, v in state.items()
+                                          if k.startswith("decoder.")})
         for i, layer in enumerate(self.quantizer.layers):
             book = layer._codebook
             book.embed[0].copy_(state[f"codebook.{i}"].float())
@@ -279,8 +453,11 @@ class SEANetCodec(nn.Module):
             book.initted.fill_(True)
 
     def _conv_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight of encoder and decoder (a weight-normed convolution's as one folded tensor)."""
         out = {}
-        for part in ("encoder", "decoder"):
+        if self.cfg.decoder == "istft":  # no weight norm there: its own state is what ships
+            out.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
+        for part in ("encoder", "decoder") if self.cfg.decoder == "seanet" else ("encoder",):
             for name, m in getattr(self, part).named_modules():
                 if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
                     out[f"{part}.{name}.weight"], out[f"{part}.{name}.bias"] = m.weight, m.bias
@@ -311,7 +488,9 @@ def grow_state(state: dict[str, torch.Tensor], source: CodecConfig, target: Code
         raise ValueError(f"a model grows but does not shrink: it has {source.residual_layers} residual units "
                          f"per block, not fewer ({target.residual_layers})")
     out = {k: v for k, v in state.items() if k.startswith("codebook.")}
-    for part in ("encoder", "decoder"):
+    if target.decoder != "seanet":  # residual units live in the encoder alone: the decoder keeps its names
+        out.update({k: v for k, v in state.items() if k.startswith("decoder.")})
+    for part in ("encoder", "decoder") if target.decoder == "seanet" else ("encoder",):
         old, new = _layout(source, part), _layout(target, part)
         rename, j = {}, 0
         for i, kind in enumerate(new):

@@ -18,7 +18,8 @@ losses and a validation (6 kbps) to ``log.jsonl`` and shows a tqdm bar; ``--resu
 ``--export DIR`` writes the inference model (safetensors + config + code priors) from ``last.pt``.
 ``--init-from DIR`` starts from an exported model instead; with a larger ``--residual-layers`` the
 model grows (SoundStream's blocks have 3 residual units, dilations 1, 3, 9) and starts as the same
-function.
+function. ``--decoder istft`` with ``--init-from`` gives the model a new Vocos-style decoder, and
+``--freeze-encoder`` trains that decoder alone: the codes, and the priors measured on them, stay.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def validate(net: SEANetCodec, samples: np.ndarray, kbps: float | None = None, s
         x = torch.from_numpy(samples[s:s + seg].astype(np.float32) / 32768.0).view(1, 1, -1)
         codes = inf.quantize(inf.encoder(x), cfg.quantizers_for(kbps))
         y = inf.decoder(inf.dequantize(codes))
+        if cfg.decoder_lag:
+            x, y = x[..., : -cfg.decoder_lag], y[..., : -cfg.decoder_lag]
         mels.append(mel_distance(y, x, cfg.sample_rate))
         sdrs.append(si_sdr(y, x))
     return {"mel": float(np.mean(mels)), "si_sdr": float(np.mean(sdrs))}
@@ -136,12 +139,23 @@ def train(args: argparse.Namespace) -> Path:
     elif args.init_from:
         source = CodecConfig.from_dict(json.loads((Path(args.init_from) / "config.json").read_text())["config"])
         cfg = replace(source, residual_layers=args.residual_layers or source.residual_layers)
+        if args.decoder and args.decoder != source.decoder:
+            cfg = replace(cfg, decoder=args.decoder, decoder_channels=args.decoder_channels,
+                          decoder_layers=args.decoder_layers)
     else:
         cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
                           ratios=tuple(args.ratios), codebook_size=args.codebook_size,
                           num_quantizers=args.quantizers, dropout_multiple=args.dropout_multiple,
-                          block_frames=args.block_frames, residual_layers=args.residual_layers or 1)
+                          block_frames=args.block_frames, residual_layers=args.residual_layers or 1,
+                          decoder=args.decoder or "seanet", decoder_channels=args.decoder_channels,
+                          decoder_layers=args.decoder_layers)
+    if state is not None and args.decoder and args.decoder != cfg.decoder:
+        raise SystemExit(f"--resume continues {ckpt}, which has a {cfg.decoder} decoder, not {args.decoder}")
+    if args.freeze_encoder and state is None and not args.init_from:
+        raise SystemExit("--freeze-encoder trains a decoder for a trained encoder: give --init-from or --resume")
     net = SEANetCodec(cfg).to(device)
+    if args.freeze_encoder:
+        net.freeze_encoder()
     if state is None and args.init_from:
         # a later session continues from exported weights (fresh optimisers and discriminators)
         from safetensors.torch import load_file
@@ -151,7 +165,7 @@ def train(args: argparse.Namespace) -> Path:
         except ValueError as e:  # a model that does not fit, or would shrink: one line, not a traceback
             raise SystemExit(f"--init-from {args.init_from}: {e}") from None
     disc = Discriminators().to(device)
-    opt_g = torch.optim.AdamW(net.parameters(), args.lr, betas=(0.8, 0.99))
+    opt_g = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], args.lr, betas=(0.8, 0.99))
     opt_d = torch.optim.AdamW(disc.parameters(), args.lr, betas=(0.8, 0.99))
     step, elapsed = 0, 0.0
     if state is not None:
@@ -183,6 +197,8 @@ def train(args: argparse.Namespace) -> Path:
             group["lr"] = _lr(step, args.lr, args.warmup, args.steps)
         x = next(batches).to(device)
         y, _, commit = g_model(x)
+        if cfg.decoder_lag:  # the last samples of a crop wait for frames past its end
+            x, y = x[..., : -cfg.decoder_lag], y[..., : -cfg.decoder_lag]
         gan = step >= args.gan_start
         rec_mel, rec_stft = mel_loss(y, x), stft_loss(y, x)
         loss = 15 * rec_mel + rec_stft + commit
@@ -321,6 +337,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-channels", type=int, default=384)
     ap.add_argument("--residual-layers", type=_positive, default=None,
                     help="residual units per block (default 1); with --init-from, more than the model has grows it")
+    ap.add_argument("--decoder", choices=["seanet", "istft"], default=None,
+                    help="decoder kind (new models: seanet); with --init-from, another kind starts a new decoder")
+    ap.add_argument("--decoder-channels", type=_positive, default=384, help="istft decoder width")
+    ap.add_argument("--decoder-layers", type=_positive, default=6, help="istft decoder ConvNeXt blocks")
+    ap.add_argument("--freeze-encoder", action="store_true",
+                    help="train the decoder alone: encoder, codebooks and so the codes stay as they are")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 5, 8])
     ap.add_argument("--codebook-size", type=int, default=1024)

@@ -56,6 +56,24 @@ def _model(config: AudioCodecConfig, model_dir: str | None = None):
     return load_codec(name)
 
 
+def frames_through(cfg, done: int, total: int) -> int:
+    """How many frames the chunks covering samples ``[0, done)`` of ``total`` hold.
+
+    A chunk carries the frames its samples need: with a decoder that lags its
+    codes (the istft decoder, :attr:`CodecConfig.decoder_lag`), the whole
+    blocks of frames that complete its last sample; the final chunk ends with
+    the frames that complete the stream (:meth:`CodecConfig.frames_for`).
+    """
+    if done <= 0:
+        return 0
+    if done >= total:
+        return cfg.frames_for(total)
+    if not cfg.decoder_lag:
+        return -(-done // cfg.hop)
+    block = cfg.block_frames * cfg.hop
+    return min(cfg.frames_for(total), -(-(done + cfg.decoder_lag) // block) * cfg.block_frames)
+
+
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     n = shift = 0
     for _ in range(5):
@@ -105,30 +123,34 @@ class _Encoder(SourceSession):
         import numpy as np
 
         enc = self.model.encoder(self.codec.config.kbps)
-        hop = self.model.cfg.hop
-        left = self.reader.out_frames
+        cfg, total = self.model.cfg, self.reader.out_frames
         pending = np.zeros((self.n_q, 0), np.int16)
-        done = 0
+        coded = reported = 0  # samples in the chunks yielded; progress reported
+
+        def ready(final: bool):
+            nonlocal coded, pending
+            while coded < total or (final and self.first_extra):
+                n = min(total - coded, self.chunk_frames * cfg.hop)
+                k = frames_through(cfg, coded + n, total) - frames_through(cfg, coded, total)
+                if pending.shape[1] < k:
+                    if final:
+                        raise ToolkitError(f"audio encoder produced {pending.shape[1]} frames, {k} expected")
+                    return
+                yield self._chunk(pending[:, :k], n)
+                coded += n
+                pending = pending[:, k:]
+
         for block in self.reader.blocks():
             pending = np.concatenate([pending, enc.push(block)], axis=1)
-            while pending.shape[1] >= self.chunk_frames:
-                n = min(left, self.chunk_frames * hop)
-                yield self._chunk(pending[:, : self.chunk_frames], n)
-                left -= n
-                pending = pending[:, self.chunk_frames:]
+            yield from ready(final=False)
             if progress:
-                new = int(self.reader.bytes_read * (self.reader.out_frames - left) / max(1, self.reader.out_frames))
-                progress(new - done)
-                done = new
+                new = int(self.reader.bytes_read * coded / max(1, total))
+                progress(new - reported)
+                reported = new
         pending = np.concatenate([pending, enc.flush()], axis=1)
-        while pending.shape[1] or left or self.first_extra:
-            n = min(left, self.chunk_frames * hop)
-            k = -(-n // hop)
-            if n == 0 and pending.shape[1]:
-                raise ToolkitError(f"audio encoder produced {pending.shape[1]} frames past the end of the input")
-            yield self._chunk(pending[:, :k], n)
-            left -= n
-            pending = pending[:, k:]
+        yield from ready(final=True)
+        if pending.shape[1]:
+            raise ToolkitError(f"audio encoder produced {pending.shape[1]} frames past the end of the input")
 
     def _chunk(self, codes, samples: int) -> tuple[int, bytes]:
         from toolkit.entropy import encode_iid_groups
@@ -147,6 +169,7 @@ class _Decoder(DecodeSession):
         self.stream = self.model.decoder()
         self.samples_left = codec.samples
         self.first = True
+        self.played = None  # decoded samples not yet written (with a lagging decoder, up to a block)
 
     def decode_chunks(self, payloads, sizes, known):
         import numpy as np
@@ -155,7 +178,9 @@ class _Decoder(DecodeSession):
         from toolkit.entropy import decode_iid_groups
 
         out = []
-        hop = self.model.cfg.hop
+        cfg = self.model.cfg
+        if self.played is None:
+            self.played = np.zeros(0, np.float32)
         for payload, size in zip(payloads, sizes, strict=True):
             if payload is None:
                 raise FormatError("audio chunks are always coded by the codec")
@@ -167,14 +192,20 @@ class _Decoder(DecodeSession):
                 raise FormatError(f"audio chunk of {size} bytes does not fit the {self.samples_left} samples left")
             samples = size // 2
             frames, pos = _read_varint(payload, 0)
-            if frames != -(-samples // hop):
-                raise FormatError(f"audio chunk has {frames} frames for {samples} samples")
+            done, total = self.codec.samples - self.samples_left, self.codec.samples
+            expected = frames_through(cfg, done + samples, total) - frames_through(cfg, done, total)
+            if frames != expected:
+                raise FormatError(f"audio chunk has {frames} frames for {samples} samples, not {expected}")
             codes = decode_iid_groups(payload[pos:], [(self.model.priors[i], frames) for i in range(self.n_q)])
-            y = self.stream.push(np.stack(codes)) if frames else np.zeros(0, np.float32)
-            if y.size < samples:
-                y = np.concatenate([y, self.stream.flush()])
+            if frames:
+                self.played = np.concatenate([self.played, self.stream.push(np.stack(codes))])
+            if self.played.size < samples:  # only once every frame is in: the stream's end
+                self.played = np.concatenate([self.played, self.stream.flush()])
+            if self.played.size < samples:
+                raise FormatError(f"audio chunk decodes to {self.played.size} samples, not {samples}")
             self.samples_left -= samples
-            out.append(head + to_pcm16(y[:samples]))
+            out.append(head + to_pcm16(self.played[:samples]))
+            self.played = self.played[samples:]
         return out
 
 
