@@ -241,12 +241,30 @@ def test_a_new_decoder_trained_alone_keeps_the_codes_and_streams(tiny, tiny_istf
     # the state refuses to load into a model with the other decoder
     from safetensors.torch import load_file
 
-    from toolkit.audio.model import SEANetCodec
+    from toolkit.audio.model import CodecConfig, SEANetCodec
 
     with pytest.raises(ValueError, match="does not fit"):
         SEANetCodec(old.cfg).load_inference_state(load_file(str(tiny_istft / "model.safetensors")))
     r = _train(tiny["root"] / "refused", tiny["data"], "--freeze-encoder")
     assert r.returncode != 0 and "--init-from" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # back to a SEANet decoder, grown on the way: the encoder's units are renamed, the decoder is new
+    import dataclasses
+
+    back = SEANetCodec(dataclasses.replace(new.cfg, decoder="seanet", residual_layers=2))
+    back.load_inference_state(load_file(str(tiny_istft / "model.safetensors")), source=new.cfg)
+    assert CodecConfig(ratios=(3, 5)).hop == 15  # an odd hop is fine for a SEANet decoder
+
+
+def test_resuming_a_frozen_encoder_run_needs_the_flag(tiny, tiny_istft, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes((tiny["root"] / "istft_run" / "last.pt").read_bytes())
+    r = _train(run, tiny["data"], "--resume", steps=4)
+    assert r.returncode != 0 and "froze the encoder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _train(run, tiny["data"], "--resume", "--freeze-encoder", steps=4)
+    assert r.returncode == 0, r.stderr
+    r = _train(tmp_path / "short", tiny["data"], "--init-from", str(tiny_istft), "--segment", "0.128")
+    assert r.returncode != 0 and "decoder's lag" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_file_chunks_carry_a_lagging_decoder_across_their_boundaries(tiny_istft, monkeypatch):

@@ -131,7 +131,8 @@ class StreamDecoder:
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def flush(self) -> np.ndarray:
-        """The rest of the stream: the frames short of a block, and what the decoder still holds."""
+        """The rest of the stream: the frames short of a block, and what the decoder still holds.
+        It ends the stream: a decoder that lags its codes gives up the samples it held back."""
         out = []
         if self.pending is not None and self.pending.shape[1]:
             out.append(self._run(self.pending))

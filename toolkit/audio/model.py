@@ -75,7 +75,7 @@ class CodecConfig:
     def __post_init__(self):
         if self.decoder not in ("seanet", "istft"):
             raise ValueError(f"decoder must be 'seanet' or 'istft', not {self.decoder!r}")
-        if self.decoder_upsample < 1 or self.hop % self.decoder_upsample:
+        if self.decoder == "istft" and (self.decoder_upsample < 1 or self.hop % self.decoder_upsample):
             raise ValueError(f"decoder_upsample must divide the hop ({self.hop}), got {self.decoder_upsample}")
 
     @property
@@ -276,8 +276,8 @@ class ISTFTDecoder(nn.Module):
     frame rate, not the sample rate, so it costs a fraction of a transposed-
     convolution decoder, and a spectrum is an easier target than raw samples.
 
-    Causality: a spectrum's window ends where its latent frame's input ends,
-    so it never depicts audio the encoder has not heard. A sample is whole
+    Causality: a spectrum's window ends at or before the end of its latent
+    frame's input, so it never depicts audio the encoder has not heard. A sample is whole
     once the 3 spectra after it are added, so the output lags its codes by 3
     hops (:attr:`CodecConfig.decoder_lag`), and a stream's end is padded with
     silence to complete the last samples (:meth:`CodecConfig.frames_for`). Offline,
@@ -403,15 +403,19 @@ class SEANetCodec(nn.Module):
         one: the model then grows. Its units keep their weights and each new unit starts as the
         identity (its output convolution at zero), so training resumes from the same function.
         """
-        if source is not None and source.decoder != self.cfg.decoder:
+        switching = source is not None and source.decoder != self.cfg.decoder
+        if switching:
             # another kind of decoder: the encoder and codebooks carry over, the decoder starts afresh
             state = {k: v for k, v in state.items() if not k.startswith("decoder.")}
             source = replace(source, decoder=self.cfg.decoder, decoder_channels=self.cfg.decoder_channels,
                              decoder_layers=self.cfg.decoder_layers, decoder_upsample=self.cfg.decoder_upsample)
-            state.update({k: v.detach().clone() for k, v in self._conv_weights().items() if k.startswith("decoder.")})
         growing = source is not None and source != self.cfg
         if growing:
-            state = grow_state(state, source, self.cfg)
+            # without a decoder in the state, only the encoder's layers are renamed
+            only_encoder = {"decoder": "istft"} if switching else {}
+            state = grow_state(state, replace(source, **only_encoder), replace(self.cfg, **only_encoder))
+        if switching:
+            state.update({k: v.detach().clone() for k, v in self._conv_weights().items() if k.startswith("decoder.")})
         expected = {k: v.shape for k, v in self._conv_weights().items()}
         expected.update({f"codebook.{i}": (self.cfg.codebook_size, self.cfg.dim)
                          for i in range(self.cfg.num_quantizers)})

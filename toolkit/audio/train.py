@@ -149,6 +149,13 @@ def train(args: argparse.Namespace) -> Path:
                           block_frames=args.block_frames, residual_layers=args.residual_layers or 1,
                           decoder=args.decoder or "seanet", decoder_channels=args.decoder_channels,
                           decoder_layers=args.decoder_layers)
+    if state is not None and bool(state["args"].get("freeze_encoder")) != args.freeze_encoder:
+        was = "froze" if state["args"].get("freeze_encoder") else "did not freeze"
+        raise SystemExit(f"--resume continues {ckpt}, whose run {was} the encoder: give --freeze-encoder as it did")
+    crop = int(args.segment * cfg.sample_rate) // cfg.hop * cfg.hop - cfg.decoder_lag
+    if crop < 2048:
+        raise SystemExit(f"--segment {args.segment:g} leaves {crop} samples a crop after whole frames and the "
+                         "decoder's lag; the losses' longest window is 2048")
     if state is not None and args.decoder and args.decoder != cfg.decoder:
         raise SystemExit(f"--resume continues {ckpt}, which has a {cfg.decoder} decoder, not {args.decoder}")
     if args.freeze_encoder and state is None and not args.init_from:

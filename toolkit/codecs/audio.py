@@ -214,7 +214,10 @@ class AudioFileCodec(Codec):
     """Neural audio codec: WAV/FLAC/OGG in, 16 kHz WAV out, 1.5-12 kbps."""
 
     description = "lossy neural audio codec: WAV/FLAC/OGG in, 16 kHz WAV out (set kbps=1.5|3|6|12)"
-    version = 1
+    #: 2: a chunk holds the frames a lagging decoder needs (``frames_through``); for a lag of 0 that is
+    #: version 1's ceil(samples / hop), so version 1 files still decode
+    version = 2
+    reads_versions = (1,)
     Config = AudioCodecConfig
     lossy = True
     chunk_fallback = False
