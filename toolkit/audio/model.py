@@ -226,6 +226,16 @@ def encoder(cfg: CodecConfig) -> Sequential:
     return Sequential(*layers)
 
 
+def conv_parts(cfg: CodecConfig) -> tuple[str, ...]:
+    """The parts made of SEANet convolutions (weight norm, residual units): the decoder only if it is SEANet's."""
+    return ("encoder", "decoder") if cfg.decoder == "seanet" else ("encoder",)
+
+
+def nearest_code(residual: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codeword of ``embed [K, D]`` for each vector of ``residual [..., D]``."""
+    return (embed.pow(2).sum(-1) - 2 * residual @ embed.t()).argmin(-1)
+
+
 def decoder(cfg: CodecConfig) -> nn.Module:
     return seanet_decoder(cfg) if cfg.decoder == "seanet" else ISTFTDecoder(cfg)
 
@@ -387,7 +397,7 @@ class SEANetCodec(nn.Module):
         out, codes = torch.zeros_like(residual), []
         for i, layer in enumerate(self.quantizer.layers):
             embed = layer._codebook.embed[0]
-            idx = (embed.pow(2).sum(-1) - 2 * residual @ embed.t()).argmin(-1)
+            idx = nearest_code(residual, embed)
             out += embed[idx] * (i < keep).to(out.dtype)[:, None, None]
             residual = residual - embed[idx]
             codes.append(idx)
@@ -421,7 +431,7 @@ class SEANetCodec(nn.Module):
                          for i in range(self.cfg.num_quantizers)})
         new_units = set()
         if growing:
-            new_units = {f"{part}.{name}" for part in ("encoder", "decoder")
+            new_units = {f"{part}.{name}" for part in conv_parts(self.cfg)
                          for name, m in getattr(self, part).named_modules()
                          if isinstance(m, ResidualUnit) and f"{part}.{name}.block.1.weight" not in state}
         missing = [k for k in expected if k not in state and k.rsplit(".", 3)[0] not in new_units]
@@ -430,15 +440,13 @@ class SEANetCodec(nn.Module):
         if missing or wrong or extra:
             raise ValueError(f"the state does not fit this model: missing {missing[:3]}, wrong shape {wrong[:3]}, "
                              f"unknown {extra[:3]}")
-        for part in ("encoder", "decoder"):
+        for part in conv_parts(self.cfg):
             for name, m in getattr(self, part).named_modules():
                 if f"{part}.{name}" in new_units:
                     # a new unit adds 0; its convolutions carry no weight norm, so zeroing the weight is exact
                     assert not nn.utils.parametrize.is_parametrized(m.block[3], "weight")
                     m.block[3].weight.zero_()
                     m.block[3].bias.zero_()
-                elif part == "decoder" and self.cfg.decoder == "istft":
-                    continue
                 elif isinstance(m, nn.Conv1d | nn.ConvTranspose1d) and f"{part}.{name}.weight" in state:
                     w = state[f"{part}.{name}.weight"].float()
                     if nn.utils.parametrize.is_parametrized(m, "weight"):
@@ -461,7 +469,7 @@ class SEANetCodec(nn.Module):
         out = {}
         if self.cfg.decoder == "istft":  # no weight norm there: its own state is what ships
             out.update({f"decoder.{k}": v for k, v in self.decoder.state_dict().items()})
-        for part in ("encoder", "decoder") if self.cfg.decoder == "seanet" else ("encoder",):
+        for part in conv_parts(self.cfg):
             for name, m in getattr(self, part).named_modules():
                 if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
                     out[f"{part}.{name}.weight"], out[f"{part}.{name}.bias"] = m.weight, m.bias
@@ -494,7 +502,7 @@ def grow_state(state: dict[str, torch.Tensor], source: CodecConfig, target: Code
     out = {k: v for k, v in state.items() if k.startswith("codebook.")}
     if target.decoder != "seanet":  # residual units live in the encoder alone: the decoder keeps its names
         out.update({k: v for k, v in state.items() if k.startswith("decoder.")})
-    for part in ("encoder", "decoder") if target.decoder == "seanet" else ("encoder",):
+    for part in conv_parts(target):
         old, new = _layout(source, part), _layout(target, part)
         rename, j = {}, 0
         for i, kind in enumerate(new):
@@ -534,7 +542,7 @@ class InferenceCodec(nn.Module):
         residual = z.transpose(1, 2)
         codes = []
         for embed in self.codebooks[:n_q]:
-            idx = (embed.pow(2).sum(-1) - 2 * residual @ embed.t()).argmin(-1)
+            idx = nearest_code(residual, embed)
             codes.append(idx)
             residual = residual - embed[idx]
         return torch.stack(codes, dim=1)

@@ -163,13 +163,15 @@ class _Encoder(SourceSession):
 
 class _Decoder(DecodeSession):
     def __init__(self, codec: AudioFileCodec):
+        import numpy as np
+
         self.codec = codec
         self.model = codec.model
         self.n_q = self.model.quantizers_for(codec.config.kbps)
         self.stream = self.model.decoder()
         self.samples_left = codec.samples
         self.first = True
-        self.played = None  # decoded samples not yet written (with a lagging decoder, up to a block)
+        self.played = np.zeros(0, np.float32)  # decoded samples not yet written (with a lagging decoder, a block)
 
     def decode_chunks(self, payloads, sizes, known):
         import numpy as np
@@ -179,8 +181,6 @@ class _Decoder(DecodeSession):
 
         out = []
         cfg = self.model.cfg
-        if self.played is None:
-            self.played = np.zeros(0, np.float32)
         for payload, size in zip(payloads, sizes, strict=True):
             if payload is None:
                 raise FormatError("audio chunks are always coded by the codec")
