@@ -457,3 +457,14 @@ def test_one_hour_file_in_bounded_memory(tiny, tmp_path):
         assert sf.info(out).frames == minutes * 60 * SR
     for step in ("compress", "decompress"):
         assert peaks[step, 60] < peaks[step, 10] + 100, peaks
+
+
+def test_the_intelligibility_loss_trains_and_refuses_short_crops(tiny, tmp_path):
+    run = tmp_path / "stoi"
+    r = _train(run, tiny["data"], "--init-from", str(tiny["model"]), "--stoi-weight", "2", "--segment", "0.6",
+               steps=2)
+    assert r.returncode == 0, r.stderr
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert 0 < last["stoi"] < 2  # 1 - STOI of a voiced crop after two steps: neither perfect nor empty
+    r = _train(tmp_path / "short", tiny["data"], "--init-from", str(tiny["model"]), "--stoi-weight", "2")
+    assert r.returncode != 0 and "at least 0.5 s" in r.stderr and "Traceback" not in r.stderr

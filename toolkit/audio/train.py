@@ -10,6 +10,7 @@ reconstruction at a bitrate drawn by quantizer dropout, then the generator loss
 
     15 * multi-scale mel + 1 * multi-resolution STFT + commitment
     (+ --wave-weight * relative waveform L1, off by default)
+    (+ --stoi-weight * (1 - STOI), a differentiable intelligibility term, off by default)
     (+ 1 * hinge adversarial + 2 * feature matching once ``--gan-start`` is reached)
 
 and, with the adversarial terms on, one discriminator step on the same batch. Rank 0 writes
@@ -156,6 +157,9 @@ def train(args: argparse.Namespace) -> Path:
     if crop < 2048:
         raise SystemExit(f"--segment {args.segment:g} leaves {crop} samples a crop after whole frames and the "
                          "decoder's lag; the losses' longest window is 2048")
+    if args.stoi_weight and crop < cfg.sample_rate // 2:
+        raise SystemExit(f"--stoi-weight needs crops of at least 0.5 s (STOI correlates 30 frames of 25.6 ms); "
+                         f"--segment {args.segment:g} leaves {crop} samples after whole frames and the decoder's lag")
     if state is not None and args.decoder and args.decoder != cfg.decoder:
         raise SystemExit(f"--resume continues {ckpt}, which has a {cfg.decoder} decoder, not {args.decoder}")
     if args.freeze_encoder and state is None and not args.init_from:
@@ -195,6 +199,18 @@ def train(args: argparse.Namespace) -> Path:
 
     stft_loss = auraloss.freq.MultiResolutionSTFTLoss(fft_sizes=[256, 512, 1024], hop_sizes=[64, 128, 256],
                                                       win_lengths=[256, 512, 1024]).to(device)
+    stoi_loss = None
+    if args.stoi_weight:
+        # torch_stoi's differentiable STOI (Taal et al. 2011, with its silent-frame removal): the
+        # log-mel loss weighs quiet frames as much as speech, STOI only the speech-active ones and
+        # their 1/3-octave envelopes, which is where the codec falls short of Opus
+        import warnings
+
+        from torch_stoi import NegSTOILoss
+
+        with warnings.catch_warnings():  # its resampler's deprecated method name
+            warnings.simplefilter("ignore", UserWarning)
+            stoi_loss = NegSTOILoss(cfg.sample_rate).to(device)
     log = open(run / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - closed at the end
     bar = tqdm(total=args.steps, initial=step, desc="audio codec", mininterval=5, disable=rank != 0 or args.quiet)
     t0 = time.time() - elapsed
@@ -214,6 +230,10 @@ def train(args: argparse.Namespace) -> Path:
         rec_wave = ((y - x).abs().mean(-1) / x.abs().mean(-1).clamp_min(1e-5)).mean()
         if args.wave_weight:
             loss = loss + args.wave_weight * rec_wave
+        rec_stoi = torch.zeros(())
+        if stoi_loss is not None:  # a silent crop has no speech-active frame: STOI 0, no gradient
+            rec_stoi = 1 + stoi_loss(y.squeeze(1), x.squeeze(1)).mean()
+            loss = loss + args.stoi_weight * rec_stoi
         adv = fm = torch.zeros(())
         if gan:
             real, fake = d_model(x), d_model(y)
@@ -232,8 +252,8 @@ def train(args: argparse.Namespace) -> Path:
         step += 1
         bar.update(1)
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            terms = {"mel": rec_mel, "stft": rec_stft, "commit": commit, "wave": rec_wave, "adv": adv, "fm": fm,
-                     "disc": d_loss}
+            terms = {"mel": rec_mel, "stft": rec_stft, "commit": commit, "wave": rec_wave, "stoi": rec_stoi,
+                     "adv": adv, "fm": fm, "disc": d_loss}
             rec = {"step": step, "minutes": round((time.time() - t0) / 60, 2),
                    **{k: round(v.item(), 4) for k, v in terms.items()}}
             if step % args.valid_every == 0 or step == args.steps:
@@ -339,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--wave-weight", type=float, default=0.0, help="weight of the relative waveform L1 loss")
+    ap.add_argument("--stoi-weight", type=float, default=0.0, help="weight of the (1 - STOI) intelligibility loss")
     ap.add_argument("--gan-start", type=int, default=2000, help="step at which the adversarial losses start")
     ap.add_argument("--channels", type=int, default=24)
     ap.add_argument("--max-channels", type=int, default=384)
