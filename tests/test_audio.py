@@ -265,6 +265,11 @@ def test_resuming_a_frozen_encoder_run_needs_the_flag(tiny, tiny_istft, tmp_path
     assert r.returncode == 0, r.stderr
     r = _train(tmp_path / "short", tiny["data"], "--init-from", str(tiny_istft), "--segment", "0.128")
     assert r.returncode != 0 and "decoder's lag" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # a decoder's size is set when it is made: a flag that would be ignored is refused
+    r = _train(run, tiny["data"], "--resume", "--freeze-encoder", "--decoder-layers", "3", steps=6)
+    assert r.returncode != 0 and "has 2" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _train(tmp_path / "seanet", tiny["data"], "--init-from", str(tiny["model"]), "--decoder-channels", "8")
+    assert r.returncode != 0 and "this model's decoder is seanet" in r.stderr, r.stderr
 
 
 def test_file_chunks_carry_a_lagging_decoder_across_their_boundaries(tiny_istft, monkeypatch):

@@ -141,15 +141,21 @@ def train(args: argparse.Namespace) -> Path:
         source = CodecConfig.from_dict(json.loads((Path(args.init_from) / "config.json").read_text())["config"])
         cfg = replace(source, residual_layers=args.residual_layers or source.residual_layers)
         if args.decoder and args.decoder != source.decoder:
-            cfg = replace(cfg, decoder=args.decoder, decoder_channels=args.decoder_channels,
-                          decoder_layers=args.decoder_layers)
+            cfg = replace(cfg, decoder=args.decoder, **_decoder_size(args))
     else:
         cfg = CodecConfig(channels=args.channels, max_channels=args.max_channels, dim=args.dim,
                           ratios=tuple(args.ratios), codebook_size=args.codebook_size,
                           num_quantizers=args.quantizers, dropout_multiple=args.dropout_multiple,
                           block_frames=args.block_frames, residual_layers=args.residual_layers or 1,
-                          decoder=args.decoder or "seanet", decoder_channels=args.decoder_channels,
-                          decoder_layers=args.decoder_layers)
+                          decoder=args.decoder or "seanet", **_decoder_size(args))
+    for flag, given, has in (("--decoder-channels", args.decoder_channels, cfg.decoder_channels),
+                             ("--decoder-layers", args.decoder_layers, cfg.decoder_layers)):
+        # a decoder's size is fixed when it is made: a silently ignored flag would mislead
+        if given is not None and cfg.decoder != "istft":
+            raise SystemExit(f"{flag} sizes an istft decoder; this model's decoder is {cfg.decoder}")
+        if given is not None and given != has:
+            raise SystemExit(f"{flag} {given}: the model's istft decoder has {has}; a decoder's size is set only "
+                             "when --decoder istft makes a new one")
     if state is not None and bool(state["args"].get("freeze_encoder")) != args.freeze_encoder:
         was = "froze" if state["args"].get("freeze_encoder") else "did not freeze"
         raise SystemExit(f"--resume continues {ckpt}, whose run {was} the encoder: give --freeze-encoder as it did")
@@ -342,6 +348,13 @@ def export(ckpt: str | Path, out: str | Path, data: str | Path, prior_seconds: f
             "prior_bits_per_code": [round(float(e), 3) for e in entropy]}
 
 
+def _decoder_size(args: argparse.Namespace) -> dict:
+    """The size of a new decoder: the flags, or ``CodecConfig``'s defaults."""
+    default = CodecConfig()
+    return {"decoder_channels": args.decoder_channels or default.decoder_channels,
+            "decoder_layers": args.decoder_layers or default.decoder_layers}
+
+
 def _positive(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -367,8 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="residual units per block (default 1); with --init-from, more than the model has grows it")
     ap.add_argument("--decoder", choices=["seanet", "istft"], default=None,
                     help="decoder kind (new models: seanet); with --init-from, another kind starts a new decoder")
-    ap.add_argument("--decoder-channels", type=_positive, default=384, help="istft decoder width")
-    ap.add_argument("--decoder-layers", type=_positive, default=6, help="istft decoder ConvNeXt blocks")
+    ap.add_argument("--decoder-channels", type=_positive, default=None, help="a new istft decoder's width (384)")
+    ap.add_argument("--decoder-layers", type=_positive, default=None,
+                    help="a new istft decoder's ConvNeXt blocks (6)")
     ap.add_argument("--freeze-encoder", action="store_true",
                     help="train the decoder alone: encoder, codebooks and so the codes stay as they are")
     ap.add_argument("--dim", type=int, default=128)
