@@ -159,6 +159,33 @@ def test_ddp_two_processes_keep_identical_weights(tiny, tmp_path):
     assert len(ranks["digests"]) == 2 and ranks["agree"], ranks
 
 
+def test_quantizer_dropout_is_per_clip_and_uniform_over_the_bitrates():
+    import copy
+
+    import torch
+
+    from toolkit.audio.model import CodecConfig, SEANetCodec
+
+    torch.manual_seed(0)
+    cfg = CodecConfig(channels=4, ratios=(2, 2), dim=8, max_channels=8, codebook_size=16, num_quantizers=6,
+                      dropout_multiple=2)
+    net = SEANetCodec(cfg)
+    draws = net.draw_quantizers(6000)
+    counts = torch.bincount(draws, minlength=7)
+    assert set(draws.unique().tolist()) == {2, 4, 6}
+    assert (counts[[2, 4, 6]] - 2000).abs().max() < 150  # 1 in 3 each; 150 is > 4 standard deviations
+    wav = torch.randn(3, 1, 64)
+    net.train()
+    net(wav)  # the first step initialises the codebooks (k-means)
+    mixed, *same = [copy.deepcopy(net)(wav, torch.tensor(k)) for k in ([2, 4, 6], [2] * 3, [4] * 3, [6] * 3)]
+    y, codes, commit = mixed
+    assert codes.shape == (3, 16, 6) and (codes >= 0).all() and commit.item() > 0
+    for b in range(3):  # clip b is decoded from its own first keep[b] codebooks, whatever the others keep
+        assert torch.allclose(y[b], same[b][0][b], atol=1e-6)
+        assert torch.equal(codes[b], same[b][1][b])
+    assert not torch.allclose(same[0][0][0], same[2][0][0], atol=1e-3)
+
+
 def test_export_has_priors_for_every_codebook(tiny):
     from toolkit.audio import load_codec
 

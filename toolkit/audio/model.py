@@ -19,12 +19,16 @@ block overlaps), and offline coding *is* the streaming loop run over fixed
 blocks of frames. So streamed and offline coding run the same arithmetic on
 the same shapes and give the same codes and samples.
 
-The quantizer is ``vector_quantize_pytorch.ResidualVQ``: EMA codebooks with
-k-means initialisation, restart of dead codes from the batch, and quantizer
-dropout (EnCodec's structured form: the number of quantizers in a step is a
-multiple of the smallest bitrate's), so one model serves every bitrate. Its
-DDP support (codebook statistics and dropout seed synchronised across ranks)
-is what a multi-process training needs.
+The codebooks are ``vector_quantize_pytorch``'s: EMA updates with k-means
+initialisation and restart of dead codes from the batch, statistics
+synchronised across DDP ranks. Quantizer dropout, so one model serves every
+bitrate, is drawn here and not by its ``ResidualVQ``: that one draws a layer
+index uniformly and rounds it up to a multiple of the smallest bitrate's
+count, which gives the smallest bitrate 1 step in 22 (3 codebooks of 24) and
+every other 3 in 22. Here each clip draws its bitrate uniformly from those
+the model serves (EnCodec's structured dropout, per clip), every codebook
+sees every clip's residual, and so all ranks run the same collectives with
+no seed to agree on.
 """
 
 from __future__ import annotations
@@ -364,8 +368,6 @@ class SEANetCodec(nn.Module):
             dim=cfg.dim, num_quantizers=cfg.num_quantizers, codebook_size=cfg.codebook_size,
             decay=cfg.ema_decay, kmeans_init=True, kmeans_iters=10,
             threshold_ema_dead_code=cfg.dead_code_threshold, commitment_weight=cfg.commitment_weight,
-            quantize_dropout=True, quantize_dropout_cutoff_index=cfg.dropout_multiple - 1,
-            quantize_dropout_multiple_of=cfg.dropout_multiple,
         )
 
     #: train the decoder alone: the encoder and codebooks stay as they are (so do the codes, and the
@@ -378,16 +380,34 @@ class SEANetCodec(nn.Module):
         self.quantizer.requires_grad_(False)
 
     # training ----------------------------------------------------------------
-    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``wav [B, 1, T]`` (T a multiple of the hop) -> (reconstruction, codes [B, frames, q], commit loss)."""
+    def draw_quantizers(self, clips: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Quantizer dropout: how many codebooks each clip keeps, uniform over the model's bitrates."""
+        levels = self.cfg.num_quantizers // self.cfg.dropout_multiple
+        return torch.randint(1, levels + 1, (clips,), device=device) * self.cfg.dropout_multiple
+
+    def forward(self, wav: torch.Tensor, keep: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``wav [B, 1, T]`` (T a multiple of the hop) -> (reconstruction, codes [B, frames, q], commit loss).
+
+        Clip ``b`` is decoded from its first ``keep[b]`` codebooks (drawn by :meth:`draw_quantizers`
+        when not given).
+        """
+        if keep is None:
+            keep = self.draw_quantizers(wav.shape[0], wav.device)
         if self.frozen_encoder:
-            keep = torch.randint(1, self.cfg.num_quantizers // self.cfg.dropout_multiple + 1, (wav.shape[0],),
-                                 device=wav.device) * self.cfg.dropout_multiple
             q, codes = self.frozen_latent(wav, keep)
             return self.decoder(q), codes, wav.new_zeros(())
-        z = self.encoder(wav)
-        q, codes, commit = self.quantizer(z.transpose(1, 2))
-        return self.decoder(q.transpose(1, 2)), codes, commit.sum()
+        residual = self.encoder(wav).transpose(1, 2)
+        out, codes, commit = torch.zeros_like(residual), [], wav.new_zeros(())
+        for i, layer in enumerate(self.quantizer.layers):
+            # every codebook quantizes (and learns from) every clip's residual; a dropped one only
+            # leaves that clip's reconstruction
+            quantized, idx, loss = layer(residual)
+            out = out + quantized * (i < keep).to(out.dtype)[:, None, None]
+            residual = residual - quantized.detach()
+            codes.append(idx)
+            commit = commit + loss.sum()
+        return self.decoder(out.transpose(1, 2)), torch.stack(codes, dim=-1), commit
 
     @torch.no_grad()
     def frozen_latent(self, wav: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

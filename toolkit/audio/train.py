@@ -2,8 +2,8 @@
 
 One process, or many under ``torchrun --nproc-per-node N -m toolkit.audio.train ...``: the
 generator and the discriminators are wrapped in DistributedDataParallel (gloo on CPU, NCCL on
-CUDA), each rank draws its own crops, and the quantizer's codebook statistics and dropout seed are
-synchronised by the quantizer itself, so every rank holds the same weights after every step.
+CUDA), each rank draws its own crops and bitrates, and the codebooks synchronise their statistics
+themselves, so every rank holds the same weights after every step.
 
 A step: random crops of the training material (random gain and polarity), the codec's
 reconstruction at a bitrate drawn by quantizer dropout, then the generator loss
