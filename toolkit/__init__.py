@@ -9,47 +9,21 @@ codec and no CUDA; names resolve on first use.
 b'hello hello hello'
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from toolkit._lazy import attach
 
 __version__ = "0.2.0"
 
-_LAZY = {
-    "compress": "toolkit.api",
-    "decompress": "toolkit.api",
-    "compress_stream": "toolkit.api",
-    "decompress_stream": "toolkit.api",
-    "info": "toolkit.api",
-    "choose_codec": "toolkit.api",
-    "Choice": "toolkit.api",
-    "register_codec": "toolkit.codecs.registry",
-    "get_codec": "toolkit.codecs.registry",
-    "list_codecs": "toolkit.codecs.registry",
-    "Codec": "toolkit.codecs.registry",
-    "ToolkitError": "toolkit.errors",
-    "FormatError": "toolkit.errors",
-    "ChecksumError": "toolkit.errors",
-    "ModelMismatchError": "toolkit.errors",
-    "UnsupportedInputError": "toolkit.errors",
-    "DependencyError": "toolkit.errors",
-}
-_SUBMODULES = {"codecs", "entropy", "formats", "text", "kernels", "circuits", "models", "data", "notebook", "errors",
-               "vision", "llm", "bench", "audio"}
-
-__all__ = sorted(_LAZY) + ["__version__"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"toolkit.{name}")
-    raise AttributeError(f"module 'toolkit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["api", "audio", "bench", "circuits", "codecs", "config", "data", "entropy", "errors",
+                "formats", "kernels", "llm", "models", "notebook", "numerics", "progress", "text", "vision",
+                "weights"],
+    submod_attrs={
+        "api": ["compress", "decompress", "compress_stream", "decompress_stream", "info", "choose_codec",
+            "Choice"],
+        "codecs.registry": ["register_codec", "get_codec", "list_codecs", "Codec"],
+        "errors": ["ToolkitError", "FormatError", "ChecksumError", "ModelMismatchError", "UnsupportedInputError",
+            "DependencyError", "ConfigError"],
+    },
+)
+__all__ += ["__version__"]

@@ -12,22 +12,14 @@
 - Files: ``codec compress x.wav --codec audio --set kbps=6`` (:mod:`toolkit.codecs.audio`).
 """
 
-from __future__ import annotations
+from toolkit._lazy import attach
 
-import importlib
-from typing import Any
-
-__all__ = ["AudioCodec", "Codes", "StreamEncoder", "StreamDecoder", "load_codec", "sample_clips", "CodecConfig",
-           "mel_distance", "si_sdr"]
-
-_WHERE = {"AudioCodec": "codec", "Codes": "codec", "StreamEncoder": "codec", "StreamDecoder": "codec",
-          "load_codec": "codec", "sample_clips": "codec", "CodecConfig": "model", "mel_distance": "losses",
-          "si_sdr": "losses"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"toolkit.audio.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'toolkit.audio' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["codec", "io", "losses", "model", "train"],
+    submod_attrs={
+        "codec": ["AudioCodec", "Codes", "StreamEncoder", "StreamDecoder", "load_codec", "sample_clips"],
+        "model": ["CodecConfig"],
+        "losses": ["mel_distance", "si_sdr"],
+    },
+)

@@ -12,45 +12,19 @@ Names resolve on first use, so importing this package (or its torch-free
 :mod:`toolkit.circuits.settings`, which a codec's config checks) loads no torch.
 """
 
-from __future__ import annotations
+from toolkit._lazy import attach
 
-import importlib
-from typing import Any
-
-_LAZY = {
-    "METHODS": "toolkit.circuits.settings",
-    "MAX_BATCH": "toolkit.circuits.settings",
-    "Circuit": "toolkit.circuits.circuit",
-    "decode_records": "toolkit.circuits.coder",
-    "encode_records": "toolkit.circuits.coder",
-    "model_bits": "toolkit.circuits.coder",
-    "EMConfig": "toolkit.circuits.em",
-    "expected_flows": "toolkit.circuits.em",
-    "fit_em": "toolkit.circuits.em",
-    "mean_log_likelihood": "toolkit.circuits.em",
-    "PatchModel": "toolkit.circuits.images",
-    "image_to_records": "toolkit.circuits.images",
-    "records_to_image": "toolkit.circuits.images",
-    "train_patch_model": "toolkit.circuits.images",
-    "TreeStructure": "toolkit.circuits.structure",
-    "chow_liu_tree": "toolkit.circuits.structure",
-    "learn_hclt": "toolkit.circuits.structure",
-    "pairwise_mutual_information": "toolkit.circuits.structure",
-    "random_tree": "toolkit.circuits.structure",
-    "circuit_sha256": "toolkit.circuits.train",
-    "fit_hclt": "toolkit.circuits.train",
-}
-
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'toolkit.circuits' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["circuit", "coder", "em", "images", "layers", "settings", "structure", "train",
+                "train_patch"],
+    submod_attrs={
+        "settings": ["METHODS", "MAX_BATCH"],
+        "circuit": ["Circuit"],
+        "coder": ["decode_records", "encode_records", "model_bits"],
+        "em": ["EMConfig", "expected_flows", "fit_em", "mean_log_likelihood"],
+        "images": ["PatchModel", "image_to_records", "records_to_image", "train_patch_model"],
+        "structure": ["TreeStructure", "chow_liu_tree", "learn_hclt", "pairwise_mutual_information", "random_tree"],
+        "train": ["circuit_sha256", "fit_hclt"],
+    },
+)

@@ -1,3 +1,10 @@
 """Offline dataset and corpus builders with provenance (sources from package registries)."""
 
-__all__: list[str] = []
+from toolkit._lazy import attach
+
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["audio", "corpus", "recall", "scenes", "segments"],
+    submod_attrs={
+    },
+)

@@ -8,33 +8,15 @@ a file is checked, with Python integers, against the bytes it came from
 before any work. No torch: a codec can import these at module level.
 """
 
-from toolkit.formats.npy import NPY_MAGIC, NpyHeader, check_uint8_records, npy_records, read_npy_header, rebuild_npy
-from toolkit.formats.png import (
-    MAX_INFLATE_RATIO,
-    MAX_PIXELS,
-    PNG_SIGNATURE,
-    PngImage,
-    PngLayout,
-    encode_png,
-    load_image_bytes,
-    parse_png,
-    rebuild_png,
-)
+from toolkit._lazy import attach
 
-__all__ = [
-    "MAX_INFLATE_RATIO",
-    "MAX_PIXELS",
-    "NPY_MAGIC",
-    "PNG_SIGNATURE",
-    "NpyHeader",
-    "PngImage",
-    "PngLayout",
-    "check_uint8_records",
-    "encode_png",
-    "load_image_bytes",
-    "npy_records",
-    "parse_png",
-    "read_npy_header",
-    "rebuild_npy",
-    "rebuild_png",
-]
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["binary", "npy", "png"],
+    submod_attrs={
+        "binary": ["ByteReader"],
+        "npy": ["NPY_MAGIC", "NpyHeader", "check_uint8_records", "npy_records", "read_npy_header", "rebuild_npy"],
+        "png": ["MAX_INFLATE_RATIO", "MAX_PIXELS", "PNG_SIGNATURE", "PngImage", "PngLayout", "encode_png",
+            "load_image_bytes", "parse_png", "rebuild_png"],
+    },
+)

@@ -15,7 +15,7 @@ import torch
 
 from toolkit.entropy.core import DEFAULT_TOTAL_BITS, _check_total
 from toolkit.entropy.core import logits_to_freqs as logits_to_freqs_reference
-from toolkit.kernels import dispatch
+from toolkit.kernels.backend import dispatch
 
 __all__ = ["logits_to_freqs", "logits_to_freqs_reference", "logits_to_freqs_triton"]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.kernels import dispatch
+from toolkit.kernels.backend import dispatch
 
 __all__ = ["int_linear", "int_linear_reference", "int_linear_triton", "quant_rows", "quant_rows_reference",
            "quant_rows_triton"]

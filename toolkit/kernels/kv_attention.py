@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.kernels import dispatch
+from toolkit.kernels.backend import dispatch
 from toolkit.kernels.kv_quant import kv_dequantize
 
 __all__ = ["merge_attention", "packed_attention", "packed_attention_reference",

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.kernels import dispatch
+from toolkit.kernels.backend import dispatch
 
 __all__ = ["kv_dequantize", "kv_quantize", "kv_quantize_reference", "kv_quantize_triton",
            "pack_codes", "unpack_codes"]

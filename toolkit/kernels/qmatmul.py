@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from toolkit.kernels import dispatch
+from toolkit.kernels.backend import dispatch
 from toolkit.llm.quant.pack import packed_words, unpack_int32
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_triton"]

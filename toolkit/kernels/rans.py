@@ -31,7 +31,7 @@ import torch
 
 from toolkit.entropy.lanes import PRECISION, TOTAL, decode_words, split_stream
 from toolkit.errors import ConfigError, FormatError
-from toolkit.kernels import dispatch
+from toolkit.kernels.backend import dispatch
 
 __all__ = ["decode_lanes", "decode_lanes_reference", "decode_lanes_triton", "decode_segments_triton"]
 

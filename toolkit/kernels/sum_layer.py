@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from toolkit.kernels import dispatch
+from toolkit.kernels.backend import dispatch
 
 __all__ = ["sum_layer", "sum_layer_reference", "sum_layer_triton", "example_inputs"]
 

@@ -1,5 +1,11 @@
 """Shipped small models and the model store (see :mod:`toolkit.models.store`)."""
 
-from toolkit.models.store import list_models, locate, model_entry
+from toolkit._lazy import attach
 
-__all__ = ["list_models", "locate", "model_entry"]
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["lm", "store", "tokenizer", "train_lm"],
+    submod_attrs={
+        "store": ["list_models", "locate", "model_entry"],
+    },
+)

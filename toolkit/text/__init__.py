@@ -16,18 +16,16 @@ It knows no file format: :mod:`toolkit.codecs.lm` maps settings and payload byte
 Submodules load on use, so ``toolkit.text.detect`` stays cheap.
 """
 
-from __future__ import annotations
+from toolkit._lazy import attach
 
-import importlib
-from typing import Any
-
-__all__ = ["looks_like_text", "Lockstep", "Stream", "CodingModel", "load_coding_model", "plan_pieces"]
-
-_LAZY = {"looks_like_text": "detect", "Lockstep": "lockstep", "Stream": "lockstep", "CodingModel": "model",
-         "load_coding_model": "model", "plan_pieces": "plan"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"toolkit.text.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'toolkit.text' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["adapt", "calibrate", "detect", "engines", "fixed", "integer", "intkernels", "llama",
+                "lockstep", "mixer", "model", "plan", "tokens", "transforms"],
+    submod_attrs={
+        "detect": ["looks_like_text"],
+        "lockstep": ["Lockstep", "Stream"],
+        "model": ["CodingModel", "load_coding_model"],
+        "plan": ["plan_pieces"],
+    },
+)

@@ -9,25 +9,15 @@ Mixture-of-Depths (p-MoD) for vision tokens, to fine-tune;
 scenes (:mod:`toolkit.data.scenes`).
 """
 
-from __future__ import annotations
+from toolkit._lazy import attach
 
-import importlib
-from typing import Any
-
-__all__ = ["TokenDropConfig", "TokenDropHandle", "drop_vision_tokens", "vision_token_scores", "METHODS",
-           "load_vlm", "build_vlm", "VLMProcessor", "answer_questions", "evaluate_vqa", "prefill_flops",
-           "kv_cache_bytes", "prefill_latency", "decode_step_latency", "count_flops", "MoDConfig"]
-
-_WHERE = {name: "tokens" for name in ("TokenDropConfig", "TokenDropHandle", "drop_vision_tokens",
-                                      "vision_token_scores", "METHODS")}
-_WHERE.update({name: "vlm" for name in ("load_vlm", "build_vlm", "VLMProcessor", "answer_questions",
-                                        "evaluate_vqa")})
-_WHERE["MoDConfig"] = "mod"
-_WHERE.update({name: "measure" for name in ("prefill_flops", "kv_cache_bytes", "prefill_latency",
-                                            "decode_step_latency", "count_flops")})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"toolkit.vision.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'toolkit.vision' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["measure", "mod", "sam", "tokens", "train_vlm", "vlm"],
+    submod_attrs={
+        "tokens": ["TokenDropConfig", "TokenDropHandle", "drop_vision_tokens", "vision_token_scores", "METHODS"],
+        "vlm": ["load_vlm", "build_vlm", "VLMProcessor", "answer_questions", "evaluate_vqa"],
+        "mod": ["MoDConfig"],
+        "measure": ["prefill_flops", "kv_cache_bytes", "prefill_latency", "decode_step_latency", "count_flops"],
+    },
+)

@@ -11,20 +11,14 @@ The ``weights`` codec (:mod:`toolkit.codecs.weights`) puts them behind
 ``codec compress model.safetensors``.
 """
 
-from __future__ import annotations
+from toolkit._lazy import attach
 
-import importlib
-from typing import Any
-
-__all__ = ["encode_segment", "decode_segment", "SegmentShape", "LEVELS", "plane_entropy",
-           "SafetensorsHeader", "parse_header", "load_state_dict", "compress_in_memory", "CodedModel"]
-
-_WHERE = {"encode_segment": "coding", "decode_segment": "coding", "SegmentShape": "coding", "LEVELS": "coding",
-          "plane_entropy": "coding", "SafetensorsHeader": "checkpoint", "parse_header": "checkpoint",
-          "load_state_dict": "load", "compress_in_memory": "load", "CodedModel": "load"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"toolkit.weights.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'toolkit.weights' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["checkpoint", "coding", "layout", "load", "planes"],
+    submod_attrs={
+        "coding": ["encode_segment", "decode_segment", "SegmentShape", "LEVELS", "plane_entropy"],
+        "checkpoint": ["SafetensorsHeader", "parse_header"],
+        "load": ["load_state_dict", "compress_in_memory", "CodedModel"],
+    },
+)

@@ -1,7 +1,13 @@
 """Weight quantization: RTN, GPTQ and outlier-aware GPTQ into packed ``QuantizedLinear`` layers."""
 
-from toolkit.llm.quant.apply import find_targets, quantize_
-from toolkit.llm.quant.config import GPTQConfig, OutlierConfig, QuantConfig, RTNConfig
-from toolkit.llm.quant.linear import QuantizedLinear
+from toolkit._lazy import attach
 
-__all__ = ["quantize_", "find_targets", "QuantConfig", "RTNConfig", "GPTQConfig", "OutlierConfig", "QuantizedLinear"]
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["apply", "checkpoint", "config", "gptq", "grid", "linear", "pack"],
+    submod_attrs={
+        "apply": ["quantize_", "find_targets"],
+        "config": ["QuantConfig", "RTNConfig", "GPTQConfig", "OutlierConfig"],
+        "linear": ["QuantizedLinear"],
+    },
+)

@@ -17,24 +17,15 @@
   any size with prompts in its own pixels.
 """
 
-from __future__ import annotations
+from toolkit._lazy import attach
 
-import importlib
-from typing import Any
-
-__all__ = ["SlimConfig", "slim", "DistillConfig", "distill", "student_config", "evaluate", "encoder_cost",
-           "load_sam", "build_sam", "sam_config", "make_processor", "segment", "Prompts", "predict",
-           "taylor_scores", "importance", "widths_for"]
-
-_WHERE = {n: "slimsam" for n in ("SlimConfig", "slim", "taylor_scores", "importance", "widths_for")}
-_WHERE.update({
-          "DistillConfig": "mobilesam", "distill": "mobilesam", "student_config": "mobilesam",
-          "evaluate": "metrics", "encoder_cost": "metrics"})
-_WHERE.update({n: "model" for n in ("load_sam", "build_sam", "sam_config", "make_processor", "segment",
-                                     "Prompts", "predict")})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"toolkit.vision.sam.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'toolkit.vision.sam' has no attribute {name!r}")
+__getattr__, __dir__, __all__ = attach(
+    __name__,
+    submodules=["metrics", "mobilesam", "model", "prompts", "ship", "slimsam", "train"],
+    submod_attrs={
+        "slimsam": ["SlimConfig", "slim", "taylor_scores", "importance", "widths_for"],
+        "mobilesam": ["DistillConfig", "distill", "student_config"],
+        "metrics": ["evaluate", "encoder_cost"],
+        "model": ["load_sam", "build_sam", "sam_config", "make_processor", "segment", "Prompts", "predict"],
+    },
+)

@@ -205,7 +205,7 @@ def test_notebook_states_the_shipped_patch_size():
     from toolkit.codecs.pc import DEFAULT_PATCH_MODEL
 
     patch = PatchModel.load(DEFAULT_PATCH_MODEL).patch
-    nb = nbformat.read(Path(__file__).parent.parent / "notebooks" / "11_pc_lossless.ipynb", as_version=4)
+    nb = nbformat.read(Path(__file__).parents[2] / "notebooks" / "11_pc_lossless.ipynb", as_version=4)
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     stated = {int(a) for a, b in re.findall(r"(\d+)\s*x\s*(\d+) patch", text) if a == b}
     assert stated <= {patch}, f"notebook 11 states {sorted(stated)}x patches; the shipped model uses {patch}"

@@ -29,7 +29,7 @@ from toolkit.errors import FormatError, UnsupportedInputError
 
 torch.set_num_threads(1)
 
-CIRCUIT = Path(__file__).parent / "data" / "pc" / "circuit"  # 36 variables, 5 categories
+CIRCUIT = Path(__file__).parents[1] / "data" / "pc" / "circuit"  # 36 variables, 5 categories
 _STREAM = struct.Struct("<3sBBBIHHI")  # the record stream's header (toolkit/circuits/coder.py)
 
 

@@ -10,7 +10,7 @@ from tkz_tools import mutate_payloads
 import toolkit
 from toolkit.errors import ToolkitError
 
-PNG = Path(__file__).parent / "data" / "pc" / "grey.png"
+PNG = Path(__file__).parents[1] / "data" / "pc" / "grey.png"
 
 
 def _mutator(rng: random.Random):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-GOLDEN = Path(__file__).parent / "golden"
-SAMPLES = Path(__file__).parent.parent / "toolkit" / "assets" / "samples"
+GOLDEN = Path(__file__).parents[1] / "golden"
+SAMPLES = Path(__file__).parents[2] / "toolkit" / "assets" / "samples"
 
 
 def _env() -> dict:

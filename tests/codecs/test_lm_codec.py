@@ -326,7 +326,7 @@ def test_bad_settings(tiny):
         toolkit.compress(CORPUS, codec="lm", model=str(tiny), adapt=-1.0)
 
 
-SHIPPED = (Path(__file__).parent.parent / "toolkit" / "assets" / "lm-default" / "model.safetensors").exists()
+SHIPPED = (Path(__file__).parents[2] / "toolkit" / "assets" / "lm-default" / "model.safetensors").exists()
 
 
 @pytest.mark.skipif(not SHIPPED, reason="shipped LM not built yet (python -m toolkit.models.train_lm)")

@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).parents[2] / "notebooks").glob("*.ipynb"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -38,7 +38,7 @@ def run_notebook(name: str, tmp_path, monkeypatch, parameters: dict | None = Non
     monkeypatch.setenv("TOOLKIT_SMOKE", "1")
     monkeypatch.setenv("TOOLKIT_RECORD", str(record))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    src = Path(__file__).parent.parent / "notebooks" / name
+    src = Path(__file__).parents[2] / "notebooks" / name
     papermill.execute_notebook(str(src), str(tmp_path / name), parameters=parameters or {},
                                kernel_name="python3", cwd=str(tmp_path), progress_bar=False)
     return json.loads(record.read_text())

@@ -24,7 +24,7 @@ from toolkit.numerics import float_fingerprint
 
 torch.set_num_threads(1)
 
-DATA = Path(__file__).parent / "data" / "pc"
+DATA = Path(__file__).parents[1] / "data" / "pc"
 
 
 def _fortran_records() -> bytes:

@@ -30,7 +30,7 @@ from toolkit.formats import encode_png
 
 torch.set_num_threads(1)
 
-DATA = Path(__file__).parent / "data" / "pc"
+DATA = Path(__file__).parents[1] / "data" / "pc"
 _STREAM = struct.Struct("<3sBBBIHHI")  # the record stream's header (toolkit/circuits/coder.py)
 _LAYOUT = struct.Struct("<IIBBBBbI")  # the PNG layout's fixed fields (toolkit/formats/png.py)
 #: one case may take this long before it counts as a hang

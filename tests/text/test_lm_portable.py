@@ -17,7 +17,7 @@ import pytest
 import toolkit
 from toolkit.codecs.lm import LMCodec, LMConfig
 
-SAMPLES = Path(__file__).parent.parent / "toolkit" / "assets" / "samples"
+SAMPLES = Path(__file__).parents[2] / "toolkit" / "assets" / "samples"
 # small windows and many streams: the run crosses window restarts, the compiled int8 loop (few rows)
 # and the float32 BLAS product (eight rows or more)
 SETTINGS = dict(segment=2048, streams=16, window=48, keep=12, adapt_tokens=32)
