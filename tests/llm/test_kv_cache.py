@@ -9,7 +9,8 @@ from llm_tiny import VOCAB, one_thread, shape  # noqa: F401
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
-from toolkit.entropy import counts_to_freqs, decode_iid, encode_iid
+from toolkit.entropy import decode_iid, encode_iid
+from toolkit.entropy.tables import from_counts
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError, UnsupportedInputError
 from toolkit.kernels.kv_attention import packed_attention_reference
 from toolkit.kernels.kv_quant import (
@@ -303,7 +304,7 @@ def test_zstd_byte_coding_round_trip_and_bounds() -> None:
 
 def test_iid_range_coding_round_trip() -> None:
     sym = np.random.default_rng(1).integers(0, 7, 5000)
-    freqs = counts_to_freqs(np.bincount(sym, minlength=9))
+    freqs = from_counts(np.bincount(sym, minlength=9))
     assert freqs.sum() == 1 << 16 and freqs[7] == 0 and freqs[8] == 0
     blob = encode_iid(sym, freqs)
     assert np.array_equal(decode_iid(blob, freqs, sym.size), sym)

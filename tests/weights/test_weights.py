@@ -14,8 +14,8 @@ from safetensors.torch import save
 
 import toolkit
 from toolkit.codecs.weights import WeightsCodec, WeightsConfig
-from toolkit.entropy import counts_to_freqs
 from toolkit.entropy.lanes import TOTAL, decode_lanes, encode_lanes
+from toolkit.entropy.tables import from_counts
 from toolkit.errors import ConfigError, FormatError, ToolkitError, UnsupportedInputError
 from toolkit.weights import planes as P
 from toolkit.weights.checkpoint import parse_header
@@ -71,7 +71,7 @@ def test_pack_bits_round_trip(width, values):
 
 # ------------------------------------------------------------------ lane ANS
 def _tables(rng, k, a):
-    return np.stack([counts_to_freqs(rng.integers(1, 1000, a), total_bits=12) for _ in range(k)])
+    return np.stack([from_counts(rng.integers(1, 1000, a), total_bits=12) for _ in range(k)])
 
 
 @pytest.mark.parametrize("lanes", [1, 3, 64])

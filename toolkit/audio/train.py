@@ -318,7 +318,7 @@ def export(ckpt: str | Path, out: str | Path, data: str | Path, prior_seconds: f
     from safetensors.torch import save_file
 
     from toolkit.data.audio import load_split
-    from toolkit.entropy import counts_to_freqs
+    from toolkit.entropy.tables import from_counts
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cfg = CodecConfig.from_dict(state["config"])
@@ -335,7 +335,7 @@ def export(ckpt: str | Path, out: str | Path, data: str | Path, prior_seconds: f
         codes = inf.quantize(inf.encoder(x), cfg.num_quantizers)[0].numpy()
         for i in range(cfg.num_quantizers):
             counts[i] += np.bincount(codes[i], minlength=cfg.codebook_size)
-    priors = np.stack([counts_to_freqs(c + 1, 16) for c in counts]).astype(np.int32)
+    priors = np.stack([from_counts(c + 1, 16) for c in counts]).astype(np.int32)
     weights["priors"] = torch.from_numpy(priors)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

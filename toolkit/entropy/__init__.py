@@ -13,9 +13,10 @@ __getattr__, __dir__, __all__ = attach(
     submodules=["coder", "core", "lanes", "varint"],
     submod_attrs={
         "coder": ["CATEGORICAL", "DEFAULT_TOTAL_BITS", "MAX_TOTAL_BITS", "RangeCoder"],
-        "core": ["StreamDecoder", "counts_to_freqs", "decode_bytes", "decode_iid", "decode_iid_groups",
+        "core": ["StreamDecoder", "decode_bytes", "decode_iid", "decode_iid_groups",
             "decode_symbols", "encode_bytes", "encode_iid", "encode_iid_groups", "encode_streams",
             "encode_symbols", "freqs_to_table", "ideal_bits", "logits_to_freqs", "probs_to_freqs",
             "probs_to_table"],
+        "tables": ["from_counts", "to_bytes", "from_bytes", "empirical_bits"],
     },
 )

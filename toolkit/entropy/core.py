@@ -302,33 +302,6 @@ def decode_iid_groups(data: bytes, groups: Sequence[tuple[np.ndarray, int]]) -> 
         raise FormatError(f"range-coded data is damaged ({e})") from None
 
 
-def counts_to_freqs(counts: np.ndarray, total_bits: int = 16) -> np.ndarray:
-    """Integer frequencies summing to ``2**total_bits`` from symbol counts; absent symbols get 0.
-
-    Each present symbol gets at least 1; the rounding remainder goes to the
-    most frequent one. Integer arithmetic only, so the table is the same everywhere.
-    """
-    c = np.asarray(counts, dtype=np.int64).reshape(-1)
-    total = 1 << total_bits
-    present = c > 0
-    if present.sum() == 0:
-        raise ConfigError("counts_to_freqs needs at least one symbol")
-    if present.sum() > total:
-        raise ConfigError(f"{int(present.sum())} symbols do not fit a total of 2**{total_bits}")
-    f = np.where(present, np.maximum(1, (c * total) // c.sum()), 0)
-    diff = total - int(f.sum())
-    order = np.argsort(-f, kind="stable")
-    i = 0
-    while diff != 0:
-        j = order[i % int(present.sum())]
-        step = 1 if diff > 0 else -1
-        if step > 0 or f[j] > 1:
-            f[j] += step
-            diff -= step
-        i += 1
-    return f
-
-
 def encode_bytes(symbols: np.ndarray, level: int = 19) -> bytes:
     """Code byte symbols (``uint8``) with zstd, whose literal coder is a static Huffman code per block.
 

@@ -212,8 +212,8 @@ def decode_lanes(data: bytes, ctx: torch.Tensor, table: torch.Tensor, syms: torc
 
 def _example_coded(n: int, lanes: int, contexts: int, seed: int, dtype: str = "int32") -> tuple[Segment, np.ndarray]:
     """A segment coded as the weights codec codes one, and its symbols: skewed values, one table per context."""
-    from toolkit.entropy import counts_to_freqs
     from toolkit.entropy.lanes import decode_table, encode_lanes
+    from toolkit.entropy.tables import from_counts
 
     rng = np.random.default_rng(seed)
     alphabet = 40
@@ -233,7 +233,7 @@ def _example_coded(n: int, lanes: int, contexts: int, seed: int, dtype: str = "i
     index = np.zeros((contexts, alphabet), dtype=np.int64)
     for c in range(contexts):
         present = np.flatnonzero(counts[c])
-        freq[c, :present.size] = counts_to_freqs(counts[c, present], total_bits=PRECISION)
+        freq[c, :present.size] = from_counts(counts[c, present], total_bits=PRECISION)
         syms[c, :present.size] = present
         index[c, present] = np.arange(present.size)
     data = encode_lanes(index[ctx, sym], ctx, freq, lanes)

@@ -27,19 +27,39 @@ from typing import Any
 
 from toolkit.errors import ModelMismatchError
 
-__all__ = ["ASSETS", "Located", "locate", "load", "files_sha256", "file_sha256", "list_models", "model_entry"]
+__all__ = ["ASSETS", "MANIFEST", "Located", "locate", "load", "files_sha256", "file_sha256", "list_models",
+           "model_entry", "read_manifest", "update_manifest"]
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+MANIFEST = ASSETS / "MANIFEST.json"
 _CACHE_SIZE = 6
 
 
-@cache
-def _manifest() -> dict:
-    path = ASSETS / "MANIFEST.json"
+def read_manifest(path: str | Path = MANIFEST) -> dict[str, dict]:
+    """A manifest file's entries by model name (empty where there is none)."""
+    path = Path(path)
     if not path.exists():
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def update_manifest(name: str, entry: dict, path: str | Path = MANIFEST) -> None:
+    """Insert or replace ``name`` in a manifest, written through a temporary file and a rename."""
+    path = Path(path)
+    data = read_manifest(path)
+    data[name] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    if path.resolve() == MANIFEST.resolve():
+        _manifest.cache_clear()
+
+
+@cache
+def _manifest() -> dict:
+    return read_manifest(MANIFEST)
 
 
 def list_models() -> dict[str, dict]:

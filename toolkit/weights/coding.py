@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from toolkit.entropy import counts_to_freqs
 from toolkit.entropy.lanes import MAX_SYMBOLS, PRECISION, TOTAL, decode_lanes, encode_lanes
+from toolkit.entropy.tables import from_counts
 from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import ConfigError, FormatError
 from toolkit.weights import planes as P
@@ -245,7 +245,7 @@ def _tables(counts: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
     syms = np.zeros((counts.shape[0], width), dtype=np.uint16)
     for c, p in enumerate(present):
         if p.size:
-            freq[c, :p.size] = counts_to_freqs(counts[c, p], total_bits=PRECISION)
+            freq[c, :p.size] = from_counts(counts[c, p], total_bits=PRECISION)
             syms[c, :p.size] = p
     flat = np.concatenate([freq[c, :p.size] - 1 for c, p in enumerate(present)])
     side = np.packbits(counts > 0, axis=1).tobytes() + flat.astype("<u2").tobytes()

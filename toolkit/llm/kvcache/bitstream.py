@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from toolkit.entropy import counts_to_freqs, decode_bytes, decode_iid, encode_bytes, encode_iid
+from toolkit.entropy import decode_bytes, decode_iid, encode_bytes, encode_iid
+from toolkit.entropy.tables import from_counts
 from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError
 from toolkit.llm.kvcache.config import BitstreamConfig
@@ -211,7 +212,7 @@ def _code_stream(symbols: np.ndarray, alphabet: int, coder: str) -> bytes:
         coded = encode_bytes(symbols)
         return varint(len(coded)) + coded
     counts = np.bincount(symbols.reshape(-1), minlength=alphabet)
-    freqs = counts_to_freqs(counts, TABLE_BITS)
+    freqs = from_counts(counts, TABLE_BITS)
     coded = encode_iid(symbols.reshape(-1), freqs)
     return (varint(alphabet) + b"".join(varint(int(f)) for f in freqs)
             + varint(len(coded)) + coded)
