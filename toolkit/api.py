@@ -31,7 +31,7 @@ def make_codec(codec: str | Codec, settings: dict | None = None) -> Codec:
     if codec == "auto":
         raise ConfigError("auto picks a codec per input: call choose_codec first")
     cls = get_codec(codec)
-    return cls.from_settings({k: str(v) for k, v in (settings or {}).items()})
+    return cls.from_settings(dict(settings or {}))
 
 
 def _as_bytes(data: Any, what: str) -> bytes:
@@ -47,6 +47,7 @@ def compress(data: bytes, codec: str | Codec = "auto", best: bool = False, **set
     """Compress ``data`` into a complete .tkz file (bytes).
 
     ``best``: with ``auto``, let the slow lm codec compete on text of any length.
+    ``settings``: the codec's config fields as typed values (``orders=(1, 2)``, ``kbps=6``).
     """
     data = _as_bytes(data, "compress")
     out = io.BytesIO()

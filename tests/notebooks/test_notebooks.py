@@ -69,8 +69,10 @@ def test_lm_lossless(tmp_path, monkeypatch):
     assert 0 < rec["small_bpb_code"] < 8.5
     assert 0 < rec["mean_cost_per_byte"] < 12
     assert set(rec["lm_bpb"]) == set(rec["xz_bpb"]) == {"code-heldout.py", "prose.txt"}
-    for bpb in rec["lm_bpb"].values():
-        assert 0 < bpb < 9  # round trip verified inside; incompressible chunks are stored, never blown up
+    for name, bpb in rec["lm_bpb"].items():
+        # round trip verified inside; a small model trained for seconds is no xz, but the container stores
+        # what it would blow up, so a file never costs much more than xz's
+        assert bpb < rec["xz_bpb"][name] + 1.5, name
     v = rec["variant_bpb"]
     # what the file teaches the codec while it codes: mixing, then adaptation, each lower the cost
     assert v["+ n-gram mixing"] < v["model alone"] and v["+ adaptation"] < v["+ n-gram mixing"]
@@ -145,7 +147,7 @@ def test_kv_cache(tmp_path, monkeypatch):
     assert c["bitstream 0.5/0.7"]["kl"] < c["bitstream 1.0/1.4"]["kl"]
     assert c["bitstream 1.0/1.4"]["bytes_per_token"] < c["bitstream 0.5/0.7"]["bytes_per_token"] < 4096 / 4
     assert rec["recall"]["full"] >= 0.5 and rec["recall"]["KIVI-4"] >= rec["recall"]["full"] - 0.34
-    assert 0 <= rec["minicache_retained"] <= 1
+    assert rec["minicache_retained"] > 0.5  # what the notebook says: a 4-layer model's pair keeps most tokens
     assert rec["reload_same_tokens"] is True and rec["bitstream_fraction"] < 0.25
     assert rec["load_speedup"] > 1
 
@@ -210,9 +212,11 @@ def test_audio_codec(tmp_path, monkeypatch):
     assert set(m) == {"1.5", "3.0", "6.0", "12.0"}
     # the shipped model beats Opus 6 kbps on mel distance at every bitrate (Opus at 6 kbps is narrowband)
     assert all(m[kb]["mel"] < rec["opus"][0]["mel"] for kb in m)
-    assert all(0.6 < m[kb]["stoi"] <= 1 for kb in m)
+    assert all(m[kb]["stoi"] > 0.6 for kb in m)
     for kbps, disk in rec["kbps_on_disk"].items():
         # the priors code below the nominal rate; the header adds ~0.3 kbps on this 8 s clip
         assert 0.5 * float(kbps) < disk < float(kbps) + 0.5
-    assert all(5 < r["kbps"] < 25 and 0 < r["stoi"] <= 1 for r in rec["opus"])
+    assert all(5 < r["kbps"] < 25 for r in rec["opus"])
+    stoi = [r["stoi"] for r in sorted(rec["opus"], key=lambda r: r["kbps"])]
+    assert stoi[0] < stoi[-1]  # Opus at its higher rate is the more intelligible: the measure tells rates apart
     assert rec["train_steps_logged"] == 3 and rec["train_mel_finite"] is True

@@ -18,7 +18,8 @@ import zstandard
 
 from toolkit.codecs.lzma_flush import LZMA2Encoder
 from toolkit.codecs.registry import Codec, DecodeSession, EncodeSession, register_codec
-from toolkit.errors import ConfigError, FormatError
+from toolkit.config import Config, check
+from toolkit.errors import FormatError
 
 __all__ = ["StoreCodec", "ZstdCodec", "XzCodec"]
 
@@ -58,13 +59,12 @@ class _StreamCodec(Codec):
             session.close()
 
 
-@dataclass
-class ZstdConfig:
+@dataclass(frozen=True)
+class ZstdConfig(Config):
     level: int = 19
 
     def __post_init__(self):
-        if not 1 <= self.level <= 22:
-            raise ConfigError(f"zstd level must be in 1..22, got {self.level}")
+        check(1 <= self.level <= 22, f"zstd level must be in 1..22, got {self.level}")
 
 
 class _ZstdEncoder(EncodeSession):
@@ -115,14 +115,13 @@ class ZstdCodec(_StreamCodec):
         return _ZstdDecoder()
 
 
-@dataclass
-class XzConfig:
+@dataclass(frozen=True)
+class XzConfig(Config):
     preset: int = 9
     extreme: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.preset <= 9:
-            raise ConfigError(f"xz preset must be in 0..9, got {self.preset}")
+        check(0 <= self.preset <= 9, f"xz preset must be in 0..9, got {self.preset}")
 
     @property
     def flags(self) -> int:

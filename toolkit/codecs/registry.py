@@ -21,6 +21,7 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, ClassVar
 
+from toolkit.config import Config
 from toolkit.errors import ConfigError, UnknownCodecError
 
 __all__ = ["Codec", "EncodeSession", "DecodeSession", "SourceSession", "register_codec", "get_codec", "list_codecs",
@@ -29,8 +30,8 @@ __all__ = ["Codec", "EncodeSession", "DecodeSession", "SourceSession", "register
 ProgressFn = Callable[[int], None]
 
 
-@dataclasses.dataclass
-class NoConfig:
+@dataclasses.dataclass(frozen=True)
+class NoConfig(Config):
     """Codecs without settings use this empty config."""
 
 
@@ -72,8 +73,9 @@ class Codec:
 
     # --- construction -------------------------------------------------
     @classmethod
-    def from_settings(cls, settings: dict[str, str] | None = None) -> Codec:
-        """Build from ``--set key=value`` strings, converted to the config's field types."""
+    def from_settings(cls, settings: dict[str, Any] | None = None) -> Codec:
+        """Build from settings: typed values (``orders=(1, 2)``) as they are, ``--set key=value``
+        strings converted to the config's field types."""
         return cls(parse_settings(cls.Config, settings or {}))
 
     @classmethod
@@ -310,8 +312,32 @@ def _convert(value: str, typ: Any, key: str) -> Any:
         raise ConfigError(f"setting {key}={value!r} is not {_TYPE_WORDS.get(typ, 'valid JSON')}") from None
 
 
-def parse_settings(config_cls: type, settings: dict[str, str]) -> Any:
-    """Build ``config_cls`` from string settings, rejecting unknown keys."""
+def _typed(value: Any, typ: Any, key: str) -> Any:
+    """A typed setting checked against its field's type (a sequence becomes the field's list or tuple)."""
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None:
+            return None
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        typ = args[0] if len(args) == 1 else Any
+        origin = typing.get_origin(typ)
+    container = origin if origin in (list, tuple) else typ if typ in (list, tuple) else None
+    if container is not None:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"setting {key}={value!r} is not a list")
+        return container(value)
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(typ)
+    if ok is not None and not ok(value):
+        raise ConfigError(f"setting {key}={value!r} is not {_TYPE_WORDS[typ]}")
+    return float(value) if typ is float else value
+
+
+def parse_settings(config_cls: type, settings: dict[str, Any]) -> Any:
+    """Build ``config_cls`` from settings, rejecting unknown keys: a string is parsed as the field's type
+    (the command line's ``--set``), any other value is taken as a typed value (the Python API)."""
     hints = typing.get_type_hints(config_cls)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     kwargs = {}
@@ -319,7 +345,10 @@ def parse_settings(config_cls: type, settings: dict[str, str]) -> Any:
         if key not in fields:
             allowed = ", ".join(sorted(fields)) or "none"
             raise ConfigError(f"unknown setting {key!r} (allowed: {allowed})")
-        kwargs[key] = _convert(str(value), hints[key], key)
+        if isinstance(value, str):
+            kwargs[key] = _convert(value, hints[key], key)
+        else:
+            kwargs[key] = _typed(value, hints[key], key)
     return _construct(config_cls, kwargs)
 
 
