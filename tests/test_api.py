@@ -36,3 +36,25 @@ def test_a_bad_setting_is_a_config_error(settings, words):
 def test_a_sequence_setting_refuses_a_scalar(codec_settings):
     with pytest.raises(ConfigError, match="not a list"):
         toolkit.compress(TEXT, codec="lm", **dict(codec_settings["lm"], orders=3))
+
+
+def test_progress_is_done_and_total():
+    import io
+
+    seen = []
+    data = TEXT * 50
+    toolkit.compress_stream(io.BytesIO(data), io.BytesIO(), codec="zstd", size=len(data),
+                            progress=lambda done, total: seen.append((done, total)))
+    assert seen and seen[-1] == (len(data), len(data))
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    out, back = io.BytesIO(), []
+    toolkit.compress_stream(io.BytesIO(data), out, codec="zstd", size=len(data))
+    toolkit.decompress_stream(io.BytesIO(out.getvalue()), io.BytesIO(), progress=lambda d, t: back.append(d))
+    assert back[-1] == len(data)
+
+
+def test_progress_refuses_what_is_neither_a_flag_nor_a_callable():
+    import io
+
+    with pytest.raises(ConfigError, match="progress"):
+        toolkit.compress_stream(io.BytesIO(TEXT), io.BytesIO(), codec="zstd", progress="yes")

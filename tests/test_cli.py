@@ -160,7 +160,7 @@ def test_streaming_memory_is_bounded(tmp_path):
         "    n = 0\n"
         "    def write(self, b): self.n += len(b)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "c = get_codec('zstd')(); c.config.level = 1; c.chunk_size = 1 << 20\n"
+        "c = get_codec('zstd').from_settings({'level': 1}); c.chunk_size = 1 << 20\n"
         "container.write_stream(c, Src(), Sink())\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print((after - before) // 1024)\n"

@@ -12,6 +12,7 @@ from toolkit.codecs import container
 from toolkit.codecs.auto import Choice, choose_codec
 from toolkit.codecs.registry import Codec, get_codec
 from toolkit.errors import ConfigError, DependencyError, InputError, UnsupportedInputError
+from toolkit.progress import Progress, reporter
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +68,36 @@ def decompress(blob: bytes, allow_mismatch: bool = False, **local: Any) -> bytes
     return out.getvalue()
 
 
+def _bytes_done(progress: Progress, total: int | None, desc: str) -> Callable[[int], None] | None:
+    """The container's per-piece byte counts summed into ``progress(done, total)`` (total 0: unknown)."""
+    if progress is False or progress is None:
+        return None
+    report = reporter(progress, total or 0, desc)
+    done = 0
+
+    def add(n: int) -> None:
+        nonlocal done
+        done += n
+        report(done, total or 0)
+
+    return add
+
+
 def compress_stream(
     src: BinaryIO,
     dst: BinaryIO,
     codec: str | Codec = "auto",
     settings: dict | None = None,
     size: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = False,
     best: bool = False,
 ) -> dict:
     """Stream ``src`` into a .tkz stream on ``dst`` in bounded memory; returns a summary.
 
     With ``auto`` the summary also holds ``auto`` (the reason) and ``hint``.
+    ``progress``: True for a bar on stderr, or ``progress(bytes done, size or 0)``.
     """
+    progress = _bytes_done(progress, size, "compress")
     if codec != "auto":
         if best:
             raise ConfigError("best is for codec='auto' (it lets lm compete on long text)")
@@ -117,13 +135,15 @@ def _whole_or_fallback(choice: Choice, src: BinaryIO, dst: BinaryIO, size: int |
     return summary
 
 
-def decompress_stream(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None,
+def decompress_stream(src: BinaryIO, dst: BinaryIO, progress: Progress = False,
                       settings: dict | None = None, allow_mismatch: bool = False) -> dict:
     """Decode a .tkz stream from ``src`` onto ``dst``; returns the header.
 
-    ``settings``: decode-time settings such as ``model_dir``.
+    ``settings``: decode-time settings such as ``model_dir``; ``progress``: True for a bar on
+    stderr, or ``progress(bytes written, 0)`` (the total is known only at the end).
     """
-    return container.read_stream(src, dst, progress=progress, local={k: str(v) for k, v in (settings or {}).items()},
+    local = {k: str(v) for k, v in (settings or {}).items()}
+    return container.read_stream(src, dst, progress=_bytes_done(progress, None, "decompress"), local=local,
                                  allow_mismatch=allow_mismatch)
 
 

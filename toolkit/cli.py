@@ -208,6 +208,11 @@ def _progress(total: int | None, quiet: bool, desc: str):
                 leave=False, disable=None)
 
 
+def _to(bar):
+    """The API's ``progress(done, total)`` drawn on a byte bar (False without one)."""
+    return (lambda done, total: bar.update(done - bar.n)) if bar is not None else False
+
+
 def _default_compress_out(inp: str) -> str:
     if inp == "-":
         return "-"
@@ -233,7 +238,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     with _open_input(args.input) as (src, size):
         with _open_output(out, args.force, args.input) as dst, _progress(size, args.quiet, "compress") as bar:
             summary = compress_stream(src, dst, codec=args.codec, settings=settings, size=size,
-                                      progress=bar.update if bar is not None else None, best=args.best)
+                                      progress=_to(bar), best=args.best)
     if args.quiet:
         return 0
     if out != "-":
@@ -254,7 +259,7 @@ def cmd_decompress(args: argparse.Namespace) -> int:
     out = args.output or _default_decompress_out(args.input)
     with _open_input(args.input) as (src, _size):
         with _open_output(out, args.force, args.input) as dst, _progress(None, args.quiet, "decompress") as bar:
-            decompress_stream(src, dst, progress=bar.update if bar is not None else None,
+            decompress_stream(src, dst, progress=_to(bar),
                               settings=_parse_sets(args.set), allow_mismatch=args.allow_mismatch)
     return 0
 

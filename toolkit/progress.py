@@ -19,19 +19,20 @@ Progress = Union[bool, Callable[[int, int], None]]  # noqa: UP007 (a runtime ali
 
 
 def reporter(progress: Progress, total: int, desc: str = "") -> Callable[[int, int], None]:
-    """A ``(done, total)`` callback for ``progress``; a True value draws a tqdm bar that closes when done."""
+    """A ``(done, total)`` callback for ``progress`` (a total of 0: not known yet); a True value draws a
+    tqdm bar that closes when done."""
     if progress is None or progress is False:
         return lambda done, total: None
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=desc or None, leave=False)  # tqdm writes to stderr
+        bar = tqdm(total=total or None, desc=desc or None, leave=False)  # tqdm writes to stderr
 
         def update(done: int, total: int) -> None:
-            bar.total = total
+            bar.total = total or None
             bar.n = done
             bar.refresh()
-            if done >= total:
+            if total and done >= total:
                 bar.close()
 
         return update
