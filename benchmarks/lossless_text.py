@@ -1,7 +1,7 @@
 """Lossless text benchmark: the LM codec against classic compressors, in one run.
 
 Every file is held-out text that no shipped model was trained on (built by
-``python -m toolkit.data.corpus --eval-out DIR``; sources in
+``python -m toolkit.recipes.build_corpus --eval-out DIR``; sources in
 ``DIR/eval_sources.json`` and toolkit/data/SOURCES.md). For each file and
 compressor: bits per byte, compress and decompress KB/s, and an exact round
 trip; LM decoding runs in a fresh process (the ``codec`` command), as a user

@@ -329,7 +329,7 @@ def test_bad_settings(tiny):
 SHIPPED = (Path(__file__).parents[2] / "toolkit" / "assets" / "lm-default" / "model.safetensors").exists()
 
 
-@pytest.mark.skipif(not SHIPPED, reason="shipped LM not built yet (python -m toolkit.models.train_lm)")
+@pytest.mark.skipif(not SHIPPED, reason="shipped LM not built yet (python -m toolkit.recipes.train_lm)")
 @pytest.mark.slow
 def test_shipped_model_is_the_default_and_beats_xz_on_prose(capsys):
     from toolkit.bench import sample_files

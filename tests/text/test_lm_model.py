@@ -10,10 +10,12 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from toolkit.errors import ConfigError
 from toolkit.models import lm
-from toolkit.models.store import file_sha256
+from toolkit.models.store import file_sha256, read_manifest
 from toolkit.models.tokenizer import chunks, train
-from toolkit.models.train_lm import lr_at, val_window_starts, validation_bpb
+from toolkit.recipes.common import lr_at
+from toolkit.recipes.train_lm import TrainLMConfig, run, val_window_starts, validation_bpb
 
 TINY = lm.LMShape(vocab_size=280, hidden_size=32, num_layers=2, num_heads=2,
                   intermediate_size=64, max_positions=64)
@@ -87,10 +89,10 @@ def test_load_rejects_vocab_mismatch(tmp_path, tiny_tok) -> None:
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:
-    assert lr_at(0.0, 0, 10, 1.0, 0.1) == pytest.approx(0.1)
-    assert lr_at(0.0, 9, 10, 1.0, 0.1) == pytest.approx(1.0)
-    assert lr_at(0.5, 100, 10, 1.0, 0.1) == pytest.approx(0.55)
-    assert lr_at(1.0, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert lr_at(0, 0.0, lr=1.0, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(9, 0.0, lr=1.0, warmup=10, min_ratio=0.1) == pytest.approx(1.0)
+    assert lr_at(100, 0.5, lr=1.0, warmup=10, min_ratio=0.1) == pytest.approx(0.55)
+    assert lr_at(100, 1.0, lr=1.0, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
 
 
 def test_val_windows_spread_and_do_not_overlap() -> None:
@@ -120,7 +122,7 @@ def test_validation_bpb_of_untrained_model_is_near_uniform(tiny_tok) -> None:
                     reason="shipped LM not built")
 def test_shipped_default_lm_matches_manifest() -> None:
     model, tok = lm.load_default_lm()
-    entry = json.loads(lm.MANIFEST.read_text())[lm.DEFAULT_LM_NAME]
+    entry = read_manifest()[lm.DEFAULT_LM_NAME]
     assert file_sha256(lm.DEFAULT_LM_DIR / lm.WEIGHTS_FILE) == entry["sha256"]
     assert lm.weights_sha256(model) == entry["weights_sha256"]
     assert lm.count_parameters(model) == entry["parameters"]
@@ -129,9 +131,9 @@ def test_shipped_default_lm_matches_manifest() -> None:
 
 
 def test_train_lm_continues_from_init(tmp_path, tiny_tok) -> None:
-    """``train_lm --init`` starts from a saved model (not a fresh one) and records it in its manifest."""
+    """The ``train_lm`` recipe with ``init`` starts from a saved model (not a fresh one) and records it in its
+    manifest."""
     from toolkit.data.corpus import DOC_SEP
-    from toolkit.models.train_lm import main
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -142,14 +144,30 @@ def test_train_lm_continues_from_init(tmp_path, tiny_tok) -> None:
         {"train_bytes": len(text), "train_sha256": "x", "val_bytes": 540, "sources": []}))
     init = lm.save_lm(lm.build_lm(TINY, seed=3), tiny_tok, tmp_path / "init")
     out, manifest = tmp_path / "out", tmp_path / "MANIFEST.json"
-    args = ["--corpus", str(corpus), "--init", str(init), "--out", str(out), "--run-dir", str(tmp_path / "run"),
-            "--manifest", str(manifest), "--minutes", "0.02", "--lr", "1e-9", "--warmup", "1",
-            "--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64", "--seq-len", "32",
-            "--batch", "2", "--threads", "1", "--final-val-windows", "4"]
-    assert main(args) == 0
+    config = TrainLMConfig(corpus=corpus, init=init, out=out, run_dir=tmp_path / "run", manifest=manifest,
+                           minutes=0.02, lr=1e-9, warmup=1, hidden=32, layers=2, heads=2, intermediate=64,
+                           seq_len=32, batch=2, threads=(1,), final_val_windows=4)
+    assert run(config) == out
     trained, _ = lm.load_lm(out)
     start, _ = lm.load_lm(init)
     for a, b in zip(trained.state_dict().values(), start.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)  # a rate of 1e-9 leaves the init weights in place
     entry = json.loads(manifest.read_text())["lm-default"]
     assert entry["initialised_from"] == str(init) and entry["training"]["steps"] >= 1
+    assert TrainLMConfig.from_dict(entry["config"]) == config  # the entry reruns the recipe as it ran
+
+
+def test_train_lm_config_refuses_bad_values(tmp_path) -> None:
+    base = dict(corpus=tmp_path, out=tmp_path / "out", minutes=1.0)
+    for bad, words in [({"minutes": 0.0}, "minutes"), ({"hidden": 30, "heads": 4}, "multiple"),
+                       ({"threads": ()}, "threads"), ({"recall_fraction": 1.5}, "recall_fraction")]:
+        with pytest.raises(ConfigError, match=words):
+            TrainLMConfig(**{**base, **bad})
+
+
+def test_lm_shape_keeps_its_json_and_checks_itself() -> None:
+    assert TINY.to_dict() == {"vocab_size": 280, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                              "intermediate_size": 64, "max_positions": 64, "rope_theta": 10000.0}
+    assert lm.LMShape.from_dict(TINY.to_dict()) == TINY
+    with pytest.raises(ConfigError, match="multiple"):
+        lm.LMShape(hidden_size=30, num_heads=4)

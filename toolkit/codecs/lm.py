@@ -29,15 +29,16 @@ first used, and torch only for a float engine.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from toolkit.codecs.registry import Codec, DecodeSession, EncodeSession, ProgressFn, register_codec
-from toolkit.entropy.varint import read_varint, varint
+from toolkit.config import Config, check
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError
+from toolkit.formats.binary import ByteReader, varint
+from toolkit.progress import Progress
 
 __all__ = ["LMCodec", "LMConfig"]
 
@@ -47,8 +48,14 @@ _VERSION = 7
 _MEMORY_SHARE = 0.5
 
 
-@dataclass
-class LMConfig:
+@dataclass(frozen=True)
+class LMConfig(Config):
+    """The lm codec's settings; the header records them resolved (:attr:`LMCodec.settings`).
+
+    ``batch=0`` resolves here to the segments a batch takes (half of ``streams``, so that a long
+    segment can take two); ``orders`` is kept sorted and without repeats.
+    """
+
     model: str = DEFAULT_MODEL
     window: int = 256
     keep: int = 64
@@ -59,7 +66,7 @@ class LMConfig:
     threads: int = 0
     engine: str = "auto"
     dtype: str = "auto"
-    orders: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 6])
+    orders: tuple[int, ...] = (1, 2, 3, 4, 6)
     gamma: float = 8.0
     contexts: int = 1 << 19
     adapt: float = 0.03
@@ -70,48 +77,44 @@ class LMConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if not 16 <= self.window <= 1 << 16:
-            raise ConfigError(f"window must be in 16..65536 tokens, got {self.window}")
-        if not 0 <= self.keep < self.window:
-            raise ConfigError(f"keep must be in 0..window-1 tokens, got {self.keep}")
-        if not 256 <= self.segment <= 1 << 24:
-            raise ConfigError(f"segment must be in 256..16777216 bytes, got {self.segment}")
-        if not 1 <= self.streams <= 1024:
-            raise ConfigError(f"streams must be in 1..1024, got {self.streams}")
-        if not 0 <= self.piece <= 1 << 24:
-            raise ConfigError(f"piece must be in 0..16777216 tokens (0: one stream per segment), got {self.piece}")
+        check(16 <= self.window <= 1 << 16, f"window must be in 16..65536 tokens, got {self.window}")
+        check(0 <= self.keep < self.window, f"keep must be in 0..window-1 tokens, got {self.keep}")
+        check(256 <= self.segment <= 1 << 24, f"segment must be in 256..16777216 bytes, got {self.segment}")
+        check(1 <= self.streams <= 1024, f"streams must be in 1..1024, got {self.streams}")
+        check(0 <= self.piece <= 1 << 24,
+              f"piece must be in 0..16777216 tokens (0: one stream per segment), got {self.piece}")
         if self.batch == 0:
-            # room to split: a batch of half as many segments as streams lets each long segment take two
-            self.batch = max(1, self.streams // 2) if self.piece else self.streams
-        if not 1 <= self.batch <= self.streams:
-            raise ConfigError(f"batch must be in 1..streams ({self.streams}) segments, got {self.batch}")
-        if not 0 <= self.threads <= 256:
-            raise ConfigError(f"threads must be in 0..256, got {self.threads}")
-        if self.engine not in ("auto", "int", "lean", "hf"):
-            raise ConfigError(f"engine must be auto, int, lean or hf, got {self.engine!r}")
-        if not isinstance(self.orders, list) or not all(isinstance(k, int) and 1 <= k <= 32 for k in self.orders):
-            raise ConfigError(f"orders must be a list of context lengths in 1..32, got {self.orders!r}")
-        self.orders = sorted(set(self.orders))
-        if not 0.01 <= self.gamma <= 1000:
-            raise ConfigError(f"gamma must be in 0.01..1000, got {self.gamma}")
-        if not 0 <= self.contexts <= 1 << 24:
-            raise ConfigError(f"contexts must be in 0..16777216, got {self.contexts}")
-        if not 0 <= self.adapt <= 10:
-            raise ConfigError(f"adapt must be a learning rate in 0..10 (0 turns adaptation off), got {self.adapt}")
-        if not 1 <= self.adapt_tokens <= 1 << 20:
-            raise ConfigError(f"adapt_tokens must be in 1..1048576 (tokens per SGD step), got {self.adapt_tokens}")
-        if not 1 <= self.adapt_rows <= 64:
-            raise ConfigError(f"adapt_rows must be in 1..64 (train on every n-th stream), got {self.adapt_rows}")
-        if not isinstance(self.unwrap, bool):
-            raise ConfigError(f"unwrap must be true or false, got {self.unwrap!r}")
-        if not isinstance(self.numbers, bool):
-            raise ConfigError(f"numbers must be true or false, got {self.numbers!r}")
-        if not isinstance(self.device, str) or not (self.device == "auto" or self.device.split(":")[0] in
-                                                     ("cpu", "cuda")):
-            raise ConfigError(f"device must be auto, cpu or cuda[:N] (the integer engine's linear layers), "
-                              f"got {self.device!r}")
-        if self.dtype not in ("auto", "int8", "float32", "bfloat16"):
-            raise ConfigError(f"dtype must be auto, int8, float32 or bfloat16, got {self.dtype!r}")
+            object.__setattr__(self, "batch", max(1, self.streams // 2) if self.piece else self.streams)
+        check(1 <= self.batch <= self.streams,
+              f"batch must be in 1..streams ({self.streams}) segments, got {self.batch}")
+        check(0 <= self.threads <= 256, f"threads must be in 0..256, got {self.threads}")
+        check(self.engine in ("auto", "int", "lean", "hf"),
+              f"engine must be auto, int, lean or hf, got {self.engine!r}")
+        check(isinstance(self.orders, list | tuple) and all(isinstance(k, int) and 1 <= k <= 32 for k in self.orders),
+              f"orders must be a list of context lengths in 1..32, got {self.orders!r}")
+        object.__setattr__(self, "orders", tuple(sorted(set(self.orders))))
+        check(0.01 <= self.gamma <= 1000, f"gamma must be in 0.01..1000, got {self.gamma}")
+        check(0 <= self.contexts <= 1 << 24, f"contexts must be in 0..16777216, got {self.contexts}")
+        check(0 <= self.adapt <= 10,
+              f"adapt must be a learning rate in 0..10 (0 turns adaptation off), got {self.adapt}")
+        check(1 <= self.adapt_tokens <= 1 << 20,
+              f"adapt_tokens must be in 1..1048576 (tokens per SGD step), got {self.adapt_tokens}")
+        check(1 <= self.adapt_rows <= 64,
+              f"adapt_rows must be in 1..64 (train on every n-th stream), got {self.adapt_rows}")
+        check(isinstance(self.unwrap, bool), f"unwrap must be true or false, got {self.unwrap!r}")
+        check(isinstance(self.numbers, bool), f"numbers must be true or false, got {self.numbers!r}")
+        check(isinstance(self.device, str) and (self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda")),
+              f"device must be auto, cpu or cuda[:N] (the integer engine's linear layers), got {self.device!r}")
+        check(self.dtype in ("auto", "int8", "float32", "bfloat16"),
+              f"dtype must be auto, int8, float32 or bfloat16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The header's form: every field as JSON, without ``version`` (the codec's own version is the
+        header's), so files keep the bytes they had before the configs shared a base."""
+        out = super().to_dict()
+        del out["version"]
+        return out
+
 
 def _parse_threads(value: str | None) -> int:
     if value is None:
@@ -137,10 +140,6 @@ def _memory_limit() -> int:
         return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * _MEMORY_SHARE)
     except (ValueError, OSError, AttributeError):
         return 8 << 30
-
-
-def _read_varint(buf: bytes) -> tuple[int, int]:
-    return read_varint(buf, "count in LM payload")
 
 
 @register_codec("lm")
@@ -184,25 +183,25 @@ class LMCodec(Codec):
         """
         if self._settings is None:
             cm = self.coding_model
-            cfg = dataclasses.replace(self.config)
-            cfg.engine = cm.engine_kind(cfg.engine)
-            cfg.dtype = cm.dtype(cfg.dtype, cfg.engine)
-            if cfg.engine == "int":
-                cfg.threads = self._threads or cfg.threads or _cores()
+            cfg = self.config
+            engine = cm.engine_kind(cfg.engine)
+            dtype = cm.dtype(cfg.dtype, engine)
+            if engine == "int":
+                threads = self._threads or cfg.threads or _cores()
             else:
                 import torch
 
-                cfg.threads = self._threads or cfg.threads or torch.get_num_threads()
-            if cfg.engine == "hf":
-                cfg.adapt = 0.0
-            if cfg.engine != "int" and cfg.device != "auto":
-                raise ConfigError(f"device={cfg.device} is the integer engine's; engine={cfg.engine} runs on the CPU")
+                threads = self._threads or cfg.threads or torch.get_num_threads()
+            if engine != "int" and cfg.device != "auto":
+                raise ConfigError(f"device={cfg.device} is the integer engine's; engine={engine} runs on the CPU")
+            cfg = cfg.replace(engine=engine, dtype=dtype, threads=threads,
+                              adapt=0.0 if engine == "hf" else cfg.adapt)
             _check_memory(cm, cfg)
             self._settings = cfg
         return self._settings
 
     def config_dict(self) -> dict:
-        return dataclasses.asdict(self.settings)
+        return self.settings.to_dict()
 
     def header_fields(self) -> dict:
         # the name as the user gave it (``default``), not where the store found it
@@ -233,18 +232,15 @@ class LMCodec(Codec):
     def from_header(cls, header: dict, local: dict[str, str] | None = None) -> LMCodec:
         base: LMCodec = super().from_header(header, local)  # type: ignore[assignment]
         local = local or {}
-        threads = None
-        if base.config.engine == "int":
+        config, threads = base.config, None
+        if config.engine == "int":
             # the integer engine's output depends on neither: decode with this machine's threads and device
             threads = _parse_threads(local.get("threads")) or _cores()
-            base.config.device = "auto"
-            if "device" in local:
-                base.config.device = local["device"]
-                base.config.__post_init__()
+            config = config.replace(device=local.get("device", "auto"))
         elif "threads" in local or "device" in local:
-            raise ConfigError(f"engine={base.config.engine} must decode with the encoder's threads "
-                              f"({base.config.threads}) on the CPU: threads and device cannot be set")
-        codec = cls(base.config, threads=threads, model_dir=local.get("model_dir"))
+            raise ConfigError(f"engine={config.engine} must decode with the encoder's threads "
+                              f"({config.threads}) on the CPU: threads and device cannot be set")
+        codec = cls(config, threads=threads, model_dir=local.get("model_dir"))
         want = header.get("model")
         if not isinstance(want, dict):
             raise FormatError("LM header has no model record")
@@ -351,6 +347,20 @@ class _LMEncoder(EncodeSession):
         self.codec, self.progress = codec, progress
         self.coder = codec.lockstep()
 
+    def _bytes_done(self, size: int) -> Progress:
+        """The lockstep coder's ``(tokens done, total)`` as the container's raw bytes done since the last report."""
+        if self.progress is None:
+            return False
+        progress, reported = self.progress, 0
+
+        def report(done: int, total: int) -> None:
+            nonlocal reported
+            now = size * done // total if total else size
+            progress(now - reported)
+            reported = now
+
+        return report
+
     def encode_chunks(self, chunks: list[bytes]) -> list[bytes | None]:
         from toolkit.entropy import RangeCoder
         from toolkit.text.lockstep import Stream
@@ -360,16 +370,7 @@ class _LMEncoder(EncodeSession):
         pieces = codec.pieces({i: len(t) for i, t in enumerate(tokens) if t is not None})
         streams = [Stream(e - a, tokens=tokens[i][a:e], coder=RangeCoder.encoder())  # type: ignore[index]
                    for i, a, e in pieces]
-        n_tokens = sum(st.length for st in streams)
-        on_tokens = None
-        if self.progress is not None and n_tokens:
-            per_token = sum(len(c) for c in chunks) / n_tokens
-            progress = self.progress
-
-            def on_tokens(n: int) -> None:
-                progress(int(n * per_token))
-
-        self.coder.run(streams, on_tokens=on_tokens)
+        self.coder.run(streams, progress=self._bytes_done(sum(len(c) for c in chunks)))
         words: dict[int, list[bytes]] = {}
         for st, (i, _, _) in zip(streams, pieces, strict=True):
             words.setdefault(i, []).append(st.coder.finish())  # type: ignore[union-attr]
@@ -407,25 +408,14 @@ class _LMDecoder(DecodeSession):
                 if replay[i] is not None:
                     lengths[i] = len(replay[i])
                 continue
-            m, used = _read_varint(p)
-            if used + m > len(p):
-                raise FormatError(f"LM payload claims {m} bytes of text-transform data in {len(p)}")
-            sides[i] = p[used : used + m]
-            used += m
-            n, u = _read_varint(p[used:])
-            used += u
-            if n > sizes[i]:
-                raise FormatError(f"LM payload claims {n} tokens for {sizes[i]} bytes")
-            k, u = _read_varint(p[used:])
-            used += u
-            if not 1 <= k <= max(1, n):
-                raise FormatError(f"LM payload claims {k} pieces for {n} tokens")
-            counts = []
-            for _ in range(k - 1):
-                c, u = _read_varint(p[used:])
-                used += u
-                counts.append(c)
-            words = p[used:]
+            r = ByteReader(p, "LM payload")
+            sides[i] = bytes(r.blob())
+            n = r.varint(sizes[i])  # a token holds at least one byte
+            k = r.varint(max(1, n))
+            if k < 1:
+                raise FormatError("LM payload: a segment of no pieces")
+            counts = [r.varint(r.remaining // 4) for _ in range(k - 1)]
+            words = r.take(r.remaining)
             if len(words) % 4 or 4 * sum(counts) > len(words):
                 raise FormatError("LM payload is not a whole number of 32-bit words per piece")
             arr = np.frombuffer(words, dtype=np.uint32)

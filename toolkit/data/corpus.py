@@ -17,14 +17,13 @@ training sources, and the held-out Linux subtree is excluded when the Linux
 sample is drawn) and checked at the end by looking for any shared 64-byte
 chunk between eval files and the training text.
 
-Usage::
+The ``build_corpus`` recipe writes both::
 
-    python -m toolkit.data.corpus --out runs/corpus --eval-out runs/eval
+    python -m toolkit.recipes.build_corpus --out runs/corpus --eval-out runs/eval
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -426,23 +425,3 @@ def check_overlap(eval_dir: Path, train_file: Path, chunk: int = 64) -> dict[str
         if name is not None and sum(c.isalpha() for c in piece.decode("latin-1")) >= chunk // 2:
             counts[name] = counts.get(name, 0) + 1
     return counts
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, help="training corpus directory")
-    ap.add_argument("--eval-out", type=Path, help="held-out eval directory")
-    ap.add_argument("--linux-cache", type=Path, default=Path("runs/linux-sample"))
-    ap.add_argument("--val-fraction", type=float, default=0.01)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.out:
-        build_training(args.out, args.linux_cache, args.val_fraction)
-    if args.eval_out:
-        train_file = args.out / "train.txt" if args.out else None
-        build_eval(args.eval_out, args.linux_cache, train_file)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,23 +14,25 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from toolkit.config import Config, check
 from toolkit.models.store import ASSETS as ASSETS_DIR
 from toolkit.models.tokenizer import ByteTokenizer
+from toolkit.progress import Progress, reporter
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LM_NAME = "lm-default"
 DEFAULT_LM_DIR = ASSETS_DIR / DEFAULT_LM_NAME
-MANIFEST = ASSETS_DIR / "MANIFEST.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-@dataclass
-class LMShape:
+@dataclass(frozen=True)
+class LMShape(Config):
     """Size of the Llama; serialises to JSON for manifests and run logs."""
 
     vocab_size: int = 4096
@@ -41,7 +43,15 @@ class LMShape:
     max_positions: int = 512
     rope_theta: float = 10000.0
 
-    def to_dict(self) -> dict:
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
+            check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        check(self.hidden_size % self.num_heads == 0,
+              f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
+        check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields alone, as the manifests and saved runs have always recorded them (no ``version``)."""
         return asdict(self)
 
 
@@ -158,13 +168,15 @@ def train_small_lm(
     lr: float = 3e-3,
     vocab_size: int = 512,
     seed: int = 0,
+    progress: Progress = False,
 ) -> list[float]:
     """Train a small model and tokenizer in memory and save them to ``directory``.
 
     For notebooks and tests: the whole corpus is tokenised at once, batches
     are random windows, AdamW with a short warmup and cosine decay. Returns
     the training loss (bits per token) of every step. The shipped model is
-    trained by ``python -m toolkit.models.train_lm`` instead.
+    trained by the ``train_lm`` recipe (``python -m toolkit.recipes.train_lm``)
+    instead, on a time budget with checkpoints.
     """
     from toolkit.models.tokenizer import train as train_tokenizer
 
@@ -185,6 +197,7 @@ def train_small_lm(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     losses = []
+    report = reporter(progress, steps, "training")
     warmup = max(1, steps // 10)
     for step in range(steps):
         if step < warmup:
@@ -202,6 +215,7 @@ def train_small_lm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item() / math.log(2))
+        report(step + 1, steps)
     model.eval()
     save_lm(model, tok, directory)
     return losses

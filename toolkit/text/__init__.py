@@ -4,8 +4,9 @@
 - :mod:`toolkit.text.transforms`: exact text transforms (wrapped lines, line numbers) with side data;
 - :mod:`toolkit.text.tokens`: tokenizers as the coder sees them;
 - :mod:`toolkit.text.integer`: the integer engine (the default; the same numbers on every machine), with
-  its compiled loops (:mod:`toolkit.text.intkernels`), fixed-point tables (:mod:`toolkit.text.fixed`) and
-  calibration (:mod:`toolkit.text.calibrate`); :mod:`toolkit.text.llama` says which configs it runs;
+  its compiled loops (:mod:`toolkit.text.intkernels`) and fixed-point tables (:mod:`toolkit.text.fixed`);
+  its calibrated weights come from the ``calibrate_lm`` recipe; :mod:`toolkit.text.llama` says which
+  configs it runs;
 - :mod:`toolkit.text.engines`: the float engines, machine-bound: the lean Llama forward and the ``transformers`` one;
 - :mod:`toolkit.text.mixer`, :mod:`toolkit.text.adapt`: the file's n-gram counts and adapted head;
 - :mod:`toolkit.text.plan`: how a batch's segments become streams;
@@ -20,7 +21,7 @@ from toolkit._lazy import attach
 
 __getattr__, __dir__, __all__ = attach(
     __name__,
-    submodules=["adapt", "calibrate", "detect", "engines", "fixed", "integer", "intkernels", "llama",
+    submodules=["adapt", "detect", "engines", "fixed", "integer", "intkernels", "llama",
                 "lockstep", "mixer", "model", "plan", "tokens", "transforms"],
     submod_attrs={
         "detect": ["looks_like_text"],

@@ -18,13 +18,13 @@ adapted head carry over from batch to batch); a new file needs a new one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from toolkit import entropy
+from toolkit.progress import Progress, reporter
 from toolkit.text.mixer import NgramMixer, mass_to_table
 
 __all__ = ["Lockstep", "Stream"]
@@ -60,14 +60,16 @@ class Lockstep:
         self.head: Any = None  # the adapted head, carried from batch to batch
 
     def run(self, streams: list[Stream], costs: dict[int, list[float]] | None = None,
-            on_tokens: Callable[[int], None] | None = None) -> dict[int, list[int]]:
+            progress: Progress = False) -> dict[int, list[int]]:
         """Code the batch; returns the tokens of every stream that has a decoder, by index.
 
-        ``costs[i]`` collects stream ``i``'s bits per token; ``on_tokens(n)`` hears of coded tokens.
+        ``costs[i]`` collects stream ``i``'s bits per token; ``progress`` counts the batch's coded tokens.
         """
         if not streams:
             return {}
         lengths = [st.length for st in streams]
+        total = sum(lengths)
+        report = reporter(progress, total, "coding")
         out: dict[int, list[int]] = {i: [] for i, st in enumerate(streams) if st.coder is not None
                                      and st.coder.decoding}
         with self._predictor(len(streams)) as pred:
@@ -77,7 +79,7 @@ class Lockstep:
             # rows): the steps that remain cost what the live streams need. Both sides know every
             # length, so they drop the same rows at the same step.
             rows = list(range(len(streams)))  # engine row -> index into streams
-            pending = 0
+            done = 0
             for t in range(max(lengths)):
                 if pred.compact:
                     live = [j for j, r in enumerate(rows) if t < lengths[r]]
@@ -105,13 +107,10 @@ class Lockstep:
                 if self.mixer is not None:
                     self.mixer.update(history, coded, active)
                 cur = nxt
-                if on_tokens is not None:
-                    pending += sum(active)
-                    if t % _REPORT_EVERY == _REPORT_EVERY - 1:
-                        on_tokens(pending)
-                        pending = 0
-            if on_tokens is not None and pending:
-                on_tokens(pending)
+                done += sum(active)
+                if t % _REPORT_EVERY == _REPORT_EVERY - 1:
+                    report(done, total)
+            report(done, total)
         return out
 
     def _predictor(self, streams: int) -> Any:

@@ -5,8 +5,8 @@ loads without ``transformers`` or torch: the weights are read as numpy
 arrays with ``safetensors`` and the tokenizer is a ``tokenizers`` file. The
 integer engine (the default) runs on them as they are; the lean engine
 takes them as torch tensors when it is first built. A directory may carry
-the integer engine's calibrated weights (``integer.safetensors``, see
-:mod:`toolkit.text.calibrate`); without them the engine quantizes the float
+the integer engine's calibrated weights (``integer.safetensors``, written by
+``python -m toolkit.recipes.calibrate_lm``); without them the engine quantizes the float
 weights as it loads. Any other model, a Hugging Face tokenizer, a hub id or
 ``engine=hf`` goes through ``transformers``. The weights hash is the hash of
 the weight files (the store caches it by the files' stamps), or for a hub id

@@ -10,7 +10,7 @@ OmniQuant, on the int8 grid). ``X`` comes from a float64 forward of the
 model over calibration text drawn from its own training sources, never
 from held-out text.
 
-    python -m toolkit.text.calibrate toolkit/assets/lm-default --eval-dir runs/eval
+    python -m toolkit.recipes.calibrate_lm --model-dir toolkit/assets/lm-default --eval-dir runs/eval
 
 compares plain max-abs scales with two clipping searches by the integer
 engine's bits per token on held-back calibration sequences, writes
@@ -22,27 +22,60 @@ manifest.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import random
-import sys
 import time
-import types
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from toolkit.text.integer import folded_linears, quantize
+from toolkit.codecs.lm import LMCodec, LMConfig
+from toolkit.config import Config, check
+from toolkit.data import corpus
+from toolkit.errors import ConfigError
+from toolkit.models.store import MANIFEST, read_manifest, update_manifest
+from toolkit.models.tokenizer import ByteTokenizer
+from toolkit.recipes.common import cli
+from toolkit.text.integer import IntLlama, folded_linears, quantize
+from toolkit.text.model import INTEGER_FILE, load_coding_model
 
-__all__ = ["calibration_inputs", "choose_clips", "calibration_text"]
+__all__ = ["CalibrateLMConfig", "run", "main", "calibration_inputs", "choose_clips", "calibration_text"]
 
 logger = logging.getLogger(__name__)
 
 #: clipping ratios tried per row
 RATIOS = np.linspace(1.0, 0.7, 16)
+#: what the integer weights were before any calibration
+PLAIN = "max-abs (no clipping)"
+
+
+@dataclass(frozen=True)
+class CalibrateLMConfig(Config):
+    """Calibrate the integer engine's int8 weights of an lm model directory."""
+
+    model_dir: Path = field(metadata={"help": "the model directory (toolkit/assets/lm-default)"})
+    eval_dir: Path | None = field(default=None, metadata={"help": "held-out files to report bits per byte on"})
+    eval_bytes: int = field(default=65536, metadata={"help": "first N bytes of each held-out file"})
+    calib_bytes: int = field(default=800_000, metadata={"help": "bytes of calibration text"})
+    seq: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
+    sequences: int = field(default=96, metadata={"help": "sequences to fit on, and as many to choose on"})
+    min_gain: float = field(default=0.001, metadata={
+        "help": "store calibrated weights only if they save this share of bits on the held-back sequences"})
+    manifest_name: str = field(default="lm-default", metadata={"help": "the model's manifest entry"})
+    manifest: Path = field(default=MANIFEST, metadata={"help": "the manifest that holds the entry"})
+
+    def __post_init__(self) -> None:
+        for name in ("model_dir", "eval_dir", "manifest"):  # from_dict gives strings
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        for name in ("eval_bytes", "calib_bytes", "sequences"):
+            check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        check(self.seq >= 2, f"seq must be at least 2 tokens, got {self.seq}")
+        check(0 <= self.min_gain < 1, f"min_gain must be in 0..1, got {self.min_gain}")
 
 
 def _rms(x: np.ndarray, eps: float) -> np.ndarray:
@@ -118,8 +151,6 @@ def choose_clips(cfg: Any, w: dict[str, np.ndarray], gram: dict[str, np.ndarray]
 
 def calibration_text(nbytes: int, seed: int = 0) -> tuple[bytes, list[dict]]:
     """A seeded sample of documents from the model's training sources installed here (python stdlib, man pages)."""
-    from toolkit.data import corpus
-
     wanted = {"python-stdlib", "manpages"}
     docs, provenance = [], []
     for src in corpus.training_sources(Path("runs/linux-sample")):
@@ -143,8 +174,6 @@ def calibration_text(nbytes: int, seed: int = 0) -> tuple[bytes, list[dict]]:
 
 def cross_entropy(cfg: Any, q: dict[str, np.ndarray], sequences: list[list[int]], bos: int) -> float:
     """Bits per token of the integer engine (no adaptation, no n-grams) over equal-length ``sequences``."""
-    from toolkit.text.integer import IntLlama
-
     n = len(sequences[0])
     engine = IntLlama(cfg, q, max(n, 16), 0)
     engine.reset(len(sequences))
@@ -161,8 +190,6 @@ def cross_entropy(cfg: Any, q: dict[str, np.ndarray], sequences: list[list[int]]
 
 def _bpb(model_dir: Path, files: list[Path], max_bytes: int, **settings: Any) -> dict[str, float]:
     """Bits per byte of the lm codec's payloads (the header's few hundred bytes left out) on each file."""
-    from toolkit.codecs.lm import LMCodec, LMConfig
-
     out = {}
     for p in files:
         data = p.read_bytes()[:max_bytes]
@@ -173,38 +200,24 @@ def _bpb(model_dir: Path, files: list[Path], max_bytes: int, **settings: Any) ->
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("--eval-dir", type=Path, help="held-out files to report bits per byte on")
-    ap.add_argument("--eval-bytes", type=int, default=65536, help="first N bytes of each held-out file")
-    ap.add_argument("--calib-bytes", type=int, default=800_000)
-    ap.add_argument("--seq", type=int, default=256, help="tokens per calibration sequence")
-    ap.add_argument("--sequences", type=int, default=96, help="sequences to fit on, and as many to choose on")
-    ap.add_argument("--min-gain", type=float, default=0.001,
-                    help="store calibrated weights only if they save this share of bits on the held-back sequences")
-    ap.add_argument("--manifest-name", default="lm-default")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+def run(config: CalibrateLMConfig) -> Path:
+    """Calibrate, store the integer weights where they pay, record it all in the manifest; returns the model dir."""
     from safetensors.numpy import save_file
 
-    from toolkit.models.tokenizer import ByteTokenizer
-    from toolkit.models.train_lm import MANIFEST, update_manifest
-    from toolkit.text.model import INTEGER_FILE, _read_float, _weight_files
-
+    entry = read_manifest(config.manifest).get(config.manifest_name)
+    if entry is None:
+        raise ConfigError(f"{config.manifest} has no entry {config.manifest_name!r} to record the calibration in")
     t0 = time.time()
-    cfg = types.SimpleNamespace(**json.loads((args.model_dir / "config.json").read_text()))
-    w = {}
-    for f in _weight_files(args.model_dir):
-        w.update(_read_float(f))
-    text, provenance = calibration_text(args.calib_bytes)
-    tok = ByteTokenizer.load(args.model_dir)
+    model = load_coding_model(str(config.model_dir))
+    cfg, w = model.config, model.float_weights()
+    text, provenance = calibration_text(config.calib_bytes)
+    tok = ByteTokenizer.load(config.model_dir)
     ids = tok.encode_batch([text])[0]
-    seqs = [ids[a : a + args.seq] for a in range(0, len(ids) - args.seq, args.seq)][: 2 * args.sequences]
+    seqs = [ids[a : a + config.seq] for a in range(0, len(ids) - config.seq, config.seq)][: 2 * config.sequences]
     fit, held = seqs[0::2], seqs[1::2]
-    logger.info("fitting on %d sequences of %d tokens, choosing on %d", len(fit), args.seq, len(held))
+    logger.info("fitting on %d sequences of %d tokens, choosing on %d", len(fit), config.seq, len(held))
     gram = calibration_inputs(cfg, w, fit)
-    variants: dict[str, tuple[dict, dict]] = {"max-abs (no clipping)": ({}, {})}
+    variants: dict[str, tuple[dict, dict]] = {PLAIN: ({}, {})}
     for lo in (0.9, 0.7):
         variants[f"clipping search 1.0..{lo}"] = choose_clips(cfg, w, gram, np.linspace(1.0, lo, 11))
     bits = {name: round(cross_entropy(cfg, quantize(cfg, w, clips), held, tok.bos_id), 5)
@@ -212,39 +225,43 @@ def main(argv: list[str] | None = None) -> int:
     for name, b in bits.items():
         logger.info("%s: %.5f bits/token on the held-back calibration sequences", name, b)
     best = min(bits, key=bits.get)
-    plain = "max-abs (no clipping)"
-    target = args.model_dir / INTEGER_FILE
+    target = config.model_dir / INTEGER_FILE
     target.unlink(missing_ok=True)
-    stored = best != plain and bits[best] <= bits[plain] * (1 - args.min_gain)
+    stored = best != PLAIN and bits[best] <= bits[PLAIN] * (1 - config.min_gain)
     if stored:
         save_file(quantize(cfg, w, variants[best][0]), str(target))
     figures = {}
-    if args.eval_dir:
-        files = sorted(p for p in args.eval_dir.iterdir() if p.suffix in (".txt", ".c"))
-        figures = {"integer": _bpb(args.model_dir, files, args.eval_bytes),
-                   "lean_float32": _bpb(args.model_dir, files, args.eval_bytes, engine="lean", dtype="float32"),
-                   "lean_bfloat16": _bpb(args.model_dir, files, args.eval_bytes, engine="lean", dtype="bfloat16")}
+    if config.eval_dir:
+        files = sorted(p for p in config.eval_dir.iterdir() if p.suffix in (".txt", ".c"))
+        figures = {"integer": _bpb(config.model_dir, files, config.eval_bytes),
+                   "lean_float32": _bpb(config.model_dir, files, config.eval_bytes, engine="lean", dtype="float32"),
+                   "lean_bfloat16": _bpb(config.model_dir, files, config.eval_bytes, engine="lean", dtype="bfloat16")}
         for k, v in figures.items():
             logger.info("%s: %s", k, v)
-    entry = json.loads(MANIFEST.read_text())[args.manifest_name]
     entry["integer"] = {
         "weights": INTEGER_FILE if stored else "quantized from the float weights as the model loads",
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest() if stored else None,
         "method": "int8 per output row with norm gains folded; calibration compared per-row clipping levels chosen "
                   "by least output error dW H dW^T on calibration inputs against plain max-abs scales, by the "
                   "integer engine's bits per token on held-back calibration sequences",
-        "command": "python -m toolkit.text.calibrate " + " ".join(sys.argv[1:] if argv is None else argv),
+        "recipe": "toolkit.recipes.calibrate_lm",
+        "config": json.loads(json.dumps(config.to_dict(), default=str)),  # CalibrateLMConfig.from_dict reruns it
         "calibration_data": {"sources": provenance, "fit_sequences": len(fit), "held_back_sequences": len(held),
-                             "tokens_per_sequence": args.seq},
+                             "tokens_per_sequence": config.seq},
         "bits_per_token_held_back": bits,
-        "chosen": best if stored else plain,
+        "chosen": best if stored else PLAIN,
         "layers_of_chosen": variants[best][1] if stored else None,
-        "heldout_payload_bits_per_byte": {"files": f"first {args.eval_bytes} bytes of each file in {args.eval_dir}",
+        "heldout_payload_bits_per_byte": {"files": f"first {config.eval_bytes} bytes of each file in {config.eval_dir}",
                                           **figures} if figures else None,
         "seconds": round(time.time() - t0, 1),
     }
-    update_manifest(args.manifest_name, entry)
-    return 0
+    update_manifest(config.manifest_name, entry, config.manifest)
+    return config.model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    return cli(CalibrateLMConfig, run, argv)
 
 
 if __name__ == "__main__":
