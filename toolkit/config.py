@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from pathlib import Path, PurePath
 from typing import Any, ClassVar, TypeVar
 
 from toolkit.errors import ConfigError
@@ -31,6 +32,8 @@ def check(ok: bool, message: str) -> None:
 def _plain(value: Any) -> Any:
     if isinstance(value, Config):
         return value.to_dict()
+    if isinstance(value, PurePath):
+        return str(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -38,13 +41,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _is_tuple_type(tp: Any) -> bool:
-    """Whether a field annotation admits a tuple (JSON gives lists back)."""
+def _admits(tp: Any, kind: type) -> bool:
+    """Whether a field annotation admits ``kind`` (tuple or Path: JSON gives lists and strings back)."""
     origin = typing.get_origin(tp)
-    if origin is tuple or tp is tuple:
+    if origin is kind or (isinstance(tp, type) and issubclass(tp, kind)):
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_is_tuple_type(a) for a in typing.get_args(tp))
+        return any(_admits(a, kind) for a in typing.get_args(tp))
     return False
 
 
@@ -54,7 +57,7 @@ class Config:
     version: ClassVar[int] = 1
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON values (tuples become lists), with ``version``."""
+        """The fields as JSON values (tuples become lists, paths strings), with ``version``."""
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         out["version"] = self.version
         return out
@@ -76,8 +79,10 @@ class Config:
                               f"known: {', '.join(sorted(fields))}")
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
-            if isinstance(value, list) and _is_tuple_type(hints.get(name)):
+            if isinstance(value, list) and _admits(hints.get(name), tuple):
                 data[name] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            elif isinstance(value, str) and _admits(hints.get(name), PurePath):
+                data[name] = Path(value)
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:

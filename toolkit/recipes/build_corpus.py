@@ -11,7 +11,6 @@ toolkit/data/SOURCES.md).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +32,6 @@ class BuildCorpusConfig(Config):
     val_fraction: float = field(default=0.01, metadata={"help": "share of every source held out for validation"})
 
     def __post_init__(self) -> None:
-        for name in ("out", "eval_out", "linux_cache"):  # from_dict gives strings
-            if isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, Path(getattr(self, name)))
         check(self.out is not None or self.eval_out is not None, "give out, eval_out or both")
         check(0 < self.val_fraction < 1, f"val_fraction must be in 0..1, got {self.val_fraction}")
 
@@ -51,7 +47,6 @@ def run(config: BuildCorpusConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     return cli(BuildCorpusConfig, run, argv)
 
 

@@ -23,7 +23,6 @@ manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import time
@@ -69,9 +68,6 @@ class CalibrateLMConfig(Config):
     manifest: Path = field(default=MANIFEST, metadata={"help": "the manifest that holds the entry"})
 
     def __post_init__(self) -> None:
-        for name in ("model_dir", "eval_dir", "manifest"):  # from_dict gives strings
-            if isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, Path(getattr(self, name)))
         for name in ("eval_bytes", "calib_bytes", "sequences"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         check(self.seq >= 2, f"seq must be at least 2 tokens, got {self.seq}")
@@ -245,7 +241,7 @@ def run(config: CalibrateLMConfig) -> Path:
                   "by least output error dW H dW^T on calibration inputs against plain max-abs scales, by the "
                   "integer engine's bits per token on held-back calibration sequences",
         "recipe": "toolkit.recipes.calibrate_lm",
-        "config": json.loads(json.dumps(config.to_dict(), default=str)),  # CalibrateLMConfig.from_dict reruns it
+        "config": config.to_dict(),  # CalibrateLMConfig.from_dict reruns it
         "calibration_data": {"sources": provenance, "fit_sequences": len(fit), "held_back_sequences": len(held),
                              "tokens_per_sequence": config.seq},
         "bits_per_token_held_back": bits,
@@ -260,7 +256,6 @@ def run(config: CalibrateLMConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     return cli(CalibrateLMConfig, run, argv)
 
 

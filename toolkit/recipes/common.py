@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -136,6 +137,7 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
 def cli(cls: type[C], run: Callable[[C], Path], argv: Sequence[str] | None = None) -> int:
     """A recipe's ``main``: parse the config, run it, print where the result went; errors as one line."""
     doc = (sys.modules[run.__module__].__doc__ or "").strip().split("\n")[0]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         out = run(parse_config(cls, argv, description=doc or None))
     except ToolkitError as exc:

@@ -97,9 +97,6 @@ class TrainLMConfig(Config):
                 "its tokenizer is used unless --tokenizer is given"})
 
     def __post_init__(self) -> None:
-        for name in ("corpus", "out", "run_dir", "manifest", "tokenizer", "init"):  # from_dict gives strings
-            if isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, Path(getattr(self, name)))
         check(self.minutes > 0, f"minutes must be positive, got {self.minutes}")
         check(self.vocab > 257, f"vocab must leave room for 256 bytes and bos, got {self.vocab}")
         check(self.tokenizer_sample_mb >= 1, f"tokenizer_sample_mb must be at least 1, got {self.tokenizer_sample_mb}")
@@ -403,7 +400,7 @@ def run(config: TrainLMConfig) -> Path:
         "parameters": n_params,
         "shape": shape.to_dict(),
         "recipe": "toolkit.recipes.train_lm",
-        "config": json.loads(json.dumps(config.to_dict(), default=str)),  # TrainLMConfig.from_dict reruns it
+        "config": config.to_dict(),  # TrainLMConfig.from_dict reruns it
         "initialised_from": str(config.init) if config.init else None,
         "training": {
             "steps": step, "tokens_seen": tokens_seen,
@@ -426,7 +423,6 @@ def run(config: TrainLMConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     return cli(TrainLMConfig, run, argv)
 
 
