@@ -1,6 +1,6 @@
 """The audio codec against Opus at matched bitrates, on held-out speech and music, in one run.
 
-    python -m toolkit.data.audio --out runs/audio            # builds runs/audio/eval too
+    python -m toolkit.recipes.build_audio_data --out runs/audio   # builds runs/audio/eval too
     python benchmarks/audio_codec.py --eval-dir runs/audio/eval
 
 For each held-out set (``speech_recorded``: recorded voices; ``speech_unseen_voice``:
@@ -42,7 +42,7 @@ OPUS_KBPS = (6, 8, 12, 16)
 
 
 def source_of(name: str) -> str:
-    """The speaker or kind of a held-out clip, from the names ``toolkit.data.audio`` gives them:
+    """The speaker or kind of a held-out clip, from the names ``toolkit.recipes.build_audio_data`` gives them:
     ``asterisk-allison``, ``ktuberling-de``, ``espeak-en-us+f5``, ``festival-slt``, ``alsa``, ``midi``,
     ``sonic-pi``."""
     parts = name.split("-")

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     from toolkit.audio.codec import load_codec
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eval-dir", type=Path, required=True, help="runs/audio/eval from python -m toolkit.data.audio")
+    ap.add_argument("--eval-dir", type=Path, required=True,
+                    help="runs/audio/eval from python -m toolkit.recipes.build_audio_data")
     ap.add_argument("--model", default="", help="a model name or exported directory (default: the shipped one)")
     ap.add_argument("--kbps", type=float, default=6.0)
     ap.add_argument("--files", type=int, default=4)

@@ -45,8 +45,8 @@ def _write_split(root, name: str, x: np.ndarray) -> None:
 def _train(run, data, *extra: str, steps: int = 4, nproc: int = 1) -> subprocess.CompletedProcess:
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
             str(29500 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
-    cmd = head + ["-m", "toolkit.audio.train", "--data", str(data), "--run-dir", str(run), "--steps", str(steps),
-                  *TINY, *extra]
+    cmd = head + ["-m", "toolkit.recipes.train_audio", "--data", str(data), "--run-dir", str(run),
+                  "--steps", str(steps), *TINY, *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
 
 
@@ -61,7 +61,7 @@ def tiny(tmp_path_factory):
     run = root / "run"
     r = _train(run, data, "--gan-start", "2")
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(data), "--run-dir", str(run),
+    r = subprocess.run([sys.executable, "-m", "toolkit.recipes.train_audio", "--data", str(data), "--run-dir", str(run),
                         "--export", str(root / "model"), *TINY], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     return {"root": root, "data": data, "run": run, "model": root / "model"}
@@ -88,10 +88,10 @@ def test_training_continues_from_an_exported_model(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from toolkit.audio.model import CodecConfig, SEANetCodec
+    from toolkit.audio import AudioNetConfig, SEANetCodec
 
     exported = load_file(str(tiny["model"] / "model.safetensors"))
-    cfg = CodecConfig.from_dict(json.loads((tiny["model"] / "config.json").read_text())["config"])
+    cfg = AudioNetConfig.from_dict(json.loads((tiny["model"] / "config.json").read_text())["config"])
     net = SEANetCodec(cfg)
     net.load_inference_state(exported)
     back = net.inference_state()
@@ -108,11 +108,10 @@ def test_a_model_grows_by_residual_units_and_keeps_its_function(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from toolkit.audio import load_codec
-    from toolkit.audio.model import CodecConfig, SEANetCodec
+    from toolkit.audio import AudioNetConfig, SEANetCodec, load_codec
 
     exported = load_file(str(tiny["model"] / "model.safetensors"))
-    cfg = CodecConfig.from_dict(json.loads((tiny["model"] / "config.json").read_text())["config"])
+    cfg = AudioNetConfig.from_dict(json.loads((tiny["model"] / "config.json").read_text())["config"])
     small, grown = SEANetCodec(cfg).eval(), SEANetCodec(dataclasses.replace(cfg, residual_layers=3)).eval()
     small.load_inference_state(exported)
     grown.load_inference_state(exported, source=cfg)
@@ -142,7 +141,7 @@ def test_a_model_grows_by_residual_units_and_keeps_its_function(tiny, tmp_path):
         r = _train(run, tiny["data"], *extra, steps=6)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     grown_model = tmp_path / "grown_model"
-    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(tiny["data"]), "--run-dir",
+    r = subprocess.run([sys.executable, "-m", "toolkit.recipes.train_audio", "--data", str(tiny["data"]), "--run-dir",
                         str(run), "--export", str(grown_model), *TINY], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     r = _train(tmp_path / "shrunk", tiny["data"], "--init-from", str(grown_model), "--residual-layers", "2")
@@ -164,11 +163,11 @@ def test_quantizer_dropout_is_per_clip_and_uniform_over_the_bitrates():
 
     import torch
 
-    from toolkit.audio.model import CodecConfig, SEANetCodec
+    from toolkit.audio import AudioNetConfig, SEANetCodec
 
     torch.manual_seed(0)
-    cfg = CodecConfig(channels=4, ratios=(2, 2), dim=8, max_channels=8, codebook_size=16, num_quantizers=6,
-                      dropout_multiple=2)
+    cfg = AudioNetConfig(channels=4, ratios=(2, 2), dim=8, max_channels=8, codebook_size=16, num_quantizers=6,
+                         dropout_multiple=2)
     net = SEANetCodec(cfg)
     draws = net.draw_quantizers(6000)
     counts = torch.bincount(draws, minlength=7)
@@ -244,7 +243,7 @@ def tiny_istft(tiny):
     r = _train(run, tiny["data"], "--init-from", str(tiny["model"]), "--decoder", "istft", "--decoder-channels", "8",
                "--decoder-layers", "2", "--freeze-encoder", steps=2)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "toolkit.audio.train", "--data", str(tiny["data"]), "--run-dir",
+    r = subprocess.run([sys.executable, "-m", "toolkit.recipes.train_audio", "--data", str(tiny["data"]), "--run-dir",
                         str(run), "--export", str(model), *TINY], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stderr
     return model
@@ -268,7 +267,7 @@ def test_a_new_decoder_trained_alone_keeps_the_codes_and_streams(tiny, tiny_istf
     # the state refuses to load into a model with the other decoder
     from safetensors.torch import load_file
 
-    from toolkit.audio.model import CodecConfig, SEANetCodec
+    from toolkit.audio import AudioNetConfig, SEANetCodec
 
     with pytest.raises(ValueError, match="does not fit"):
         SEANetCodec(old.cfg).load_inference_state(load_file(str(tiny_istft / "model.safetensors")))
@@ -279,7 +278,7 @@ def test_a_new_decoder_trained_alone_keeps_the_codes_and_streams(tiny, tiny_istf
 
     back = SEANetCodec(dataclasses.replace(new.cfg, decoder="seanet", residual_layers=2))
     back.load_inference_state(load_file(str(tiny_istft / "model.safetensors")), source=new.cfg)
-    assert CodecConfig(ratios=(3, 5)).hop == 15  # an odd hop is fine for a SEANet decoder
+    assert AudioNetConfig(ratios=(3, 5)).hop == 15  # an odd hop is fine for a SEANet decoder
 
 
 def test_resuming_a_frozen_encoder_run_needs_the_flag(tiny, tiny_istft, tmp_path):
@@ -307,14 +306,17 @@ def test_file_chunks_carry_a_lagging_decoder_across_their_boundaries(tiny_istft,
     from toolkit.audio.io import to_pcm16
 
     monkeypatch.setattr(audio_codec, "CHUNK_SECONDS", 1)
-    x = np.round(_signal(3.3, 7) * 32767) / 32767
-    blob, _ = _compress(_wav_bytes(x), tiny_istft)
+    # 16-bit samples, so that the offline coding is given exactly what the file holds: libsndfile reads
+    # sample k as k / 32768, as AudioCodec.encode does (a float signal written as PCM_16 comes back
+    # scaled by 32767 / 32768, and where two codewords are nearly tied that picks another code)
+    pcm = np.round(_signal(3.3, 7) * 32767).astype(np.int16)
+    blob, _ = _compress(_wav_bytes(pcm), tiny_istft)
     from toolkit.api import info
 
     assert info(blob)["chunks"] == 4
     out = _decompress(blob)
     codec = load_codec(str(tiny_istft))
-    ref = to_pcm16(codec.decode(codec.encode(x.astype(np.float32), SR, 32)))
+    ref = to_pcm16(codec.decode(codec.encode(pcm, SR, 32)))
     assert out[44:] == ref
     for n in (0, 1):
         y, _ = sf.read(io.BytesIO(_decompress(_compress(_wav_bytes(np.full(n, 0.25)), tiny_istft)[0])))
@@ -345,6 +347,35 @@ def test_encode_takes_other_rates_channels_and_bad_samples(tiny):
         codec.encode(np.zeros((2, 2, 2)), SR, 32)
     with pytest.raises(ConfigError):
         codec.decode(np.full((2, 3), 99))
+
+
+def test_configs_check_their_values_and_round_trip():
+    import dataclasses
+
+    from toolkit.audio import AudioNetConfig
+    from toolkit.codecs.audio import AudioFileConfig
+    from toolkit.models.store import ASSETS
+    from toolkit.recipes.train_audio import TrainAudioConfig
+
+    shipped = json.loads((ASSETS / "audio-16k" / "config.json").read_text())["config"]
+    cfg = AudioNetConfig.from_dict(shipped)
+    assert cfg.ratios == (2, 4, 5, 8) and cfg.decoder_lag == 480 and AudioNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dim = 64
+    for bad in ({"decoder": "wavenet"}, {"decoder": "istft", "decoder_upsample": 3}, {"codebook_size": 1000},
+                {"ratios": ()}, {"channels": 0}, {"dropout_multiple": 25}):
+        with pytest.raises(ConfigError):
+            AudioNetConfig(**bad)
+    with pytest.raises(ConfigError, match="not a bitrate"):
+        cfg.quantizers_for(5)
+    # the file codec's settings are its header's "config", field for field
+    assert dataclasses.asdict(AudioFileConfig()) == {"kbps": 6.0, "model": ""}
+    for bad in ({"kbps": "six"}, {"model": 3}):
+        with pytest.raises(ConfigError):
+            AudioFileConfig(**bad)
+    for bad in ({"segment": 0.1}, {"residual_layers": 0}, {"decoder": "wavenet"}, {"threads": -1}):
+        with pytest.raises(ConfigError):
+            TrainAudioConfig(**bad)
 
 
 # --------------------------------------------------------------------------- the file codec

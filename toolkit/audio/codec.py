@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.audio.model import CodecConfig, InferenceCodec, StreamingState
+from toolkit.audio.config import AudioNetConfig
+from toolkit.audio.network import InferenceCodec
+from toolkit.audio.streaming import StreamingState
 from toolkit.errors import ConfigError, ModelMismatchError, UnsupportedInputError
 
 __all__ = ["AudioCodec", "Codes", "StreamEncoder", "StreamDecoder", "load_codec", "sample_clips", "DEFAULT_MODEL"]
@@ -95,7 +97,7 @@ class StreamEncoder:
 
     def flush(self) -> np.ndarray:
         """The codes of what is left, padded with silence to the frames the decoder needs to play it all
-        (:meth:`CodecConfig.frames_for`: whole frames, and the decoder's lag)."""
+        (:meth:`AudioNetConfig.frames_for`: whole frames, and the decoder's lag)."""
         missing = self.codec.cfg.frames_for(self.samples) - self.frames
         if missing <= 0:
             return np.zeros((self.n_q, 0), np.int16)
@@ -148,7 +150,7 @@ class AudioCodec:
 
     def __init__(self, net: InferenceCodec, priors: np.ndarray, sha256: str = "", name: str = ""):
         self.net = net.eval()
-        self.cfg: CodecConfig = net.cfg
+        self.cfg: AudioNetConfig = net.cfg
         self.priors = priors  # int64 [num_quantizers, codebook_size], each row summing to 2**16
         self.sha256, self.name = sha256, name
 
@@ -177,9 +179,10 @@ class AudioCodec:
     def quantizers_for(self, kbps: float) -> int:
         """How many codebooks ``kbps`` uses; a bitrate the model was not trained for is a ConfigError."""
         try:
-            return self.cfg.quantizers_for(float(kbps))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+            kbps = float(kbps)
+        except (TypeError, ValueError):
+            raise ConfigError(f"kbps must be a number, not {kbps!r}") from None
+        return self.cfg.quantizers_for(kbps)
 
     def encode(self, wav: np.ndarray | torch.Tensor, sr: int, kbps: float = 6.0) -> Codes:
         """Codes of ``wav`` (mono or ``[samples, channels]``, any rate: resampled to the codec's)."""
@@ -205,7 +208,8 @@ class AudioCodec:
 
 
 def load_codec(name: str | Path = DEFAULT_MODEL) -> AudioCodec:
-    """A shipped model by name (``audio-16k``) or a directory written by ``toolkit.audio.train --export``."""
+    """A shipped model by name (``audio-16k``) or a directory that ``toolkit.recipes.train_audio --export``
+    wrote."""
     from toolkit.models import store
 
     def load(where) -> AudioCodec:
@@ -215,7 +219,7 @@ def load_codec(name: str | Path = DEFAULT_MODEL) -> AudioCodec:
         from safetensors.torch import load_file
 
         meta = json.loads((path / "config.json").read_text())
-        cfg = CodecConfig.from_dict(meta["config"])
+        cfg = AudioNetConfig.from_dict(meta["config"])
         state = load_file(str(path / "model.safetensors"))
         net = InferenceCodec(cfg)
         net.load_state(state)

@@ -12,6 +12,18 @@ bits, between machines). Each record's size is the number of WAV bytes its
 chunk decodes to (the first one includes the 44-byte WAV header), so the
 decoder writes the WAV header first and then samples as they come.
 
+What it promises: decoding a file gives exactly the samples that the
+library's offline decoding (:meth:`AudioCodec.decode`) gives for the same
+codes, on any machine and however the file is cut into chunks. The streaming
+decoder buffers codes into whole blocks of ``block_frames`` frames, so both
+run the network on the same blocks (only the stream's last one is shorter):
+the same arithmetic on the same shapes. Coding likewise: a file at the
+model's rate gets the codes of the offline encoding of its samples as
+libsndfile reads them (16-bit PCM as k / 32768). Between machines float
+rounding may differ, so one input may get another code where two codewords
+are nearly tied, and decoded samples may differ in their last bits; the
+codes a file holds, which its digest covers, do not.
+
 Payload of a chunk: the frame count (varint), then one ANS stream of the
 chunk's codes, codebook by codebook, each codebook under its own frequency
 table: the per-codebook code frequencies the model measured on its training
@@ -24,11 +36,12 @@ import logging
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from toolkit.codecs.registry import Codec, DecodeSession, SourceSession, register_codec
-from toolkit.entropy.varint import varint
+from toolkit.codecs.registry import Codec, DecodeSession, ProgressFn, SourceSession, register_codec
+from toolkit.config import Config, check
 from toolkit.errors import FormatError, ModelMismatchError, ToolkitError
+from toolkit.formats.binary import ByteReader, varint
 
-__all__ = ["AudioCodecConfig", "AudioFileCodec"]
+__all__ = ["AudioFileConfig", "AudioFileCodec"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +51,23 @@ CHUNK_SECONDS = 30
 MAX_SAMPLES = 24 * 3600 * 16000
 
 
-@dataclass
-class AudioCodecConfig:
+@dataclass(frozen=True)
+class AudioFileConfig(Config):
+    """The audio file codec's settings, written into every file's header (field names and order are
+    the header's ``config``)."""
+
     #: bitrate before entropy coding; the model's bitrates (1.5, 3, 6, 12 for the shipped one)
     kbps: float = 6.0
-    #: a model directory (``toolkit.audio.train --export``); "": the shipped model
+    #: a model directory (``toolkit.recipes.train_audio --export``); "": the shipped model
     model: str = ""
 
+    def __post_init__(self):
+        check(isinstance(self.kbps, int | float) and not isinstance(self.kbps, bool),
+              f"kbps must be a number, not {self.kbps!r}")
+        check(isinstance(self.model, str), f"model must be a path or a shipped model's name, not {self.model!r}")
 
-def _model(config: AudioCodecConfig, model_dir: str | None = None):
+
+def _model(config: AudioFileConfig, model_dir: str | None = None):
     from toolkit.audio.codec import load_codec
     from toolkit.models import store
 
@@ -60,9 +81,9 @@ def frames_through(cfg, done: int, total: int) -> int:
     """How many frames the chunks covering samples ``[0, done)`` of ``total`` hold.
 
     A chunk carries the frames its samples need: with a decoder that lags its
-    codes (the istft decoder, :attr:`CodecConfig.decoder_lag`), the whole
+    codes (the istft decoder, :attr:`AudioNetConfig.decoder_lag`), the whole
     blocks of frames that complete its last sample; the final chunk ends with
-    the frames that complete the stream (:meth:`CodecConfig.frames_for`).
+    the frames that complete the stream (:meth:`AudioNetConfig.frames_for`).
     """
     if done <= 0:
         return 0
@@ -72,20 +93,6 @@ def frames_through(cfg, done: int, total: int) -> int:
         return -(-done // cfg.hop)
     block = cfg.block_frames * cfg.hop
     return min(cfg.frames_for(total), -(-(done + cfg.decoder_lag) // block) * cfg.block_frames)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    n = shift = 0
-    for _ in range(5):
-        if pos >= len(data):
-            raise FormatError("audio payload truncated")
-        b = data[pos]
-        pos += 1
-        n |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return n, pos
-        shift += 7
-    raise FormatError("audio payload: overlong number")
 
 
 class _Encoder(SourceSession):
@@ -118,7 +125,7 @@ class _Encoder(SourceSession):
     def close(self) -> None:
         self.reader.close()
 
-    def payloads(self, progress=None):
+    def payloads(self, progress: ProgressFn | None = None):
         """``(raw_len, payload)`` of every chunk, in order."""
         import numpy as np
 
@@ -191,12 +198,14 @@ class _Decoder(DecodeSession):
             if size < 0 or size % 2 or size // 2 > self.samples_left:
                 raise FormatError(f"audio chunk of {size} bytes does not fit the {self.samples_left} samples left")
             samples = size // 2
-            frames, pos = _read_varint(payload, 0)
+            reader = ByteReader(payload, "audio payload")
             done, total = self.codec.samples - self.samples_left, self.codec.samples
+            frames = reader.varint(cfg.frames_for(total))
             expected = frames_through(cfg, done + samples, total) - frames_through(cfg, done, total)
             if frames != expected:
                 raise FormatError(f"audio chunk has {frames} frames for {samples} samples, not {expected}")
-            codes = decode_iid_groups(payload[pos:], [(self.model.priors[i], frames) for i in range(self.n_q)])
+            codes = decode_iid_groups(reader.take(reader.remaining),
+                                      [(self.model.priors[i], frames) for i in range(self.n_q)])
             if frames:
                 self.played = np.concatenate([self.played, self.stream.push(np.stack(codes))])
             if self.played.size < samples:  # only once every frame is in: the stream's end
@@ -218,12 +227,12 @@ class AudioFileCodec(Codec):
     #: version 1's ceil(samples / hop), so version 1 files still decode
     version = 2
     reads_versions = (1,)
-    Config = AudioCodecConfig
+    Config = AudioFileConfig
     lossy = True
     chunk_fallback = False
     decode_settings = ("model_dir",)
 
-    def __init__(self, config: AudioCodecConfig | None = None, model_dir: str | None = None):
+    def __init__(self, config: AudioFileConfig | None = None, model_dir: str | None = None):
         super().__init__(config)
         self.model_dir = model_dir
         self.samples = 0
@@ -257,6 +266,6 @@ class AudioFileCodec(Codec):
 
         return _Encoder(self, AudioReader(src, self.model.sample_rate))
 
-    def open_decoder(self, progress=None) -> DecodeSession:
+    def open_decoder(self, progress: ProgressFn | None = None) -> DecodeSession:
         return _Decoder(self)
 
