@@ -150,6 +150,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
     from transformers.cache_utils import DynamicCache
 
+    from toolkit.codecs import kv
     from toolkit.data.recall import make_task
     from toolkit.llm import kvcache
     from toolkit.llm.kvcache.evaluate import decode_latency, fp16_cache_bytes, recall, score_cache
@@ -229,12 +230,12 @@ def main() -> None:
             prefill_s = time.perf_counter() - t0
         path = args.out.parent / "kv_cache_prompt.tkz"
         t0 = time.perf_counter()
-        size = kvcache.save(cache, path, model, row["config"])
+        size = kv.save(cache, path, model, row["config"])
         save_s = time.perf_counter() - t0
         loads, prefills = [], []
         for _ in range(5):
             t0 = time.perf_counter()
-            kvcache.load(path, model)
+            kv.load(path, model)
             loads.append(time.perf_counter() - t0)
             c = DynamicCache()
             with torch.no_grad():

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from toolkit.kernels.pack import pack_int32
 from toolkit.kernels.qmatmul import _example_inputs, quant_matmul, quant_matmul_reference
 from toolkit.kernels.testing import check_kernel
-from toolkit.llm.quant.pack import pack_int32
 
 KERNEL = "toolkit.kernels.qmatmul:_cases_triton"
 REFERENCE = "toolkit.kernels.qmatmul:_cases_reference"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+import tkz_tools
 import torch
 from llm_tiny import VOCAB, one_thread, shape  # noqa: F401
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
+import toolkit
+from toolkit.codecs import container, kv
 from toolkit.entropy import decode_iid, encode_iid
 from toolkit.entropy.tables import from_counts
 from toolkit.errors import ConfigError, FormatError, ModelMismatchError, UnsupportedInputError
@@ -27,6 +32,7 @@ from toolkit.llm.kvcache import (
     GEARConfig,
     KIVICache,
     KIVIConfig,
+    KVHeader,
     MiniCache,
     MiniCacheConfig,
 )
@@ -215,13 +221,14 @@ def prefill(tiny):
 def test_bitstream_decodes_to_the_lossy_cache_and_shrinks(tiny, prefill, coder: str) -> None:
     _, cache = prefill
     cfg = BitstreamConfig(coder=coder)
-    blob = kvcache.encode(cache, tiny, cfg)
-    got = kvcache.decode(blob, tiny)
+    stream = kvcache.encode(cache, tiny, cfg)
+    assert stream.header.tokens == 120 and stream.header.layers == 4 and stream.header.bitstream == cfg
+    got = kvcache.decode(stream, tiny)
     want = kvcache.lossy(cache, tiny, cfg)
     for a, b in zip(got.layers, want.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     fp16 = 4 * 2 * 4 * 120 * 16 * 2
-    assert len(blob) < fp16 / 4
+    assert len(stream.payload) < fp16 / 4
     err = max((a.keys - b.keys).abs().max().item() for a, b in zip(got.layers, cache.layers, strict=True))
     assert 0 < err < 1.0
 
@@ -229,49 +236,116 @@ def test_bitstream_decodes_to_the_lossy_cache_and_shrinks(tiny, prefill, coder: 
 def test_reloaded_cache_continues_like_the_lossy_cache(tiny, prefill, tmp_path) -> None:
     ids, cache = prefill
     path = tmp_path / "prompt.tkz"
-    kvcache.save(cache, path, tiny)
+    size = kv.save(cache, path, tiny)
+    assert size == path.stat().st_size
     follow = torch.cat([ids, _ids(1, 9)], dim=1)
-    got = _greedy(tiny, follow, kvcache.load(path, tiny), n=10)
+    got = _greedy(tiny, follow, kv.load(path, tiny), n=10)
     want = _greedy(tiny, follow, kvcache.lossy(cache, tiny), n=10)
     assert got == want
-    from toolkit.api import info
-
-    head = info(path)["header"]
+    # One container: the header is the .tkz header, the payload its chunk (what `codec decompress` gives).
+    head = toolkit.info(path.read_bytes())["header"]
+    stream = kvcache.encode(cache, tiny)
     assert head["codec"] == "kv" and head["config"]["tokens"] == 120
+    assert KVHeader.from_dict(head["config"]) == stream.header
+    assert toolkit.decompress(path.read_bytes()) == stream.payload
 
 
-def test_bitstream_refuses_another_model_and_damage(tiny, prefill, tmp_path) -> None:
+def test_bitstream_refuses_another_model_and_a_payload_of_another_shape(tiny, prefill) -> None:
     _, cache = prefill
-    blob = kvcache.encode(cache, tiny)
+    stream = kvcache.encode(cache, tiny)
     with pytest.raises(ModelMismatchError):
-        kvcache.decode(blob, tiny, model_sha256="0" * 64)
+        kvcache.decode(stream, tiny, model_sha256="0" * 64)
+    with pytest.raises(FormatError, match="KV payload"):
+        kvcache.decode(stream._replace(payload=stream.payload[:-7]), tiny)
+    with pytest.raises(FormatError, match="trailing"):
+        kvcache.decode(stream._replace(payload=stream.payload + b"\0"), tiny)
     with pytest.raises(FormatError):
-        kvcache.decode(blob[:-7], tiny)
-    with pytest.raises(FormatError):
-        kvcache.decode(b"TKKX" + blob[4:], tiny)
+        kvcache.decode(stream._replace(header=stream.header.replace(tokens=119)), tiny)
+    with pytest.raises(FormatError, match="no cache"):
+        kvcache.decode(stream._replace(header=KVHeader(), payload=b""), tiny)
+
+
+def test_a_damaged_file_is_refused_never_read_as_another_cache(tiny, prefill, tmp_path) -> None:
+    """A flipped bit anywhere (framing, JSON header, payload, digest) is a FormatError, never a cache.
+
+    ChecksumError (a FormatError) where a CRC or the digest finds it: the
+    payload's chunk CRC and content digest, the header's ``config_crc32``.
+    """
+    _, cache = prefill
     path = tmp_path / "c.tkz"
-    kvcache.save(cache, path, tiny)
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x40
-    path.write_bytes(bytes(raw))
-    with pytest.raises(FormatError):
-        kvcache.load(path, tiny)
+    kv.save(cache, path, tiny)
+    raw = path.read_bytes()
+    head = len(tkz_tools.parse(raw).head)
     rng = np.random.default_rng(0)
-    for _ in range(20):  # damaged sections: an error, never a crash or a hang
-        bad = bytearray(blob)
-        i = int(rng.integers(9, len(bad)))
-        bad[i] ^= int(rng.integers(1, 256))
+    positions = [*range(head), *rng.integers(head, len(raw), 40).tolist(), *range(len(raw) - 8, len(raw))]
+    bad = tmp_path / "bad.tkz"
+    for pos in positions:
+        damaged = bytearray(raw)
+        damaged[pos] ^= 1 << int(rng.integers(8))
+        bad.write_bytes(bytes(damaged))
+        with pytest.raises(FormatError):
+            kv.load(bad, tiny)
+    bad.write_bytes(raw[:-1])
+    with pytest.raises(FormatError):
+        kv.load(bad, tiny)
+    bad.write_bytes(toolkit.compress(b"some text", codec="zstd"))
+    with pytest.raises(FormatError, match="not a stored KV cache"):
+        kv.load(bad, tiny)
+
+
+def test_payload_reader_stays_bounded_on_damage(tiny, prefill) -> None:
+    """Damage to a bare payload (no container): an error naming the payload, or a cache of the header's shape.
+
+    A flipped bit inside a float16 value is in range, so only the file's
+    checksums see it (the test above); the reader's part is to refuse every
+    count and length that does not fit, before allocating.
+    """
+    _, cache = prefill
+    stream = kvcache.encode(cache, tiny, BitstreamConfig(coder="rans"))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        bad = bytearray(stream.payload)
+        bad[int(rng.integers(len(bad)))] ^= int(rng.integers(1, 256))
         try:
-            kvcache.decode(bytes(bad), tiny)
-        except (FormatError, ModelMismatchError):
-            pass
+            got = kvcache.decode(stream._replace(payload=bytes(bad)), tiny)
+        except FormatError as e:
+            assert "KV payload" in str(e) or "damaged" in str(e), e
+            continue
+        assert [tuple(layer.keys.shape) for layer in got.layers] == [tuple(cache.layers[0].keys.shape)] * 4
 
 
-def test_kv_codec_refuses_other_input() -> None:
-    from toolkit.api import compress
+def test_an_old_kv_file_is_refused_with_a_clear_message(tiny, tmp_path) -> None:
+    class OldKV(kv.KVCodec):  # version 1 framed a bitstream with its own magic and JSON header
+        version = 1
 
+        def config_dict(self) -> dict:
+            return {"model_sha256": "0" * 64, "tokens": 120, "layers": 4, "key_step": 0.7, "value_step": 1.0}
+
+        def header_fields(self) -> dict:
+            return {"model_sha256": "0" * 64}
+
+        def encode_chunks(self, chunks):
+            return list(chunks)
+
+    out = io.BytesIO()
+    container.write_stream(OldKV(), io.BytesIO(b"TKKV\x01" + bytes(40)), out)
+    path = tmp_path / "old.tkz"
+    path.write_bytes(out.getvalue())
+    with pytest.raises(FormatError, match="store the cache again"):
+        kv.load(path, tiny)
+    with pytest.raises(FormatError, match="store the cache again"):
+        toolkit.decompress(out.getvalue())
+
+
+def test_kv_codec_refuses_other_input(prefill, tiny) -> None:
     with pytest.raises(UnsupportedInputError):
-        compress(b"not a cache", codec="kv")
+        toolkit.compress(b"not a cache", codec="kv")
+    _, cache = prefill
+    stream = kvcache.encode(cache, tiny)
+    with pytest.raises(UnsupportedInputError):  # a payload is parsed against the header it is given
+        toolkit.compress(stream.payload[:-1], codec=kv.KVCodec(stream.header))
+    blob = toolkit.compress(stream.payload, codec=kv.KVCodec(stream.header))
+    assert toolkit.decompress(blob) == stream.payload
 
 
 # --- bad settings -----------------------------------------------------------------
@@ -288,6 +362,20 @@ def test_bad_settings_get_clear_errors(tiny) -> None:
         GEARConfig(outlier_fraction=0.5)
     with pytest.raises(ConfigError):
         BitstreamConfig(key_step=0)
+    for bad in (lambda: KIVIConfig(bits="2"), lambda: GEARConfig(block_size="x"), lambda: MiniCacheConfig(t=None),
+                lambda: BitstreamConfig(pre_rope=1), lambda: KVHeader(layers=1), lambda: KVHeader(dtype="int8"),
+                lambda: KVHeader.from_dict({"layers": 0, "magic": 1})):
+        with pytest.raises(ConfigError):
+            bad()
+
+
+def test_configs_round_trip_through_dicts() -> None:
+    for config in (KIVIConfig(bits=4), GEARConfig(rank=2), MiniCacheConfig(start_layer=1),
+                   BitstreamConfig(coder="rans"), KVHeader()):
+        assert type(config).from_dict(config.to_dict()) == config
+    # the form stored caches' headers and the benchmark results hold: the fields alone
+    assert BitstreamConfig().to_dict() == {"key_step": 0.7, "value_step": 1.0, "pre_rope": True, "sink_tokens": 1,
+                                           "outlier_sd": 8.0, "code_bits": 6, "anchor_every": 16, "coder": "zstd"}
 
 
 # --- pieces ---------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from toolkit.errors import ConfigError, FormatError
+from toolkit.kernels.pack import packed_words
 from toolkit.llm import GPTQConfig, OutlierConfig, QuantizedLinear, RTNConfig, load_quantized, quantize_, save_quantized
-from toolkit.llm.quant.pack import packed_words
 
 
 def tiny_llama(tied: bool = True, seed: int = 0) -> nn.Module:
@@ -44,7 +44,7 @@ def logits(model, ids=IDS) -> torch.Tensor:
 def quantized(make, config, **kw) -> nn.Module:
     model = make()
     calib = calib_batches() if config.needs_data else None
-    return quantize_(model, config, calib, progress=False, **kw)
+    return quantize_(model, config, calib, progress=False, **kw).model
 
 
 def qlayers(model) -> dict[str, QuantizedLinear]:
@@ -183,7 +183,7 @@ def test_save_with_tokenizer_and_generation_config(tmp_path) -> None:
 def test_save_errors(tmp_path) -> None:
     with pytest.raises(ConfigError):
         save_quantized(tiny_llama(), tmp_path / "a")  # nothing quantized
-    seq = quantize_(nn.Sequential(nn.Linear(32, 16)), RTNConfig(group_size=16), progress=False)
+    seq = quantize_(nn.Sequential(nn.Linear(32, 16)), RTNConfig(group_size=16), progress=False).model
     with pytest.raises(ConfigError):
         save_quantized(seq, tmp_path / "b")  # not a transformers model
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

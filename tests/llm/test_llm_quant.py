@@ -16,13 +16,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from toolkit.errors import ConfigError, ToolkitError
-from toolkit.llm import GPTQConfig, OutlierConfig, QuantizedLinear, RTNConfig, find_targets, quantize_
+from toolkit.kernels.pack import pack_int32, packed_words, unpack_int32
+from toolkit.llm import GPTQConfig, OutlierConfig, QuantConfig, QuantizedLinear, RTNConfig, find_targets, quantize_
 from toolkit.llm import eval as llm_eval
 from toolkit.llm.quant import apply as quant_apply
 from toolkit.llm.quant import grid
 from toolkit.llm.quant.apply import build_calibration
 from toolkit.llm.quant.gptq import round_to_nearest, solve
-from toolkit.llm.quant.pack import pack_int32, packed_words, unpack_int32
 
 LINEAR_LEAVES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -235,8 +235,8 @@ def test_quantize_replaces_decoder_linears(arch, method) -> None:
     embed_before = model.model.embed_tokens.weight.detach().clone()
     cfg = RTNConfig(bits=4, group_size=32) if method == "rtn" else GPTQConfig(bits=4, group_size=32)
     calib = None if method == "rtn" else calib_batches()
-    out = quantize_(model, cfg, calib, progress=False)
-    assert out is model
+    handle = quantize_(model, cfg, calib, progress=False)
+    assert handle.model is model and handle.targets == list(decoder_linears(model))
     targets = decoder_linears(model)
     assert len(targets) == 14
     for name, mod in targets.items():
@@ -415,6 +415,31 @@ def test_progress_bar(capsys) -> None:
     assert isinstance(m2.model.layers[1].mlp.down_proj, QuantizedLinear)
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_remove_puts_the_float_layers_back(method) -> None:
+    model = tiny_llama(False)
+    before = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    ids = calib_batches(1)[0]
+    want = logits(model, ids)
+    cfg = RTNConfig(bits=4, group_size=32) if method == "rtn" else GPTQConfig(bits=4, group_size=32)
+    handle = quantize_(model, cfg, None if method == "rtn" else calib_batches(2), progress=False)
+    assert not torch.equal(logits(model, ids), want)
+    handle.remove()
+    after = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)  # the very modules
+    assert not hasattr(model, "quantization")
+    assert torch.equal(logits(model, ids), want)
+    handle.remove()  # a second remove does nothing
+    assert all(model.get_submodule(n) is before[n] for n in before)
+
+
+def test_progress_callback_counts_the_layers() -> None:
+    seen = []
+    quantize_(tiny_llama(False), GPTQConfig(bits=4, group_size=32), calib_batches(2),
+              progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (14, 14) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
 def test_training_mode_is_restored() -> None:
     model = tiny_llama(False).train()
     quantize_(model, GPTQConfig(bits=4, group_size=32), calib_batches(2), progress=False)
@@ -467,7 +492,9 @@ def test_bad_input_raises_and_leaves_model_unchanged(case) -> None:
     lambda: RTNConfig(scale_dtype="int8"), lambda: GPTQConfig(damp=0), lambda: GPTQConfig(damp=1.5),
     lambda: GPTQConfig(block_size=0), lambda: OutlierConfig(group_size=None),
     lambda: OutlierConfig(outlier_fraction=0.5), lambda: OutlierConfig(stat_bits=9),
-    lambda: OutlierConfig(stat_group=0),
+    lambda: OutlierConfig(stat_group=0), lambda: RTNConfig(bits="4"), lambda: GPTQConfig(damp="0.1"),
+    lambda: GPTQConfig(act_order="yes"), lambda: RTNConfig.from_dict(GPTQConfig().to_dict()),
+    lambda: GPTQConfig.from_dict({"method": "gptq", "bits": 4, "block": 7}),
 ])
 def test_bad_config_values(make) -> None:
     with pytest.raises(ConfigError):
@@ -481,6 +508,13 @@ def test_config_values_accepted() -> None:
     assert GPTQConfig(scale_dtype="bfloat16").torch_scale_dtype == torch.bfloat16
     assert OutlierConfig().to_dict()["method"] == "outlier"
     assert issubclass(ConfigError, ToolkitError)
+    # The form checkpoints and benchmark results hold: the method, then the fields; read back as the method's class.
+    gptq = GPTQConfig(bits=3, group_size=None)
+    assert gptq.to_dict() == {"method": "gptq", "bits": 3, "group_size": None, "symmetric": True,
+                              "scale_dtype": "float16", "act_order": True, "static_groups": True, "damp": 0.01,
+                              "block_size": 128}
+    for config in (gptq, RTNConfig(bits=2), OutlierConfig()):
+        assert QuantConfig.from_dict(config.to_dict()) == config and type(config).from_dict(config.to_dict()) == config
 
 
 @pytest.mark.parametrize("exc, expected", [
@@ -852,7 +886,7 @@ def test_lm_default_gptq_beats_rtn_on_text() -> None:
     calib = [inspect.getsource(json.encoder), inspect.getsource(textwrap)]
     text = inspect.getsource(json.decoder) + inspect.getsource(string)  # held out
     ppl = {"float": llm_eval.perplexity(model, text, tok, window=128)["perplexity"]}
-    rtn = quantize_(copy.deepcopy(model), RTNConfig(bits=3, group_size=32), progress=False)
+    rtn = quantize_(copy.deepcopy(model), RTNConfig(bits=3, group_size=32), progress=False).model
     ppl["rtn"] = llm_eval.perplexity(rtn, text, tok, window=128)["perplexity"]
     quantize_(model, GPTQConfig(bits=3, group_size=32), calib, tokenizer=tok, seq_len=128, num_samples=16,
               progress=False)

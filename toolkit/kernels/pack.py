@@ -1,4 +1,4 @@
-"""Packing of low-bit integer codes into int32 words.
+"""Packing of low-bit integer codes into int32 words: the weight layout :mod:`toolkit.kernels.qmatmul` reads.
 
 The layout is compressed-tensors' ``pack-quantized`` (what vLLM serves):
 signed codes ``q in [-2**(b-1), 2**(b-1) - 1]`` are offset to unsigned

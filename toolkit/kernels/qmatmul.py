@@ -2,7 +2,7 @@
 
 ``quant_matmul(x[..., K], packed[N, ceil(K * bits / 32)], scale[N, G], zero, bits, group_size, g_idx)``
 returns ``x @ W.T`` in ``x.dtype``, where ``W[n, k] = (q[n, k] - zero[n, g(k)]) * scale[n, g(k)]`` and
-``q`` are the signed codes stored by :func:`toolkit.llm.quant.pack.pack_int32` (offset by
+``q`` are the signed codes stored by :func:`toolkit.kernels.pack.pack_int32` (offset by
 ``2**(bits-1)``, one little-endian bit stream per row, code ``k`` at bit ``k * bits``).
 
 * ``zero`` is ``None`` (symmetric), an ``[N, G]`` integer tensor (int8 zero points) or an ``[N, G]``
@@ -24,7 +24,7 @@ import math
 import torch
 
 from toolkit.kernels.backend import dispatch
-from toolkit.llm.quant.pack import packed_words, unpack_int32
+from toolkit.kernels.pack import pack_int32, packed_words, unpack_int32
 
 __all__ = ["quant_matmul", "quant_matmul_reference", "quant_matmul_triton"]
 
@@ -236,8 +236,6 @@ def _example_inputs(
     (zero in ``scale_dtype``); ``g_idx`` shuffles the columns' groups, as an
     act-order checkpoint does. Codes are drawn from the whole signed range.
     """
-    from toolkit.llm.quant.pack import pack_int32
-
     gen = torch.Generator().manual_seed(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     codes = torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int32)

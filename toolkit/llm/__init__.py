@@ -1,4 +1,4 @@
-"""LLM compression: weight quantization (``toolkit.llm.quant``) and its evaluation (``toolkit.llm.eval``).
+"""LLM compression: weight quantization (``toolkit.llm.quant``), KV caches (``toolkit.llm.kvcache``) and evaluation.
 
 Names resolve on first use so that ``import toolkit.llm`` stays cheap.
 """
@@ -9,8 +9,7 @@ __getattr__, __dir__, __all__ = attach(
     __name__,
     submodules=["eval", "kvcache", "quant"],
     submod_attrs={
-        "quant": ["quantize_", "find_targets", "QuantConfig", "RTNConfig", "GPTQConfig", "OutlierConfig",
-            "QuantizedLinear"],
-        "quant.checkpoint": ["save_quantized", "load_quantized"],
+        "quant": ["quantize_", "QuantizeHandle", "find_targets", "QuantConfig", "RTNConfig", "GPTQConfig",
+                  "OutlierConfig", "QuantizedLinear", "save_quantized", "load_quantized"],
     },
 )

@@ -1,23 +1,27 @@
-"""Settings of the compressed KV caches, as frozen dataclasses that serialize to JSON."""
+"""Settings of the compressed KV caches: frozen :class:`~toolkit.config.Config` dataclasses."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from toolkit.errors import ConfigError
+from toolkit.config import Config, check
 
 __all__ = ["BitstreamConfig", "GEARConfig", "KIVIConfig", "MiniCacheConfig"]
 
 KV_BITS = (2, 4, 8)
 
 
-def _check_bits(bits: int, what: str = "bits") -> None:
-    if bits not in KV_BITS:
-        raise ConfigError(f"KV-cache {what} must be one of {KV_BITS}, got {bits!r}")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
-class KIVIConfig:
+class KIVIConfig(Config):
     """KIVI: keys per channel, values per token, asymmetric, with a full-precision recent window.
 
     ``group_size`` tokens share a key statistic per channel, and ``group_size``
@@ -31,17 +35,14 @@ class KIVIConfig:
     residual_length: int = 128
 
     def __post_init__(self) -> None:
-        _check_bits(self.bits)
-        if not isinstance(self.group_size, int) or self.group_size < 1 or self.group_size & (self.group_size - 1):
-            raise ConfigError(f"group_size must be a power of 2 (32 to 128 is usual), got {self.group_size!r}")
-        if not isinstance(self.residual_length, int) or self.residual_length < 0:
-            raise ConfigError(f"residual_length must be a non-negative integer, got {self.residual_length!r}")
-        if self.residual_length % self.group_size:
-            raise ConfigError(f"residual_length {self.residual_length} must be a multiple of "
-                              f"group_size {self.group_size}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check(self.bits in KV_BITS and _is_int(self.bits), f"KV-cache bits must be one of {KV_BITS}, got {self.bits!r}")
+        gs = self.group_size
+        check(_is_int(gs) and gs >= 1 and not gs & (gs - 1), f"group_size must be a power of 2 (32 to 128 is usual), "
+              f"got {gs!r}")
+        check(_is_int(self.residual_length) and self.residual_length >= 0,
+              f"residual_length must be a non-negative integer, got {self.residual_length!r}")
+        check(self.residual_length % gs == 0,
+              f"residual_length {self.residual_length} must be a multiple of group_size {gs}")
 
 
 @dataclass(frozen=True)
@@ -61,16 +62,16 @@ class GEARConfig(KIVIConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.rank, int) or self.rank < 0:
-            raise ConfigError(f"rank must be a non-negative integer, got {self.rank!r}")
-        if not 0.0 <= self.outlier_fraction <= 0.1:
-            raise ConfigError(f"outlier_fraction must be in [0, 0.1], got {self.outlier_fraction!r}")
-        if self.block_size % self.group_size or self.block_size < self.group_size:
-            raise ConfigError(f"block_size {self.block_size} must be a multiple of group_size {self.group_size}")
+        check(_is_int(self.rank) and self.rank >= 0, f"rank must be a non-negative integer, got {self.rank!r}")
+        check(_is_number(self.outlier_fraction) and 0.0 <= self.outlier_fraction <= 0.1,
+              f"outlier_fraction must be in [0, 0.1], got {self.outlier_fraction!r}")
+        check(_is_int(self.block_size) and self.block_size >= self.group_size
+              and self.block_size % self.group_size == 0,
+              f"block_size {self.block_size!r} must be a multiple of group_size {self.group_size}")
 
 
 @dataclass(frozen=True)
-class MiniCacheConfig:
+class MiniCacheConfig(Config):
     """MiniCache: merge the KV states of adjacent layers from ``start_layer`` to the last.
 
     Layers ``(start_layer, start_layer + 1)``, ``(start_layer + 2, ...)`` pair up;
@@ -85,19 +86,15 @@ class MiniCacheConfig:
     retain_angle: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.start_layer is not None and (not isinstance(self.start_layer, int) or self.start_layer < 0):
-            raise ConfigError(f"start_layer must be a non-negative layer index, got {self.start_layer!r}")
-        if not 0.0 <= self.t <= 1.0:
-            raise ConfigError(f"t must be in [0, 1], got {self.t!r}")
-        if not 0.0 <= self.retain_angle <= 1.0:
-            raise ConfigError(f"retain_angle must be in [0, 1], got {self.retain_angle!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        check(self.start_layer is None or (_is_int(self.start_layer) and self.start_layer >= 0),
+              f"start_layer must be a non-negative layer index, got {self.start_layer!r}")
+        check(_is_number(self.t) and 0.0 <= self.t <= 1.0, f"t must be in [0, 1], got {self.t!r}")
+        check(_is_number(self.retain_angle) and 0.0 <= self.retain_angle <= 1.0,
+              f"retain_angle must be in [0, 1], got {self.retain_angle!r}")
 
 
 @dataclass(frozen=True)
-class BitstreamConfig:
+class BitstreamConfig(Config):
     """CacheGen-style bitstream: per-channel uniform quantization, then entropy coding.
 
     Each head of a layer's keys or values is quantized uniformly around every
@@ -116,6 +113,9 @@ class BitstreamConfig:
     ``coder`` is ``"zstd"`` (a static Huffman code per block through zstd:
     about 2% above the entropy, decoding some 50x faster) or ``"rans"`` (one
     static table per stream, within 0.1% of the entropy).
+
+    ``to_dict`` is the fields alone, as the stored caches' headers and the
+    benchmark results hold them.
     """
 
     key_step: float = 0.7
@@ -130,18 +130,18 @@ class BitstreamConfig:
     def __post_init__(self) -> None:
         for name in ("key_step", "value_step"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.01 <= v <= 16:
-                raise ConfigError(f"{name} must be a number from 0.01 to 16 (standard deviations), got {v!r}")
-        if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens <= 64:
-            raise ConfigError(f"sink_tokens must be an integer from 0 to 64, got {self.sink_tokens!r}")
-        if not isinstance(self.outlier_sd, (int, float)) or not (self.outlier_sd == 0 or 2 <= self.outlier_sd <= 64):
-            raise ConfigError(f"outlier_sd must be 0 (off) or from 2 to 64, got {self.outlier_sd!r}")
-        if not isinstance(self.code_bits, int) or not 2 <= self.code_bits <= 8:
-            raise ConfigError(f"code_bits must be an integer from 2 to 8, got {self.code_bits!r}")
-        if self.coder not in ("zstd", "rans"):
-            raise ConfigError(f"coder must be 'zstd' or 'rans', got {self.coder!r}")
-        if not isinstance(self.anchor_every, int) or not 1 <= self.anchor_every <= 1024:
-            raise ConfigError(f"anchor_every must be an integer from 1 to 1024, got {self.anchor_every!r}")
+            check(_is_number(v) and 0.01 <= v <= 16,
+                  f"{name} must be a number from 0.01 to 16 (standard deviations), got {v!r}")
+        check(isinstance(self.pre_rope, bool), f"pre_rope must be true or false, got {self.pre_rope!r}")
+        check(_is_int(self.sink_tokens) and 0 <= self.sink_tokens <= 64,
+              f"sink_tokens must be an integer from 0 to 64, got {self.sink_tokens!r}")
+        check(_is_number(self.outlier_sd) and (self.outlier_sd == 0 or 2 <= self.outlier_sd <= 64),
+              f"outlier_sd must be 0 (off) or from 2 to 64, got {self.outlier_sd!r}")
+        check(_is_int(self.code_bits) and 2 <= self.code_bits <= 8,
+              f"code_bits must be an integer from 2 to 8, got {self.code_bits!r}")
+        check(self.coder in ("zstd", "rans"), f"coder must be 'zstd' or 'rans', got {self.coder!r}")
+        check(_is_int(self.anchor_every) and 1 <= self.anchor_every <= 1024,
+              f"anchor_every must be an integer from 1 to 1024, got {self.anchor_every!r}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,9 @@ decoder layer in turn moves to ``device``, runs the calibration activations
 with hooks that accumulate its linears' Hessians, is quantized, and runs them
 again quantized to give the next layer its inputs. Peak device memory is one
 decoder layer plus the activations. Everything is checked before the model is
-touched, and a failure midway puts the original layers back.
+touched, and a failure midway puts the original layers back. The handle
+``quantize_`` returns keeps the float layers it replaced, so that
+``handle.remove()`` can put them back.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from toolkit.errors import ConfigError, ToolkitError
 from toolkit.llm.quant.config import QuantConfig
 from toolkit.llm.quant.gptq import round_to_nearest, solve
 from toolkit.llm.quant.linear import QuantizedLinear
+from toolkit.progress import Progress, reporter
 
-__all__ = ["quantize_", "find_targets", "decoder_layers", "build_calibration"]
+__all__ = ["quantize_", "QuantizeHandle", "find_targets", "decoder_layers", "build_calibration"]
 
 
 class _Captured(Exception):
@@ -237,7 +240,7 @@ def _quantize_linear(lin: nn.Linear, cfg: QuantConfig, hessian: torch.Tensor | N
 
 
 class _Swaps:
-    """Module replacements, undone in reverse if quantization fails."""
+    """Module replacements, in order, with the modules they replaced: undone in reverse."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -255,18 +258,44 @@ class _Swaps:
         self.done.clear()
 
 
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
+_NOT_SET = object()
 
-    return tqdm(items, desc=desc, unit="layer")
+
+class QuantizeHandle:
+    """Returned by :func:`quantize_`: ``remove()`` puts the original float layers back.
+
+    ``model`` is the quantized model (the same object ``quantize_`` was given)
+    and ``targets`` the names of the layers replaced. The handle holds the
+    float layers themselves, not copies, so after ``remove()`` the model has
+    the very modules it had; a second ``remove()`` does nothing. Dropping the
+    handle frees the float weights.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[str], swaps: _Swaps, previous: object) -> None:
+        self.model, self.targets = model, targets
+        self._swaps, self._previous = swaps, previous
+
+    def remove(self) -> None:
+        if not self._swaps.done:
+            return
+        self._swaps.undo()
+        if self._previous is _NOT_SET:
+            self.model.__dict__.pop("quantization", None)
+        else:
+            self.model.quantization = self._previous
+
+    def __enter__(self) -> QuantizeHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 def quantize_(model: nn.Module, config: QuantConfig, calib=None, *, tokenizer=None, ignore: Sequence[str] = (),
               overrides: dict[str, QuantConfig] | None = None, quantize_lm_head: bool = False, device=None,
-              seq_len: int | None = None, num_samples: int | None = None, progress: bool = True) -> nn.Module:
-    """Quantize ``model`` in place with ``config`` and return it.
+              seq_len: int | None = None, num_samples: int | None = None,
+              progress: Progress = False) -> QuantizeHandle:
+    """Quantize ``model`` in place with ``config``; the handle's ``remove()`` restores the float layers.
 
     ``calib``: texts (with ``tokenizer``) or token batches (LongTensor
     [batch, seq]; for a model that is not a Hugging Face LM, whatever its
@@ -274,7 +303,8 @@ def quantize_(model: nn.Module, config: QuantConfig, calib=None, *, tokenizer=No
     ``ignore``: name patterns (glob, or ``re:`` regex) of linears to leave
     float. ``overrides``: pattern -> config for layers that need another
     config. ``device``: where each decoder layer is quantized (default: where
-    the model is).
+    the model is). ``progress``: a bar (True) or ``callback(done, total)``
+    over the layers quantized.
     """
     if not isinstance(config, QuantConfig):
         raise ConfigError("config must be an RTNConfig, GPTQConfig or OutlierConfig")
@@ -297,15 +327,17 @@ def quantize_(model: nn.Module, config: QuantConfig, calib=None, *, tokenizer=No
         _check_tokens(model, batches)
 
     swaps = _Swaps(model)
+    report = reporter(progress, len(targets), config.method)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if not needs_data:
-                for name in _progress(targets, progress, "rtn"):
+                for i, name in enumerate(targets):
                     swaps.replace(name, _quantize_linear(model.get_submodule(name), configs[name], None, device))
+                    report(i + 1, len(targets))
             else:
-                _sequential(model, targets, configs, batches, device, swaps, progress)
+                _sequential(model, targets, configs, batches, device, swaps, report)
     except BaseException as exc:
         swaps.undo()
         if isinstance(exc, (ToolkitError, KeyboardInterrupt)):
@@ -315,20 +347,22 @@ def quantize_(model: nn.Module, config: QuantConfig, calib=None, *, tokenizer=No
         raise
     finally:
         model.train(was_training)
+    previous = getattr(model, "quantization", _NOT_SET)
     model.quantization = {"config": config.to_dict(), "ignore": list(ignore),
                           "overrides": {k: v.to_dict() for k, v in (overrides or {}).items()},
                           "targets": targets}
-    return model
+    return QuantizeHandle(model, targets, swaps, previous)
 
 
-def _sequential(model, targets, configs, batches, device, swaps: _Swaps, progress: bool) -> None:
+def _sequential(model, targets, configs, batches, device, swaps: _Swaps, report) -> None:
+    """Decoder layer by decoder layer, then the linears outside them; ``report(done, total)`` counts linears."""
     found = decoder_layers(model)
     in_blocks = found is not None and any(t.startswith(found[0] + ".") for t in targets)
     rest = [t for t in targets if not (in_blocks and t.startswith(found[0] + "."))]
     if in_blocks:
         prefix, blocks = found
         inputs = _capture_first_block(model, blocks[0], batches, device)
-        for i, block in enumerate(_progress(list(blocks), progress, configs[targets[0]].method)):
+        for i, block in enumerate(blocks):
             base = f"{prefix}.{i}"
             names = [t for t in targets if t.startswith(base + ".")]
             home = next(block.parameters()).device
@@ -353,6 +387,7 @@ def _sequential(model, targets, configs, batches, device, swaps: _Swaps, progres
             # The next layer sees what this one computes once quantized.
             inputs = [_replace_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
             block.to(home)
+            report(len(swaps.done), len(targets))
     for name in rest:
         # Outside the decoder layers (lm_head, or a model with no block list):
         # one full forward per layer, through the layers already quantized.
@@ -366,6 +401,7 @@ def _sequential(model, targets, configs, batches, device, swaps: _Swaps, progres
             finally:
                 hook.remove()
         swaps.replace(name, _quantize_linear(lin, configs[name], None if h is None else h.h, device))
+        report(len(swaps.done), len(targets))
 
 
 def _first(out):

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from toolkit.errors import ConfigError, FormatError
-from toolkit.llm.quant.config import config_from_dict
+from toolkit.kernels.pack import pack_int32, packed_words, unpack_int32
+from toolkit.llm.quant.config import QuantConfig
 from toolkit.llm.quant.linear import QuantizedLinear
-from toolkit.llm.quant.pack import pack_int32, packed_words, unpack_int32
 
 __all__ = ["save_quantized", "load_quantized", "COMPRESSED_TENSORS_VERSION", "EXTENSION_FORMAT"]
 
@@ -311,7 +311,7 @@ def load_quantized(directory: str | Path, device=None, dtype: torch.dtype | None
     toolkit_info = qcfg.get("toolkit")
     if isinstance(toolkit_info, dict) and isinstance(toolkit_info.get("config"), dict):
         try:
-            model.quantization = {"config": config_from_dict(toolkit_info["config"]).to_dict(),
+            model.quantization = {"config": QuantConfig.from_dict(toolkit_info["config"]).to_dict(),
                                   "overrides": toolkit_info.get("overrides", {}),
                                   "ignore": toolkit_info.get("ignore", []), "targets": list(shells)}
         except ConfigError:

@@ -8,9 +8,11 @@ fails before any model is touched.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
+from toolkit.config import Config, check
 from toolkit.errors import ConfigError
 
 __all__ = ["QuantConfig", "RTNConfig", "GPTQConfig", "OutlierConfig", "BITS"]
@@ -19,9 +21,22 @@ BITS = (2, 3, 4, 8)
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
-class QuantConfig:
-    """Shared fields: code width, group size (None or -1 for one group per output channel), grid."""
+class QuantConfig(Config):
+    """Shared fields: code width, group size (None or -1 for one group per output channel), grid.
+
+    ``to_dict`` gives ``{"method": ..., **fields}``, the form a checkpoint's
+    ``quantization_config`` and the benchmark results hold; :meth:`from_dict`
+    reads it back into the method's config.
+    """
 
     bits: int = 4
     group_size: int | None = 128
@@ -32,13 +47,13 @@ class QuantConfig:
     needs_data = False
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise ConfigError(f"bits must be one of {BITS}, got {self.bits!r}")
+        check(self.bits in BITS and _is_int(self.bits), f"bits must be one of {BITS}, got {self.bits!r}")
         gs = self.group_size
-        if gs is not None and gs != -1 and (not isinstance(gs, int) or isinstance(gs, bool) or gs < 1):
-            raise ConfigError(f"group_size must be a positive integer, -1 or None (per channel), got {gs!r}")
-        if self.scale_dtype not in _SCALE_DTYPES:
-            raise ConfigError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        check(gs is None or gs == -1 or (_is_int(gs) and gs >= 1),
+              f"group_size must be a positive integer, -1 or None (per channel), got {gs!r}")
+        check(isinstance(self.symmetric, bool), f"symmetric must be true or false, got {self.symmetric!r}")
+        check(self.scale_dtype in _SCALE_DTYPES,
+              f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
     @property
     def group(self) -> int | None:
@@ -48,8 +63,23 @@ class QuantConfig:
     def torch_scale_dtype(self) -> torch.dtype:
         return _SCALE_DTYPES[self.scale_dtype]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """The config :meth:`to_dict` wrote: the class its ``method`` names (which must be ``cls`` or below it)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a quantization config is a mapping, got {type(data).__name__}")
+        data = dict(data)
+        method = data.pop("method", None)
+        kinds = {c.method: c for c in (RTNConfig, GPTQConfig, OutlierConfig)}
+        kind = kinds.get(method)  # type: ignore[arg-type]
+        if kind is None or not issubclass(kind, cls):
+            raise ConfigError(f"unknown quantization method {method!r} for {cls.__name__}")
+        if kind is not cls:
+            return kind.from_dict({"method": method, **data})
+        return super().from_dict(data)
 
 
 @dataclass(frozen=True)
@@ -76,10 +106,11 @@ class GPTQConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (0 < self.damp < 1):
-            raise ConfigError(f"damp must be in (0, 1), got {self.damp!r}")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ConfigError(f"block_size must be a positive integer, got {self.block_size!r}")
+        check(isinstance(self.act_order, bool) and isinstance(self.static_groups, bool),
+              "act_order and static_groups must be true or false")
+        check(_is_number(self.damp) and 0 < self.damp < 1, f"damp must be in (0, 1), got {self.damp!r}")
+        check(_is_int(self.block_size) and self.block_size >= 1,
+              f"block_size must be a positive integer, got {self.block_size!r}")
 
 
 @dataclass(frozen=True)
@@ -101,23 +132,9 @@ class OutlierConfig(GPTQConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (0 < self.outlier_fraction <= 0.1):
-            raise ConfigError(f"outlier_fraction must be in (0, 0.1], got {self.outlier_fraction!r}")
-        if self.stat_bits not in range(2, 9):
-            raise ConfigError(f"stat_bits must be 2..8, got {self.stat_bits!r}")
-        if not isinstance(self.stat_group, int) or self.stat_group < 1:
-            raise ConfigError(f"stat_group must be a positive integer, got {self.stat_group!r}")
-        if self.group is None:
-            raise ConfigError("OutlierConfig needs a group size: its statistics are coded per group")
-
-
-def config_from_dict(d: dict) -> QuantConfig:
-    d = dict(d)
-    method = d.pop("method", None)
-    kinds = {c.method: c for c in (RTNConfig, GPTQConfig, OutlierConfig)}
-    if method not in kinds:
-        raise ConfigError(f"unknown quantization method {method!r}")
-    try:
-        return kinds[method](**d)
-    except TypeError as exc:
-        raise ConfigError(f"bad {method} config: {exc}") from None
+        check(_is_number(self.outlier_fraction) and 0 < self.outlier_fraction <= 0.1,
+              f"outlier_fraction must be in (0, 0.1], got {self.outlier_fraction!r}")
+        check(_is_int(self.stat_bits) and 2 <= self.stat_bits <= 8, f"stat_bits must be 2..8, got {self.stat_bits!r}")
+        check(_is_int(self.stat_group) and self.stat_group >= 1,
+              f"stat_group must be a positive integer, got {self.stat_group!r}")
+        check(self.group is not None, "OutlierConfig needs a group size: its statistics are coded per group")

@@ -26,9 +26,9 @@ import warnings
 import torch
 from torch import nn
 
+from toolkit.kernels.pack import pack_int32, packed_words, unpack_int32
 from toolkit.llm.quant import grid
 from toolkit.llm.quant.gptq import STAT_SCALE_FLOOR, Solution, decode_stats, decode_zero
-from toolkit.llm.quant.pack import pack_int32, packed_words, unpack_int32
 
 __all__ = ["QuantizedLinear"]
 
