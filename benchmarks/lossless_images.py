@@ -39,8 +39,17 @@ from PIL import Image
 
 import toolkit
 from toolkit.bench import machine
-from toolkit.circuits import decode_records, encode_records, fit_hclt, image_to_records, model_bits
-from toolkit.circuits.train_patch import HELD_OUT_PHOTOS, TRAIN_PHOTOS, load_photo
+from toolkit.circuits import (
+    HELD_OUT_PHOTOS,
+    TRAIN_PHOTOS,
+    EMConfig,
+    decode_records,
+    encode_records,
+    fit_hclt,
+    image_to_records,
+    load_photo,
+    model_bits,
+)
 
 
 def png_optimized(pixels: np.ndarray) -> bytes:
@@ -83,7 +92,7 @@ def digits_part(latents: int, epochs: int, tmp: Path) -> dict:
     perm = np.random.default_rng(0).permutation(len(x))
     test, valid, train = x[perm[:360]], x[perm[360:540]], x[perm[540:]]
     t0 = time.perf_counter()
-    circuit, hist = fit_hclt(train, num_latents=latents, epochs=epochs, num_cats=17, valid=valid)
+    circuit, hist = fit_hclt(train, EMConfig(epochs=epochs), num_latents=latents, num_cats=17, valid=valid)
     train_s = time.perf_counter() - t0
     path = tmp / "digits-circuit"
     circuit.save(path)
@@ -144,7 +153,7 @@ def speed_part(digits_circuit, naive_records: int, records: int) -> list[dict]:
     d64 = load_digits().images.astype(np.uint8).reshape(-1, 64)[:records]
     # D = 256: 16x16 patches of a training photo's MED residuals, K = 256.
     patches = image_to_records(load_photo(TRAIN_PHOTOS[0]), 16)  # 1,024 patches of 512 x 512
-    c256, _ = fit_hclt(patches[:768], num_latents=16, epochs=2, num_cats=256)
+    c256, _ = fit_hclt(patches[:768], EMConfig(epochs=2), num_latents=16, num_cats=256)
     for d, circuit, data in ((64, digits_circuit, d64), (256, c256, patches[768 : 768 + records])):
         # naive at its own (small) count and every method at that same count, so batching
         # does not flatter partial evaluation; then partial and context on the full batch.

@@ -6,7 +6,7 @@ For each shipped model (cast to BF16, as DFloat11 codes BF16 models), in a
 fresh process per mode so that peak memory is the mode's own:
 
 * ``dense``: the model as loaded;
-* ``coded fast`` / ``coded max``: :func:`toolkit.weights.compress_in_memory`
+* ``coded fast`` / ``coded max``: :func:`toolkit.weights.compress_weights_`
   at that level, each layer's weights decoded in a forward pre-hook.
 
 Reported: the weight bytes held (dense, or coded plus the most held dense at
@@ -43,9 +43,9 @@ dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 out = {"model": name, "mode": mode, "params": sum(p.numel() for p in model.parameters())}
 coded = None
 if mode != "dense":
-    from toolkit.weights import compress_in_memory
+    from toolkit.weights import InMemoryConfig, compress_weights_
     t = time.perf_counter()
-    coded = compress_in_memory(model, level=mode.split()[-1])
+    coded = compress_weights_(model, InMemoryConfig(level=mode.split()[-1]))
     out["encode_s"] = time.perf_counter() - t
 g = torch.Generator().manual_seed(0)
 vocab = model.config.get_text_config().vocab_size

@@ -37,59 +37,16 @@ def _parse_sets(items: list[str] | None) -> dict[str, str]:
     return out
 
 
-class _TarStream:
-    """A directory as a tar archive (pax format, entries sorted), written by a thread into a pipe.
-
-    A directory of checkpoint shards compresses as one file this way
-    (``codec compress DIR`` writes ``DIR.tar.tkz``, which decompresses to
-    ``DIR.tar``) without a copy on disk. A file the thread cannot read fails
-    the read that reaches the end, so no output is published.
-    """
-
-    def __init__(self, path: str):
-        import tarfile
-        import threading
-
-        self.error: BaseException | None = None
-        r, w = os.pipe()
-        self.reader = os.fdopen(r, "rb")
-
-        def write() -> None:
-            try:
-                with os.fdopen(w, "wb") as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-                    tf.add(path, arcname=os.path.basename(os.path.normpath(path)))
-            except BrokenPipeError:
-                pass  # the reader stopped (an error on its side, reported there)
-            except OSError as e:
-                self.error = e
-
-        self.thread = threading.Thread(target=write, daemon=True)
-        self.thread.start()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.reader.read(n)
-        if not data:  # the end: the archive is whole only if the thread finished cleanly
-            self.thread.join()
-            if self.error is not None:
-                raise InputError(f"cannot archive the directory: {self.error}")
-        return data
-
-    def readinto(self, buf) -> int:
-        data = self.read(len(buf))
-        buf[:len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.reader.close()
-
-
 @contextlib.contextmanager
 def _open_input(path: str) -> Iterator[tuple[BinaryIO, int | None]]:
     if path == "-":
         yield sys.stdin.buffer, None
         return
     if os.path.isdir(path):
-        tar = _TarStream(path)
+        from toolkit.formats.tar import DirectoryStream
+
+        # a directory of checkpoint shards compresses as one file: DIR.tar.tkz, which decompresses to DIR.tar
+        tar = DirectoryStream(path)
         try:
             yield tar, None
         finally:

@@ -108,8 +108,8 @@ def test_em_improves_log_likelihood() -> None:
     data = truth.sample(1500, torch.Generator().manual_seed(2)).numpy().astype(np.uint8)
     c = Circuit(learn_hclt(data, num_cats=4, num_latents=4), seed=0)
     before = mean_log_likelihood(c, data)
-    hist = fit_em(c, data, EMConfig(epochs=8, batch_size=len(data), step_size=1.0,
-                                    pseudocount=0.01))
+    hist = fit_em(c, EMConfig(epochs=8, batch_size=len(data), step_size=1.0, step_size_end=None,
+                              pseudocount=0.01), data)
     lls = [h["train_ll"] for h in hist]
     # Full-batch EM: monotone up to the pseudocount's small pull.
     assert all(b >= a - 1e-3 for a, b in zip(lls, lls[1:], strict=False))
@@ -118,8 +118,29 @@ def test_em_improves_log_likelihood() -> None:
     # Mini-batch EM also improves on a fresh circuit.
     c2 = Circuit(c.structure, seed=1)
     b2 = mean_log_likelihood(c2, data)
-    fit_em(c2, data, EMConfig(epochs=3, batch_size=256, step_size=0.3))
+    fit_em(c2, EMConfig(epochs=3, batch_size=256, step_size=0.3, step_size_end=None), data)
     assert mean_log_likelihood(c2, data) > b2 + 0.5
+
+
+@pytest.mark.parametrize("bad", [{"epochs": -1}, {"batch_size": 0}, {"step_size": 0.0}, {"step_size": 1.5},
+                                 {"step_size_end": 0.0}, {"pseudocount": -0.1}, {"pseudocount": float("nan")},
+                                 {"seed": 0.5}, {"epochs": "3"}])
+def test_em_settings_are_checked(bad) -> None:
+    with pytest.raises(ConfigError):
+        EMConfig(**bad)
+
+
+def test_em_config_round_trips_and_fit_hclt_takes_it() -> None:
+    from toolkit.circuits import fit_hclt
+
+    cfg = EMConfig(epochs=2, step_size_end=None, seed=3)
+    assert EMConfig.from_dict(cfg.to_dict()) == cfg
+    data = np.random.default_rng(0).integers(0, 3, (200, 5)).astype(np.uint8)
+    calls = []
+    circuit, hist = fit_hclt(data, cfg, num_latents=2, progress=lambda done, total: calls.append((done, total)))
+    assert len(hist) == 2 and calls[-1] == (2, 2) and circuit.num_vars == 5
+    with pytest.raises(ConfigError):
+        fit_hclt(data, {"epochs": 2})
 
 
 def test_hclt_recovers_a_markov_chain() -> None:
@@ -168,3 +189,24 @@ def test_bad_inputs_raise_toolkit_errors() -> None:
     # A missing entry may hold anything.
     ll = c.log_likelihood(torch.tensor([[0, 7]]), torch.tensor([[False, True]]))
     assert math.isfinite(float(ll))
+
+
+def test_patch_recipe_runs_from_its_config(tmp_path) -> None:
+    """The shipped patch model's recipe on a tiny budget: its command line is its config, its result a model."""
+    from toolkit.circuits import PatchModel
+    from toolkit.recipes.common import parse_config
+    from toolkit.recipes.train_patch import TrainPatchConfig, run
+
+    cfg = parse_config(TrainPatchConfig, ["--out", str(tmp_path / "m"), "--patch", "2", "--latents", "2",
+                                          "--epochs", "1", "--max-records", "300"])
+    assert cfg == TrainPatchConfig(out=tmp_path / "m", patch=2, latents=2, epochs=1, max_records=300)
+    with pytest.raises(ConfigError):
+        TrainPatchConfig(out=tmp_path, patch=0)
+    before = torch.get_num_threads()
+    try:
+        out = run(cfg)
+    finally:
+        torch.set_num_threads(before)
+    model = PatchModel.load(out)
+    assert model.patch == 2 and sorted(model.circuits) == [1, 3]
+    assert set(model.meta["valid_bits_per_dim"]) == {"1", "3"} and model.meta["held_out"][0] == "coffee"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import toolkit
-from toolkit.circuits import PatchModel, fit_hclt, train_patch_model
+from toolkit.circuits import EMConfig, PatchModel, fit_hclt, train_patch_model
 from toolkit.errors import ModelMismatchError, ToolkitError, UnsupportedInputError
 from toolkit.formats import encode_png
 
@@ -37,7 +37,7 @@ def _png(pixels: np.ndarray, **kw) -> bytes:
 @pytest.fixture(scope="module")
 def patch_model(tmp_path_factory) -> str:
     imgs = [_photo(40, 48, True, s) for s in range(2)] + [_photo(36, 44, False, 5)]
-    model, _ = train_patch_model(imgs, patch=4, num_latents=4, epochs=2)
+    model, _ = train_patch_model(imgs, EMConfig(epochs=2), patch=4, num_latents=4)
     path = tmp_path_factory.mktemp("pc") / "patch"
     model.save(path)
     return str(path)
@@ -49,7 +49,7 @@ def digits_circuit(tmp_path_factory) -> tuple[str, np.ndarray]:
     # 6x6 records with 5 levels: blobs plus noise, enough structure for a tree.
     base = rng.integers(0, 5, (200, 1, 1))
     x = np.clip(base + rng.integers(-1, 2, (200, 6, 6)), 0, 4).astype(np.uint8)
-    circuit, hist = fit_hclt(x[:150], num_latents=4, epochs=3, num_cats=5)
+    circuit, hist = fit_hclt(x[:150], EMConfig(epochs=3), num_latents=4, num_cats=5)
     assert len(hist) == 3
     path = tmp_path_factory.mktemp("pc") / "digits"
     circuit.save(path)
@@ -101,7 +101,7 @@ def test_model_mismatch_refused(digits_circuit, tmp_path):
     mine = tmp_path / "circuit"
     shutil.copytree(path, mine)
     blob = toolkit.compress(_npy(held), codec="pc", model=str(mine))
-    other, _ = fit_hclt(held, num_latents=3, epochs=1, num_cats=5, seed=7)
+    other, _ = fit_hclt(held, EMConfig(epochs=1, seed=7), num_latents=3, num_cats=5)
     shutil.rmtree(mine)
     other.save(str(mine))
     with pytest.raises(ModelMismatchError):
@@ -218,12 +218,12 @@ def test_pc_decoder_pointed_at_another_model_dir(tmp_path):
     import numpy as np
 
     import toolkit
-    from toolkit.circuits import fit_hclt
+    from toolkit.circuits import EMConfig, fit_hclt
     from toolkit.errors import ModelMismatchError
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 4, size=(200, 6)).astype(np.uint8)
-    circuit, _ = fit_hclt(x, num_latents=4, epochs=2, num_cats=4)
+    circuit, _ = fit_hclt(x, EMConfig(epochs=2), num_latents=4, num_cats=4)
     where = tmp_path / "mine" / "circ"
     circuit.save(where)
     import io

@@ -45,7 +45,7 @@ def test_rans_kernel_matches_reference_under_interpreter(args):
 
 def test_rans_kernel_decodes_a_batch_of_segments_in_one_launch():
     cases = [[700, 3, 4, 10], [5, 8, 1, 11], [2000, 64, 16, 12], [0, 2, 1, 13], [1000, 13, 4, 14]]
-    report = check_kernel("toolkit.kernels.rans:decode_segments_triton", "toolkit.kernels.rans:_segments_reference",
+    report = check_kernel("toolkit.kernels.rans:decode_segments_triton", "toolkit.kernels.rans:decode_segments",
                           "toolkit.kernels.rans:_example_batch", [cases])
     assert len(report) == len(cases)
     for case, r in zip(cases, report, strict=True):

@@ -1,6 +1,7 @@
 """Lossless weight coding: float planes, the lane ANS coder, segments, safetensors headers, the weights codec."""
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -433,7 +434,7 @@ def test_scanner_survives_damaged_archives(flips, cut):
 def test_load_state_dict_gives_every_tensor_bit_for_bit(tmp_path):
     from safetensors.torch import load
 
-    from toolkit.weights import load_state_dict
+    from toolkit.codecs.weights import load_state_dict
 
     data = _model_file()
     want = load(data)
@@ -450,6 +451,13 @@ def test_load_state_dict_gives_every_tensor_bit_for_bit(tmp_path):
     assert set(both) == {"x", "y"} and torch.equal(both["y"], torch.ones(3))
     with pytest.raises(UnsupportedInputError, match="codec"):
         load_state_dict(toolkit.compress(b"plain text " * 50, codec="zstd"))
+    from toolkit.weights import read_checkpoint
+
+    plain = read_checkpoint(data)  # the library reads decoded bytes: read-only ones are copied once
+    for k, v in want.items():
+        assert torch.equal(plain[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+    with pytest.raises(UnsupportedInputError, match="numpy.load"):
+        read_checkpoint(_npy(np.zeros(3, np.float32)))
     with pytest.raises(UnsupportedInputError, match="two shards"):
         load_state_dict(toolkit.compress(_tar({"a.safetensors": _file({"x": torch.ones(2)}),
                                                "b.safetensors": _file({"x": torch.ones(2)})}), codec="weights"))
@@ -465,14 +473,14 @@ def _tiny_llama():
 
 @pytest.mark.parametrize("level", ["fast", "max"])
 def test_weights_coded_in_memory_give_the_same_outputs(level):
-    from toolkit.weights import compress_in_memory
+    from toolkit.weights import InMemoryConfig, compress_weights_
 
     model = _tiny_llama()
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         dense = model(ids).logits
         before = {k: v.clone() for k, v in model.state_dict().items()}
-    coded = compress_in_memory(model, level=level)
+    coded = compress_weights_(model, InMemoryConfig(level=level))
     assert all(p.numel() == 0 for m, n, _ in coded.owners for p in [m._parameters[n]])  # nothing dense is left
     assert coded.coded_bytes < 0.8 * coded.dense_bytes
     with torch.no_grad():
@@ -483,11 +491,13 @@ def test_weights_coded_in_memory_give_the_same_outputs(level):
     assert biggest <= coded.peak_dense_bytes <= 3 * biggest  # one layer (or a few small ones) dense at a time
     assert all(p.numel() == 0 for m, n, _ in coded.owners for p in [m._parameters[n]])  # freed after the forward
     with pytest.raises(ConfigError, match="already"):
-        compress_in_memory(model)
-    coded.restore()
+        compress_weights_(model)
+    coded.remove()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
     assert torch.equal(model(ids).logits, dense)
+    coded.remove()  # a second remove does nothing
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_max_falls_back_to_fast_on_values_that_repeat():
@@ -501,3 +511,85 @@ def test_max_falls_back_to_fast_on_values_that_repeat():
     best = encode_segment(raw, "BF16", SegmentShape(0, 512), level="max")
     assert len(best) <= len(fast) and len(fast) < 0.2 * len(raw)
     assert decode_segment(best, "BF16", SegmentShape(0, 512), w.numel()).tobytes() == raw
+
+
+def test_in_memory_settings_are_checked():
+    from toolkit.weights import InMemoryConfig, compress_weights_
+
+    with pytest.raises(ConfigError):
+        InMemoryConfig(level="best")
+    with pytest.raises(ConfigError):
+        InMemoryConfig(min_values=0)
+    with pytest.raises(ConfigError):
+        compress_weights_(_tiny_llama(), {"level": "max"})
+
+
+# ------------------------------------------------------------------ decoding on a device
+def _segments(values: torch.Tensor, cuts: list[tuple[int, str]]) -> list[tuple[int, int, bytes]]:
+    """``values`` coded as segments that start at each cut's value index, at its level."""
+    from toolkit.weights.checkpoint import row_length
+
+    dtype = {v: k for k, v in DTYPES.items()}[values.dtype]
+    raw = values.reshape(-1).view(torch.uint8).numpy()
+    item, row = values.element_size(), row_length(tuple(values.shape))
+    ends = [c for c, _ in cuts[1:]] + [values.numel()]
+    return [(v0, v1 - v0, encode_segment(raw[v0 * item:v1 * item], dtype, SegmentShape(v0, row), level=level))
+            for (v0, level), v1 in zip(cuts, ends, strict=True)]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_device_decoder_gives_the_cpu_decoders_values(dtype):
+    """The device path (contexts, symbols and the join in torch) on the CPU, against the CPU decoder."""
+    from toolkit.weights.coding import ContextSegment, read_segment
+    from toolkit.weights.device import decode_on_device
+
+    w = _weights((96, 512), DTYPES[dtype], seed=4)
+    w.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -0.0, 1e-30, -3.5]).to(w.dtype)
+    # a segment ending inside a row, a small one (coded fast), one starting inside a row
+    segments = _segments(w, [(0, "max"), (30000, "max"), (33000, "max")])
+    kinds = [type(read_segment(p, dtype, SegmentShape(v0, 512), n)) for v0, n, p in segments]
+    assert kinds.count(ContextSegment) == 2
+    got = decode_on_device(segments, dtype, tuple(w.shape), "cpu")
+    assert got.dtype == w.dtype and got.shape == w.shape
+    assert torch.equal(got.view(torch.uint8), w.view(torch.uint8))
+
+
+_INTERPRETED = """
+import numpy as np, torch
+from toolkit.kernels import rans
+from toolkit.weights.coding import SegmentShape, encode_segment
+from toolkit.weights.device import decode_on_device
+
+rans.decode_segments = rans.decode_segments_triton  # the kernel's path on CPU tensors, interpreted
+g = torch.Generator().manual_seed(5)
+w = (torch.randn(40, 130, generator=g) * torch.exp(torch.randn(40, 1, generator=g))).to(torch.bfloat16)
+raw = w.reshape(-1).view(torch.uint8).numpy()
+segments = [(0, 4500, encode_segment(raw[:9000], "BF16", SegmentShape(0, 130), level="max")),
+            (4500, 700, encode_segment(raw[9000:], "BF16", SegmentShape(4500, 130), level="max"))]
+got = decode_on_device(segments, "BF16", (40, 130), "cpu")
+print("RESULT", torch.equal(got.view(torch.uint8), w.view(torch.uint8)))
+"""
+
+
+def test_device_decoder_runs_the_rans_kernel_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
+    assert "RESULT True" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.gpu
+def test_coded_tensors_decode_on_cuda():
+    from toolkit.weights import CodedTensor, InMemoryConfig, compress_weights_
+
+    for dtype in DTYPES.values():
+        w = _weights((1500, 1000), dtype, seed=2).cuda()  # two segments, the second starting inside a row
+        coded = CodedTensor.encode(w, "max")
+        got = coded.decode()
+        assert got.is_cuda and torch.equal(got.view(torch.uint8), w.view(torch.uint8))
+    model = _tiny_llama().cuda()
+    ids = torch.randint(0, 256, (2, 12), device="cuda")
+    with torch.no_grad():
+        dense = model(ids).logits
+        handle = compress_weights_(model, InMemoryConfig(level="max", min_values=1024))
+        assert torch.equal(model(ids).logits, dense)
+    handle.remove()

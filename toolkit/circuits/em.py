@@ -21,24 +21,47 @@ import torch
 
 from toolkit.circuits.circuit import Circuit
 from toolkit.circuits.layers import input_layer, upward_pass
+from toolkit.config import Config, check
+from toolkit.errors import ConfigError
+from toolkit.progress import Progress, reporter
 
 __all__ = ["EMConfig", "expected_flows", "em_update", "fit_em", "mean_log_likelihood"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class EMConfig:
-    """Settings of :func:`fit_em`."""
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class EMConfig(Config):
+    """Settings of :func:`fit_em` (and of the EM in :func:`~toolkit.circuits.fit_hclt`)."""
 
     epochs: int = 20
     batch_size: int = 512
-    #: mixing weight of the new estimate; annealed linearly to ``step_size_end``.
+    #: mixing weight of the new estimate; annealed linearly to ``step_size_end`` (None: constant).
     step_size: float = 0.5
-    step_size_end: float | None = None
+    step_size_end: float | None = 0.05
     #: added to every flow, spread evenly over a unit's children.
     pseudocount: float = 0.1
+    #: the batch order's seed (and the initial parameters' in :func:`~toolkit.circuits.fit_hclt`)
     seed: int = 0
+
+    def __post_init__(self):
+        check(_count(self.epochs) and self.epochs >= 0, f"epochs must be an integer >= 0, got {self.epochs!r}")
+        check(_count(self.batch_size) and self.batch_size >= 1,
+              f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        for name in ("step_size", "step_size_end"):
+            value = getattr(self, name)
+            if name == "step_size_end" and value is None:
+                continue
+            check(isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1,
+                  f"{name} must be in (0, 1], got {value!r}")
+        check(isinstance(self.pseudocount, int | float) and not isinstance(self.pseudocount, bool)
+              and math.isfinite(self.pseudocount) and self.pseudocount >= 0,
+              f"pseudocount must be a finite number >= 0, got {self.pseudocount!r}")
+        check(_count(self.seed), f"seed must be an integer, got {self.seed!r}")
 
 
 def expected_flows(
@@ -88,23 +111,27 @@ def mean_log_likelihood(
 
 def fit_em(
     circuit: Circuit,
+    config: EMConfig | None,
     data: np.ndarray | torch.Tensor,
-    config: EMConfig | None = None,
     valid: np.ndarray | torch.Tensor | None = None,
+    progress: Progress = False,
 ) -> list[dict]:
-    """Train ``circuit`` in place on ``data[N, D]``; returns one dict per epoch.
+    """Train ``circuit`` in place on ``data[N, D]`` with ``config`` (None: the defaults); one dict per epoch.
 
     Each entry has the epoch's mean training log-likelihood (during the
     epoch, before the last update) and, with ``valid``, the held-out one,
-    both also in bits per dimension.
+    both also in bits per dimension. ``progress`` counts the EM steps.
     """
-    cfg = config or EMConfig()
+    cfg = config if config is not None else EMConfig()
+    if not isinstance(cfg, EMConfig):
+        raise ConfigError(f"config must be an EMConfig, got {type(cfg).__name__}")
     x = circuit._codes(data)
     n, d = x.shape
     gen = torch.Generator().manual_seed(cfg.seed)
     end = cfg.step_size if cfg.step_size_end is None else cfg.step_size_end
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = max(1, cfg.epochs * steps_per_epoch - 1)
+    report = reporter(progress, cfg.epochs * steps_per_epoch, "EM")
     history = []
     step = 0
     for epoch in range(cfg.epochs):
@@ -117,6 +144,7 @@ def fit_em(
             s = cfg.step_size + (end - cfg.step_size) * step / total_steps
             em_update(circuit, flows, s, cfg.pseudocount)
             step += 1
+            report(step, cfg.epochs * steps_per_epoch)
         rec = {"epoch": epoch, "train_ll": ll_sum / n,
                "train_bpd": -ll_sum / n / d / math.log(2)}
         if valid is not None:

@@ -30,8 +30,10 @@ import numpy as np
 import torch
 
 from toolkit.circuits.circuit import Circuit
+from toolkit.circuits.em import EMConfig
 from toolkit.circuits.train import circuit_sha256, fit_hclt
 from toolkit.errors import ConfigError, FormatError
+from toolkit.progress import Progress, reporter
 
 __all__ = [
     "PatchModel",
@@ -151,20 +153,23 @@ class PatchModel:
 
 def train_patch_model(
     images: list[np.ndarray],
+    config: EMConfig | None = None,
+    *,
     patch: int = 4,
     num_latents: int = 32,
-    epochs: int = 10,
     max_records: int = 100_000,
     valid: list[np.ndarray] | None = None,
-    seed: int = 0,
+    progress: Progress = False,
 ) -> tuple[PatchModel, dict[int, list[dict]]]:
-    """Train grey (from every image's green-based planes as grey) and colour patch circuits.
+    """Train grey (from every image's green-based planes as grey) and colour patch circuits with EM under ``config``.
 
     Grey training records come from the grey images plus the luminance-like
     green channel of the colour images, so both circuits see every photo.
-    At most ``max_records`` records (a seeded random subset) per circuit.
+    At most ``max_records`` records (a random subset drawn with
+    ``config.seed``) per circuit. ``progress`` counts the circuits trained.
     """
-    rng = np.random.default_rng(seed)
+    config = config if config is not None else EMConfig()
+    rng = np.random.default_rng(config.seed)
 
     def collect(imgs: list[np.ndarray], ch: int) -> np.ndarray | None:
         recs = []
@@ -180,15 +185,14 @@ def train_patch_model(
             x = x[rng.choice(len(x), max_records, replace=False)]
         return x
 
+    report = reporter(progress, 2, "patch circuits")
     circuits, histories = {}, {}
-    for ch in (1, 3):
+    for done, ch in enumerate((1, 3), 1):
         x = collect(images, ch)
-        if x is None:
-            continue
-        v = collect(valid, ch) if valid else None
-        torch.manual_seed(seed)
-        c, hist = fit_hclt(x, num_latents=num_latents, epochs=epochs, num_cats=256, valid=v,
-                           mi_bins=32, seed=seed)
-        circuits[ch], histories[ch] = c, hist
+        if x is not None:
+            v = collect(valid, ch) if valid else None
+            torch.manual_seed(config.seed)
+            circuits[ch], histories[ch] = fit_hclt(x, config, num_latents=num_latents, num_cats=256, valid=v,
+                                                   mi_bins=32)
+        report(done, 2)
     return PatchModel(circuits, patch), histories
-

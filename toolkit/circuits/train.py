@@ -1,7 +1,7 @@
 """One-call training of an HCLT circuit, and the hash that names a circuit in .tkz headers.
 
 :func:`fit_hclt` is the public "learn a structure, then run EM" verb:
-``circuit, history = fit_hclt(train, num_latents=16, epochs=20, valid=held_out)``.
+``circuit, history = fit_hclt(train, EMConfig(epochs=20), num_latents=16, valid=held_out)``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from toolkit.circuits.circuit import Circuit
 from toolkit.circuits.em import EMConfig, fit_em
 from toolkit.circuits.structure import learn_hclt
 from toolkit.errors import ConfigError, UnsupportedInputError
+from toolkit.progress import Progress
 
 __all__ = ["fit_hclt", "circuit_sha256"]
 
@@ -24,26 +25,27 @@ log = logging.getLogger(__name__)
 
 def fit_hclt(
     data: np.ndarray | torch.Tensor,
+    config: EMConfig | None = None,
+    *,
     num_latents: int = 16,
-    epochs: int = 20,
     num_cats: int | None = None,
     valid: np.ndarray | torch.Tensor | None = None,
-    batch_size: int = 512,
-    step_size: float = 0.5,
-    step_size_end: float | None = 0.05,
-    pseudocount: float = 0.1,
     mi_bins: int | None = None,
-    seed: int = 0,
+    progress: Progress = False,
 ) -> tuple[Circuit, list[dict]]:
-    """Learn an HCLT on ``data[N, ...]`` (integer codes, e.g. uint8) and train it with EM.
+    """Learn an HCLT on ``data[N, ...]`` (integer codes, e.g. uint8) and train it with EM under ``config``.
 
     Records of more than two dimensions (``[N, H, W]`` images) are flattened
     row-major. ``num_cats`` defaults to ``max(data) + 1`` (at least 2); pass it
     when held-out or future records may use values the training set lacks,
-    e.g. 256 for bytes. Returns the circuit and the per-epoch history of
+    e.g. 256 for bytes. ``config.seed`` seeds the initial parameters as well
+    as the batch order. Returns the circuit and the per-epoch history of
     :func:`~toolkit.circuits.em.fit_em` (train and, with ``valid``, held-out
     bits per dimension).
     """
+    cfg = config if config is not None else EMConfig()
+    if not isinstance(cfg, EMConfig):
+        raise ConfigError(f"config must be an EMConfig, got {type(cfg).__name__}")
     x = np.asarray(data.cpu() if isinstance(data, torch.Tensor) else data)
     if x.ndim < 2 or x.shape[0] < 1:
         raise UnsupportedInputError(f"data must be [records, ...] with at least one record, got {x.shape}")
@@ -58,10 +60,8 @@ def fit_hclt(
         v = np.asarray(valid.cpu() if isinstance(valid, torch.Tensor) else valid)
         v = v.reshape(v.shape[0], -1).astype(np.int64)
     structure = learn_hclt(x, num_cats=k, num_latents=num_latents, mi_bins=mi_bins)
-    circuit = Circuit(structure, seed=seed)
-    cfg = EMConfig(epochs=epochs, batch_size=batch_size, step_size=step_size,
-                   step_size_end=step_size_end, pseudocount=pseudocount, seed=seed)
-    history = fit_em(circuit, x, cfg, valid=v)
+    circuit = Circuit(structure, seed=cfg.seed)
+    history = fit_em(circuit, cfg, x, valid=v, progress=progress)
     return circuit, history
 
 

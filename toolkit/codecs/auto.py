@@ -32,6 +32,9 @@ from dataclasses import dataclass
 
 from toolkit.codecs.registry import get_codec
 from toolkit.errors import ToolkitError
+from toolkit.formats.npy import NPY_MAGIC
+from toolkit.formats.png import PNG_SIGNATURE
+from toolkit.formats.tar import is_tar
 from toolkit.text.detect import looks_like_text  # the lm codec's own test: auto offers lm what lm codes
 
 logger = logging.getLogger(__name__)
@@ -45,8 +48,6 @@ _LM_MIN_SAMPLE = 512  # lm's estimate needs this much text
 #: classic bits per byte from which lm is picked for text: on 60 KB of dpkg.log xz -9e made 0.643 bits/byte
 #: and lm 0.647 (its header included), so below this the classic codec is as small and far faster
 LM_MIN_BPB = 0.8
-_PNG = b"\x89PNG\r\n\x1a\n"
-_NPY = b"\x93NUMPY"
 
 
 @dataclass
@@ -96,7 +97,7 @@ def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> 
     if not sample:
         return Choice("store", "empty input")
     classic, classic_bpb = _classic(sample)
-    if sample.startswith(_PNG):
+    if sample.startswith(PNG_SIGNATURE):
         return Choice("pc", "a PNG image: probabilistic circuits", fallback=classic)
     if _looks_like_safetensors(sample):
         try:
@@ -108,10 +109,10 @@ def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> 
         what = f"{len(header.tensors)} tensors" if header else "a header longer than the sample"
         return Choice("weights", f"a safetensors checkpoint ({what}): lossless weight coding")
     floats = _float_share(sample)
-    if floats > 0.5 or (floats > 0 and sample[257:262] == b"ustar"):
-        what = "a tar archive of checkpoints" if sample[257:262] == b"ustar" else "a .npy file of floats"
+    if floats > 0.5 or (floats > 0 and is_tar(sample)):
+        what = "a tar archive of checkpoints" if is_tar(sample) else "a .npy file of floats"
         return Choice("weights", f"{what} ({100 * floats:.0f}% of the sample float values): lossless weight coding")
-    if sample.startswith(_NPY):
+    if sample.startswith(NPY_MAGIC):
         return Choice(classic, f"a .npy file: {classic} at {classic_bpb:.2f} bits/byte on the sample",
                       hint="for records coded with your circuit: --codec pc --set model=DIR")
     if not looks_like_text(sample):

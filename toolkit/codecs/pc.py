@@ -41,7 +41,8 @@ import zstandard
 
 from toolkit.circuits.settings import MAX_BATCH, METHODS
 from toolkit.codecs.registry import Codec, register_codec
-from toolkit.errors import ConfigError, FormatError, ModelMismatchError, UnsupportedInputError
+from toolkit.config import Config, check
+from toolkit.errors import FormatError, ModelMismatchError, UnsupportedInputError
 from toolkit.formats.npy import NPY_MAGIC, check_uint8_records, npy_records, read_npy_header, rebuild_npy
 from toolkit.formats.png import (
     MAX_INFLATE_RATIO,
@@ -66,8 +67,8 @@ _CHUNK = 64 << 20
 _LEN = struct.Struct("<I")
 
 
-@dataclass
-class PCConfig:
+@dataclass(frozen=True)
+class PCConfig(Config):
     #: a saved circuit (dataset mode) or patch-model directory (image mode); "": the shipped patch model.
     model: str = ""
     #: ``context``, ``partial`` or ``naive`` (same bits up to rounding; speed differs).
@@ -76,10 +77,8 @@ class PCConfig:
     batch: int = 1024
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(f"pc method must be one of {METHODS}, got {self.method!r}")
-        if not 1 <= self.batch <= MAX_BATCH:
-            raise ConfigError(f"pc batch must be in 1..{MAX_BATCH}")
+        check(self.method in METHODS, f"pc method must be one of {METHODS}, got {self.method!r}")
+        check(isinstance(self.batch, int) and 1 <= self.batch <= MAX_BATCH, f"pc batch must be in 1..{MAX_BATCH}")
 
 
 def _load_model(where: Located) -> tuple:

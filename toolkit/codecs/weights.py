@@ -21,18 +21,28 @@ decoder gives back the file exactly, header bytes and tensor order included.
 Settings: ``level`` (``fast``: zstd on byte planes, the fastest to decode;
 ``max``: ANS under row and column contexts, the smallest) and
 ``zstd_level`` for the exponent plane and side data.
+
+:func:`load_state_dict` reads a coded checkpoint straight into tensors.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from toolkit.codecs.registry import Codec, DecodeSession, EncodeSession, register_codec
-from toolkit.entropy.varint import read_varint, varint
-from toolkit.errors import ConfigError, FormatError
+from toolkit.config import Config, check
+from toolkit.entropy.varint import varint
+from toolkit.errors import FormatError, UnsupportedInputError
+from toolkit.formats.binary import ByteReader
 from toolkit.weights.checkpoint import DTYPE_BYTES  # light: the coder (numpy, numba) loads when a file is coded
 
-__all__ = ["WeightsCodec", "WeightsConfig"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["WeightsCodec", "WeightsConfig", "load_state_dict"]
 
 _STORED, _ZSTD, _FLOAT = 0, 1, 2
 _DTYPES = ("BF16", "F16", "F32", "F64")
@@ -41,18 +51,17 @@ _CHUNK = 2 << 20
 _SMALL = 1 << 20
 
 
-@dataclass
-class WeightsConfig:
+@dataclass(frozen=True)
+class WeightsConfig(Config):
     #: ``fast`` (zstd byte planes) or ``max`` (context-coded exponents with ANS)
     level: str = "fast"
     #: zstd level of the exponent plane and side data (17 and 19 code it within 1% of its entropy)
     zstd_level: int = 17
 
     def __post_init__(self):
-        if self.level not in ("fast", "max"):
-            raise ConfigError(f"weights level must be fast or max, got {self.level!r}")
-        if not 1 <= self.zstd_level <= 22:
-            raise ConfigError(f"zstd_level must be in 1..22, got {self.zstd_level}")
+        check(self.level in ("fast", "max"), f"weights level must be fast or max, got {self.level!r}")
+        check(isinstance(self.zstd_level, int) and 1 <= self.zstd_level <= 22,
+              f"zstd_level must be in 1..22, got {self.zstd_level}")
 
 
 def _pieces(spans, pos: int) -> list[tuple]:
@@ -142,32 +151,6 @@ def _encode_pieces(config: WeightsConfig, raw: bytes, pieces: list[tuple]) -> by
     return bytes(out)
 
 
-class _Reader:
-    """The segments of one chunk payload."""
-
-    def __init__(self, payload: bytes):
-        self.view = memoryview(payload)
-        self.at = 0
-
-    def u8(self) -> int:
-        if self.at >= len(self.view):
-            raise FormatError("weights chunk: truncated segment")
-        self.at += 1
-        return self.view[self.at - 1]
-
-    def varint(self, limit: int) -> int:
-        v, used = read_varint(self.view[self.at:self.at + 10], "weights segment")
-        self.at += used
-        if v > limit:
-            raise FormatError(f"weights chunk: a count of {v:,} where at most {limit:,} fit")
-        return v
-
-    def blob(self) -> memoryview:
-        n = self.varint(len(self.view) - self.at)
-        self.at += n
-        return self.view[self.at - n:self.at]
-
-
 def _decode_payload(payload: bytes, size: int) -> memoryview:
     """Decode one chunk of ``size`` bytes into one buffer, segment after segment."""
     import numpy as np
@@ -176,9 +159,9 @@ def _decode_payload(payload: bytes, size: int) -> memoryview:
     from toolkit.weights.coding import SegmentShape, decode_segment, zstd_decompressor
 
     buf = np.empty(size, dtype=np.uint8)
-    r = _Reader(payload)
+    r = ByteReader(payload, "weights chunk")
     at = 0
-    while r.at < len(r.view):
+    while r.remaining:
         kind = r.u8()
         if kind == _FLOAT:
             code = r.u8()
@@ -227,3 +210,23 @@ class WeightsCodec(Codec):
 
     def open_decoder(self, progress=None) -> DecodeSession:
         return _Decoder(self)
+
+
+def load_state_dict(file: str | os.PathLike | bytes, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a coded checkpoint (``codec compress model.safetensors`` or a directory of shards).
+
+    ``file``: a ``.tkz`` path or its bytes. Tensors come back as the
+    safetensors file held them (names, dtypes, shapes, every bit), as views of
+    the one decoded buffer (:func:`toolkit.weights.load.read_checkpoint`); the
+    shards of a tar archive are merged, and a name found in two shards is an error.
+    """
+    from toolkit.codecs import container
+    from toolkit.weights.load import read_checkpoint
+
+    blob = bytes(file) if isinstance(file, bytes | bytearray | memoryview) else open(file, "rb").read()  # noqa: SIM115
+    header = container.read_info(io.BytesIO(blob)).header
+    if header["codec"] != "weights":
+        raise UnsupportedInputError(f"a .tkz of codec {header['codec']}, not a coded checkpoint (codec weights)")
+    raw = io.BytesIO()
+    container.read_stream(io.BytesIO(blob), raw)
+    return read_checkpoint(raw.getbuffer(), device)

@@ -111,8 +111,8 @@ def probs_to_table(probs: torch.Tensor, total_bits: int = DEFAULT_TOTAL_BITS) ->
 def logits_to_freqs(logits: torch.Tensor | np.ndarray, total_bits: int = DEFAULT_TOTAL_BITS) -> torch.Tensor:
     """Softmax of ``logits[..., K]`` quantized like :func:`probs_to_freqs`.
 
-    This is the torch reference of the Triton kernel in
-    :mod:`toolkit.kernels.freqs`; CPU tensors always take this path.
+    Encoder and decoder compute it on the CPU, whatever device the model runs
+    on: a GPU version agrees on the tables' invariants but not on every count.
     """
     logits = _tensor(logits, "logits")
     if logits.ndim < 1:

@@ -24,10 +24,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from toolkit.entropy.tables import from_counts
 from toolkit.errors import ConfigError, FormatError
 
-__all__ = ["PRECISION", "TOTAL", "MAX_SYMBOLS", "encode_lanes", "decode_lanes", "decode_table", "split_stream",
-           "decode_words"]
+__all__ = ["PRECISION", "TOTAL", "MAX_SYMBOLS", "context_tables", "symbol_index", "encode_lanes", "decode_lanes",
+           "decode_table", "split_stream", "decode_words"]
 
 PRECISION = 12
 TOTAL = 1 << PRECISION
@@ -95,6 +96,35 @@ def _decode(words, starts, ends, ctx, table, syms, out):  # pragma: no cover - c
 #: the compiled decoder itself, ``(words, starts, ends, ctx, table, syms, out) -> 0 or 1 (damaged)``,
 #: for callers (the GPU kernel's reference) that hold the stream already split
 decode_words = _decode
+
+
+def context_tables(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One static table per context from symbol counts ``[contexts, alphabet]``: ``(freq, syms)``.
+
+    Both are ``[contexts, P]``, P the most symbols present in any context: row
+    ``c`` lists the symbols seen in context ``c`` in increasing order
+    (``syms``) with frequencies of total ``2**PRECISION``
+    (:func:`toolkit.entropy.tables.from_counts`), then zeros. A context with no
+    symbols gets an empty table.
+    """
+    present = [np.flatnonzero(row) for row in counts]
+    width = max(1, max(p.size for p in present))
+    freq = np.zeros((counts.shape[0], width), dtype=np.int64)
+    syms = np.zeros((counts.shape[0], width), dtype=np.uint16)
+    for c, p in enumerate(present):
+        if p.size:
+            freq[c, :p.size] = from_counts(counts[c, p], total_bits=PRECISION)
+            syms[c, :p.size] = p
+    return freq, syms
+
+
+def symbol_index(freq: np.ndarray, syms: np.ndarray, alphabet: int) -> np.ndarray:
+    """``index[c, s]``: where symbol ``s`` sits in context ``c``'s table, what :func:`encode_lanes` codes."""
+    index = np.zeros((freq.shape[0], alphabet), dtype=np.uint16)
+    for c in range(freq.shape[0]):
+        m = int((freq[c] > 0).sum())
+        index[c, syms[c, :m]] = np.arange(m, dtype=np.uint16)
+    return index
 
 
 def _cum(freq: np.ndarray) -> np.ndarray:

@@ -12,10 +12,10 @@ from toolkit._lazy import attach
 
 __getattr__, __dir__, __all__ = attach(
     __name__,
-    submodules=["freqs", "int_linear", "kv_attention", "kv_quant", "qmatmul", "rans", "sum_layer", "testing"],
+    submodules=["backend", "int_linear", "kv_attention", "kv_quant", "pack", "qmatmul", "rans", "sum_layer", "testing"],
     submod_attrs={
         "backend": ["dispatch", "triton_available"],
-        "freqs": ["logits_to_freqs"],
         "qmatmul": ["quant_matmul"],
+        "rans": ["decode_lanes", "decode_segments"],
     },
 )

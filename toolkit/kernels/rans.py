@@ -1,6 +1,8 @@
 """Interleaved rANS decoding on the GPU: one lane per thread, many segments per launch.
 
-The weights codec's "max" segments are coded by :mod:`toolkit.entropy.lanes`:
+The weights codec's "max" segments are coded by :mod:`toolkit.entropy.lanes`
+(a tensor kept coded in GPU memory decodes through :func:`decode_segments`,
+:mod:`toolkit.weights.device`):
 symbol ``i`` belongs to lane ``i % lanes`` and every lane is an independent
 rANS stream (32-bit state, 16-bit words, tables of ``2**12``) whose context
 ``ctx[i]`` picks the table of each symbol. The CPU decodes lanes one after
@@ -33,7 +35,7 @@ from toolkit.entropy.lanes import PRECISION, TOTAL, decode_words, split_stream
 from toolkit.errors import ConfigError, FormatError
 from toolkit.kernels.backend import dispatch
 
-__all__ = ["decode_lanes", "decode_lanes_reference", "decode_lanes_triton", "decode_segments_triton"]
+__all__ = ["decode_lanes", "decode_lanes_reference", "decode_lanes_triton", "decode_segments", "decode_segments_triton"]
 
 try:
     import triton
@@ -208,12 +210,23 @@ def decode_lanes(data: bytes, ctx: torch.Tensor, table: torch.Tensor, syms: torc
                     lambda c: decode_lanes_triton(data, c, table, syms, lanes), ctx)
 
 
+def decode_segments(segments: Sequence[Segment], device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Decode every segment onto ``device`` (default: the first segment's ``ctx`` device): one Triton
+    launch on CUDA, the numba reference segment by segment elsewhere."""
+    if not segments:
+        return []
+    device = torch.device(device) if device is not None else torch.as_tensor(segments[0][1]).device
+    if device.type == "cuda" and triton is not None:
+        return decode_segments_triton(segments, device)
+    return [decode_lanes_reference(data, torch.as_tensor(ctx).to(device), table, syms, lanes)
+            for data, ctx, table, syms, lanes in segments]
+
+
 # --- inputs for the interpreter tests (built in the child process by name) ---
 
 def _example_coded(n: int, lanes: int, contexts: int, seed: int, dtype: str = "int32") -> tuple[Segment, np.ndarray]:
     """A segment coded as the weights codec codes one, and its symbols: skewed values, one table per context."""
-    from toolkit.entropy.lanes import decode_table, encode_lanes
-    from toolkit.entropy.tables import from_counts
+    from toolkit.entropy.lanes import context_tables, decode_table, encode_lanes, symbol_index
 
     rng = np.random.default_rng(seed)
     alphabet = 40
@@ -226,19 +239,11 @@ def _example_coded(n: int, lanes: int, contexts: int, seed: int, dtype: str = "i
         sym[at] = rng.permutation(alphabet)[ranks]
     counts = np.stack([np.bincount(sym[ctx == c], minlength=alphabet) for c in range(contexts)])
     counts[:, rng.integers(0, alphabet)] += 1  # no context without a table
-    # as weights/coding.py::_tables: each context's present symbols, in order, with frequencies of 2**12
-    width = int((counts > 0).sum(axis=1).max())
-    freq = np.zeros((contexts, width), dtype=np.int64)
-    syms = np.zeros((contexts, width), dtype=np.int64)
-    index = np.zeros((contexts, alphabet), dtype=np.int64)
-    for c in range(contexts):
-        present = np.flatnonzero(counts[c])
-        freq[c, :present.size] = from_counts(counts[c, present], total_bits=PRECISION)
-        syms[c, :present.size] = present
-        index[c, present] = np.arange(present.size)
+    freq, syms = context_tables(counts)
+    index = symbol_index(freq, syms, alphabet)
     data = encode_lanes(index[ctx, sym], ctx, freq, lanes)
     segment = (data, torch.from_numpy(ctx.astype(np.int64)), torch.from_numpy(decode_table(freq)),
-               torch.from_numpy(syms).to(getattr(torch, dtype)), lanes)
+               torch.from_numpy(syms.astype(np.int64)).to(getattr(torch, dtype)), lanes)
     return segment, sym
 
 
@@ -249,7 +254,3 @@ def _example_inputs(n: int = 1000, lanes: int = 3, contexts: int = 4, seed: int 
 def _example_batch(cases: list[list[int]]):
     """Several segments, each ``[n, lanes, contexts, seed]``, for the batched kernel and per-segment reference."""
     return ([_example_coded(*case)[0] for case in cases],), {}
-
-
-def _segments_reference(segments: Sequence[Segment]) -> list[torch.Tensor]:
-    return [decode_lanes_reference(*segment) for segment in segments]

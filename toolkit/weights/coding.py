@@ -44,14 +44,23 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from toolkit.entropy.lanes import MAX_SYMBOLS, PRECISION, TOTAL, decode_lanes, encode_lanes
-from toolkit.entropy.tables import from_counts
-from toolkit.entropy.varint import read_varint, varint
+from toolkit.entropy.lanes import (
+    MAX_SYMBOLS,
+    PRECISION,
+    TOTAL,
+    context_tables,
+    decode_lanes,
+    encode_lanes,
+    symbol_index,
+)
+from toolkit.entropy.tables import empirical_bits
+from toolkit.entropy.varint import varint
 from toolkit.errors import ConfigError, FormatError
+from toolkit.formats.binary import ByteReader
 from toolkit.weights import planes as P
 
-__all__ = ["LEVELS", "SegmentShape", "encode_segment", "decode_segment", "plane_entropy", "zstd_compress",
-           "zstd_decompressor", "parallel_map"]
+__all__ = ["LEVELS", "SegmentShape", "ContextSegment", "encode_segment", "decode_segment", "read_segment",
+           "plane_entropy", "zstd_compress", "zstd_decompressor", "parallel_map"]
 
 LEVELS = ("fast", "max")
 _FAST, _MAX = 1, 2
@@ -129,49 +138,17 @@ def _put_plane(out: bytearray, data: bytes, zstd_level: int) -> None:
         out += bytes([_STORED]) + varint(len(data)) + data
 
 
-class _Reader:
-    def __init__(self, data: bytes, what: str):
-        self.data = memoryview(data)
-        self.pos = 0
-        self.size = len(data)
-        self.what = what
-
-    def u8(self) -> int:
-        if self.pos >= self.size:
-            raise FormatError(f"{self.what}: truncated")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def varint(self, limit: int) -> int:
-        v, used = read_varint(self.data[self.pos:self.pos + 10], self.what)
-        self.pos += used
-        if v > limit:
-            raise FormatError(f"{self.what}: count {v} exceeds {limit}")
-        return v
-
-    def bytes(self, n: int) -> bytes:
-        if self.pos + n > self.size:
-            raise FormatError(f"{self.what}: truncated")
-        self.pos += n
-        return bytes(self.data[self.pos - n:self.pos])
-
-    def blob(self) -> bytes:
-        return self.bytes(self.varint(self.size))
-
-    def plane(self, size: int) -> bytes:
-        mode = self.u8()
-        data = self.blob()
-        if mode == _STORED:
-            if len(data) != size:
-                raise FormatError(f"{self.what}: stored plane of {len(data)} bytes, {size} expected")
-            return data
-        if mode == _ZSTD:
-            return _unzstd(data, size, self.what)
-        raise FormatError(f"{self.what}: unknown plane mode {mode}")
-
-    def done(self) -> None:
-        if self.pos != self.size:
-            raise FormatError(f"{self.what}: trailing bytes after the segment")
+def _plane(r: ByteReader, size: int) -> bytes | memoryview:
+    """A plane of ``size`` bytes, stored or zstd-coded (:func:`_put_plane`)."""
+    mode = r.u8()
+    data = r.blob()
+    if mode == _STORED:
+        if len(data) != size:
+            raise FormatError(f"{r.what}: stored plane of {len(data)} bytes, {size} expected")
+        return data
+    if mode == _ZSTD:
+        return _unzstd(data, size, r.what)
+    raise FormatError(f"{r.what}: unknown plane mode {mode}")
 
 
 def plane_entropy(values: np.ndarray, layout: P.FloatLayout) -> list[float]:
@@ -196,8 +173,8 @@ def _encode_fast(values: np.ndarray, layout: P.FloatLayout, zstd_level: int) -> 
     return bytes(out)
 
 
-def _decode_fast(r: _Reader, layout: P.FloatLayout, n: int) -> np.ndarray:
-    planes = [np.frombuffer(r.plane(n), dtype=np.uint8) for _ in range(layout.nbytes)]
+def _decode_fast(r: ByteReader, layout: P.FloatLayout, n: int) -> np.ndarray:
+    planes = [np.frombuffer(_plane(r, n), dtype=np.uint8) for _ in range(layout.nbytes)]
     return P.join_byte_planes(planes, layout)
 
 
@@ -234,31 +211,21 @@ def _context_ids(shape: SegmentShape, n: int, row_cls: np.ndarray, col_cls: np.n
 
 
 def _tables(counts: np.ndarray) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """One table per context: ``(side bytes, freq[K, P], syms[K, P])`` with P the most symbols present.
+    """One table per context: ``(side bytes, freq[K, P], syms[K, P])`` (:func:`~toolkit.entropy.lanes.context_tables`).
 
     Side bytes: a bitmap of the symbols present in each context, then every
     table's frequencies - 1 as u16, in context order.
     """
-    present = [np.flatnonzero(row) for row in counts]
-    width = max(1, max(p.size for p in present))
-    freq = np.zeros((counts.shape[0], width), dtype=np.int64)
-    syms = np.zeros((counts.shape[0], width), dtype=np.uint16)
-    for c, p in enumerate(present):
-        if p.size:
-            freq[c, :p.size] = from_counts(counts[c, p], total_bits=PRECISION)
-            syms[c, :p.size] = p
-    flat = np.concatenate([freq[c, :p.size] - 1 for c, p in enumerate(present)])
+    freq, syms = context_tables(counts)
+    flat = freq[freq > 0] - 1  # row by row: each context's present symbols in order
     side = np.packbits(counts > 0, axis=1).tobytes() + flat.astype("<u2").tobytes()
     return side, freq, syms
 
 
 def _cost_bits(counts: np.ndarray, freq: np.ndarray) -> float:
-    bits = 0.0
-    for row, f in zip(counts, freq, strict=True):
-        c = row[row > 0]
-        if c.size:
-            bits += float((c * (PRECISION - np.log2(f[:c.size]))).sum())
-    return bits
+    """Bits of the symbols under their contexts' tables (each table lists only the symbols present)."""
+    return sum(empirical_bits(row[row > 0], f[:int((row > 0).sum())], PRECISION)
+               for row, f in zip(counts, freq, strict=True))
 
 
 def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, zstd_level: int,
@@ -303,11 +270,7 @@ def _encode_max(values: np.ndarray, layout: P.FloatLayout, shape: SegmentShape, 
         return _encode_fast(values, layout, zstd_level)
     _, kr, kc, ctx, freq, syms, side_z = best
 
-    # each value's index in its context's table
-    index = np.zeros((kr * kc, alphabet), dtype=np.uint16)
-    for c in range(kr * kc):
-        m = int((freq[c] > 0).sum())
-        index[c, syms[c, :m]] = np.arange(m, dtype=np.uint16)
+    index = symbol_index(freq, syms, alphabet)  # each value's place in its context's table
     ans = encode_lanes(index[ctx, sym], ctx, freq, lanes)
 
     out = bytearray([_MAX]) + varint(kr) + varint(kc) + varint(lanes) + varint(len(side_z)) + side_z
@@ -342,7 +305,42 @@ def _put_remainder(out: bytearray, rem: np.ndarray, layout: P.FloatLayout, zstd_
         _put_plane(out, P.pack_bits((rem & ((1 << low) - 1)).astype(np.uint8), low), zstd_level)
 
 
-def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) -> np.ndarray:
+@dataclass(frozen=True)
+class ContextSegment:
+    """A ``max`` segment read up to its symbols: what a lanes decoder needs, and the remainder bits.
+
+    :func:`decode_segment` decodes the symbols on the CPU; a GPU decoder
+    (:mod:`toolkit.weights.device`) takes the same fields and does the same
+    on the device, so the two give the same values.
+    """
+
+    layout: P.FloatLayout
+    shape: SegmentShape
+    count: int
+    #: the rANS lanes' stream (:mod:`toolkit.entropy.lanes`) and its number of lanes
+    stream: memoryview
+    lanes: int
+    #: one table per context, ``[contexts, symbols]``
+    freq: np.ndarray
+    syms: np.ndarray
+    #: each row's and each column's class; a value's context is ``row class * columns + column class``
+    row_classes: np.ndarray
+    col_classes: np.ndarray | None
+    columns: int
+    #: the remainder: its full byte planes (most significant first) and its packed low bits
+    planes: list[np.ndarray]
+    packed: bytes | memoryview
+
+    def contexts(self) -> np.ndarray:
+        """Each value's context, uint16."""
+        return _context_ids(self.shape, self.count, self.row_classes, self.col_classes, self.columns)
+
+    def join(self, symbols: np.ndarray) -> np.ndarray:
+        """The values, as unsigned integers of the layout's width, from their decoded symbols."""
+        return P.join_packed(symbols, self.planes, self.packed, self.layout)
+
+
+def _read_max(r: ByteReader, layout: P.FloatLayout, shape: SegmentShape, n: int) -> ContextSegment:
     kr, kc = r.varint(_MAX_CLASSES), r.varint(_MAX_CLASSES)
     lanes = r.varint(_MAX_LANES)
     if kr < 1 or kc < 1 or lanes < 1:
@@ -359,10 +357,10 @@ def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) 
         side = zstd_decompressor().decompress(side_z, max_output_size=side_cap)
     except zstandard.ZstdError as e:
         raise FormatError(f"{r.what}: side data is damaged ({e})") from None
-    sr = _Reader(side, r.what)
-    bitmaps = np.unpackbits(np.frombuffer(sr.bytes(k_all * alphabet // 8), dtype=np.uint8)).reshape(k_all, alphabet)
+    sr = ByteReader(side, r.what)
+    bitmaps = np.unpackbits(np.frombuffer(sr.take(k_all * alphabet // 8), dtype=np.uint8)).reshape(k_all, alphabet)
     n_present = bitmaps.sum(axis=1).astype(np.int64)
-    flat = np.frombuffer(sr.bytes(2 * int(n_present.sum())), dtype="<u2").astype(np.int64) + 1
+    flat = np.frombuffer(sr.take(2 * int(n_present.sum())), dtype="<u2").astype(np.int64) + 1
     width = max(1, int(n_present.max()))
     freq = np.zeros((k_all, width), dtype=np.int64)
     syms = np.zeros((k_all, width), dtype=np.uint16)
@@ -373,30 +371,29 @@ def _decode_max(r: _Reader, layout: P.FloatLayout, shape: SegmentShape, n: int) 
         pos += m
         if m and int(freq[c].sum()) != TOTAL:
             raise FormatError(f"{r.what}: a context table does not sum to {TOTAL}")
-    row_cls = _read_classes(sr, kr, n_rows, r.what)
-    col_cls = _read_classes(sr, kc, shape.row, r.what) if kc > 1 else None
+    row_cls = _read_classes(sr, kr, n_rows)
+    col_cls = _read_classes(sr, kc, shape.row) if kc > 1 else None
     sr.done()
-    ctx = _context_ids(shape, n, row_cls, col_cls, kc)
-    sym = decode_lanes(r.blob(), ctx, freq, syms, lanes)
+    stream = r.blob()
     planes, packed = _read_remainder(r, layout, n)
-    return P.join_packed(sym, planes, packed, layout)
+    return ContextSegment(layout, shape, n, stream, lanes, freq, syms, row_cls, col_cls, kc, planes, packed)
 
 
-def _read_classes(sr: _Reader, k: int, count: int, what: str) -> np.ndarray:
+def _read_classes(sr: ByteReader, k: int, count: int) -> np.ndarray:
     if k == 1:
         return np.zeros(count, dtype=np.uint8)
     w = _width(k)
-    cls = P.unpack_bits(sr.bytes((count * w + 7) // 8), w, count)
+    cls = P.unpack_bits(sr.take((count * w + 7) // 8), w, count)
     if (cls >= k).any():
-        raise FormatError(f"{what}: class out of range")
+        raise FormatError(f"{sr.what}: class out of range")
     return cls
 
 
-def _read_remainder(r: _Reader, layout: P.FloatLayout, n: int) -> tuple[list[np.ndarray], bytes]:
+def _read_remainder(r: ByteReader, layout: P.FloatLayout, n: int) -> tuple[list[np.ndarray], bytes | memoryview]:
     """The remainder's full byte planes and its packed low bits."""
     full, low = _remainder_layout(layout)
-    planes = [np.frombuffer(r.plane(n), dtype=np.uint8) for _ in range(full)]
-    return planes, (r.plane((n * low + 7) // 8) if low else b"")
+    planes = [np.frombuffer(_plane(r, n), dtype=np.uint8) for _ in range(full)]
+    return planes, (_plane(r, (n * low + 7) // 8) if low else b"")
 
 
 # ------------------------------------------------------------------ entry points
@@ -415,19 +412,29 @@ def encode_segment(data: bytes | np.ndarray, dtype: str, shape: SegmentShape, le
     raise ConfigError(f"weights level must be one of {LEVELS}, got {level!r}")
 
 
-def decode_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) -> np.ndarray:
-    """The ``count`` values coded by :func:`encode_segment`, as unsigned integers of the dtype's width
-    (``.tobytes()`` gives the raw bytes; ``.view(np.uint8)`` writes them without a copy)."""
+def read_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) -> np.ndarray | ContextSegment:
+    """A segment coded by :func:`encode_segment`, read and checked: a ``fast`` one decoded (as
+    :func:`decode_segment` returns it), a ``max`` one up to its symbols (a :class:`ContextSegment`)."""
     layout = P.layout_for(dtype)
-    r = _Reader(payload, f"{dtype} segment at value {shape.start}")
+    r = ByteReader(payload, f"{dtype} segment at value {shape.start}")
     if shape.row < 1 or shape.start < 0 or count < 1:
         raise FormatError(f"{r.what}: {count} values in rows of {shape.row}")
     method = r.u8()
     if method == _FAST:
-        out = _decode_fast(r, layout, count)
+        out = _decode_fast(r, layout, count).astype(layout.uint, copy=False)
     elif method == _MAX:
-        out = _decode_max(r, layout, shape, count)
+        out = _read_max(r, layout, shape, count)
     else:
         raise FormatError(f"{r.what}: unknown method {method}")
     r.done()
-    return out.astype(layout.uint, copy=False)
+    return out
+
+
+def decode_segment(payload: bytes, dtype: str, shape: SegmentShape, count: int) -> np.ndarray:
+    """The ``count`` values coded by :func:`encode_segment`, as unsigned integers of the dtype's width
+    (``.tobytes()`` gives the raw bytes; ``.view(np.uint8)`` writes them without a copy)."""
+    seg = read_segment(payload, dtype, shape, count)
+    if isinstance(seg, np.ndarray):
+        return seg
+    symbols = decode_lanes(seg.stream, seg.contexts(), seg.freq, seg.syms, seg.lanes)
+    return seg.join(symbols).astype(seg.layout.uint, copy=False)

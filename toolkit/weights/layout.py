@@ -25,15 +25,12 @@ array's rows run along its first axis).
 
 from __future__ import annotations
 
-import ast
-import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from toolkit.errors import UnsupportedInputError
+from toolkit.formats import npy, tar
 from toolkit.weights.checkpoint import (
     DTYPE_BYTES,
     FLOAT_DTYPES,
@@ -43,12 +40,10 @@ from toolkit.weights.checkpoint import (
     row_length,
 )
 
-__all__ = ["Span", "Scanner", "NPY_MAGIC", "NPY_FLOATS"]
+__all__ = ["Span", "Scanner", "NPY_FLOATS"]
 
-NPY_MAGIC = b"\x93NUMPY"
 #: ``.npy`` descriptors coded as floats, by the safetensors name of their dtype
 NPY_FLOATS = {"<f2": "F16", "<f4": "F32", "<f8": "F64"}
-_BLOCK = 512
 _SNIFF = 9  # a safetensors length and its "{"; the npy magic and version
 
 
@@ -190,15 +185,15 @@ class Scanner:
     # -------------------------------------------------------------- formats
     def _top(self, head: bytes, more: bool) -> list | int:
         start = self.pos - len(head)
-        if head.startswith(NPY_MAGIC):
+        if head.startswith(npy.NPY_MAGIC):
             return self._npy(head, more, start, None)
         if _safetensors_like(head):
             return self._safetensors(head, more, start, None)
-        if len(head) < _BLOCK and not more:
+        if len(head) < tar.BLOCK and not more:
             raise UnsupportedInputError("not a safetensors, .npy or tar file")
-        if len(head) < _BLOCK:
-            return _BLOCK
-        if head[257:262] != b"ustar":
+        if len(head) < tar.BLOCK:
+            return tar.BLOCK
+        if not tar.is_tar(head):
             raise UnsupportedInputError("not a safetensors, .npy or tar file")
         # the first block is the archive's first member header: hand it to the tar reader
         self.archive = True
@@ -241,73 +236,36 @@ class Scanner:
 
     @staticmethod
     def _npy_states(head: bytes, more: bool, start: int) -> list | int:
-        def bad(why: str) -> UnsupportedInputError:
-            return UnsupportedInputError(f"invalid .npy file: {why}")
-
-        if len(head) < 10:
-            if more:
-                return 12
-            raise bad("it ends inside its header")
-        major = head[6]
-        if major not in (1, 2, 3):
-            raise bad(f"unknown version {major}")
-        fixed = 10 if major == 1 else 12
-        if len(head) < fixed:
-            if more:
-                return fixed
-            raise bad("it ends inside its header")
-        n = struct.unpack("<H" if major == 1 else "<I", head[8:fixed])[0]
-        if n > 100_000_000:
-            raise bad(f"a header of {n:,} bytes")
-        if len(head) < fixed + n:
-            if more:
-                return fixed + n
-            raise bad("it ends inside its header")
-        try:
-            doc = ast.literal_eval(head[fixed:fixed + n].decode("utf-8" if major == 3 else "latin-1"))
-        except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
-            raise bad("its header is not a Python literal") from None
-        if not isinstance(doc, dict) or set(doc) != {"descr", "fortran_order", "shape"}:
-            raise bad("its header needs exactly descr, fortran_order and shape")
-        shape, descr, fortran = doc["shape"], doc["descr"], doc["fortran_order"]
-        if not (isinstance(shape, tuple) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                 for d in shape)) or not isinstance(fortran, bool):
-            raise bad(f"shape {shape!r} / fortran_order {fortran!r}")
-        data_start = start + fixed + n
-        if not isinstance(descr, str):  # a structured dtype: other bytes to the end
-            return [_Raw(None)]
-        try:
-            item = np.dtype(descr).itemsize
-        except (TypeError, ValueError):
-            raise bad(f"unknown dtype {descr!r}") from None
-        if np.dtype(descr).hasobject:
-            return [_Raw(None)]  # pickled objects: no fixed size
-        data_end = data_start + math.prod(shape) * item
-        dtype = NPY_FLOATS.get(descr)
+        need = npy.header_size(head)
+        if len(head) < need and more:
+            return need
+        header = npy.read_npy_header(head)
+        data_start = start + header.length
+        if header.dtype is None or header.dtype.hasobject:
+            return [_Raw(None)]  # a structured dtype or pickled objects: other bytes to the end
+        data_end = data_start + header.data_bytes
+        dtype = NPY_FLOATS.get(header.descr)
         if dtype is None:
             return [_Raw(data_end)]
-        return [_Floats(data_end, dtype, data_start, row_length(shape[::-1] if fortran else shape))]
+        shape = header.shape
+        return [_Floats(data_end, dtype, data_start, row_length(shape[::-1] if header.fortran else shape))]
 
     # -------------------------------------------------------------- tar
     def _next_tar_header(self, at: int, pax_size: int | None = None) -> _Collect:
-        return _Collect(None, _BLOCK, lambda b, c: self._tar_header(b, c, at, pax_size), bytearray())
+        return _Collect(None, tar.BLOCK, lambda b, c: self._tar_header(b, c, at, pax_size), bytearray())
 
     def _tar_header(self, block: bytes, more: bool, at: int, pax_size: int | None = None) -> list:
-        if len(block) < _BLOCK or not any(block) or block[257:262] != b"ustar":
+        header = tar.read_header(block)
+        if header is None:
             return [_Raw(None)]  # the end-of-archive blocks (or a damaged archive): the rest as it is
-        size = _tar_number(block[124:136])
-        if size is None:
-            return [_Raw(None)]
-        if pax_size is not None:
-            size = pax_size
-        kind = block[156:157]
-        data, padded = at + _BLOCK, at + _BLOCK + -(-size // _BLOCK) * _BLOCK
+        size = header.size if pax_size is None else pax_size
+        data, padded = at + tar.BLOCK, at + tar.BLOCK + -(-size // tar.BLOCK) * tar.BLOCK
         after = self._next_tar_header(padded)
-        if kind == b"x":  # a pax header for the next member, which may give its size
+        if header.kind == b"x":  # a pax header for the next member, which may give its size
             def pax(raw: bytes, more: bool) -> list:
-                return [_Raw(padded), self._next_tar_header(padded, _pax_size(raw))]
+                return [_Raw(padded), self._next_tar_header(padded, tar.pax_size(raw))]
             return [_Collect(data + size, size, pax, bytearray())] if size else [after]
-        if kind not in (b"0", b"\0", b"7") or size == 0:
+        if header.kind not in (b"0", b"\0", b"7") or size == 0:
             return [_Raw(padded), after]
         member_end = data + size
         sniff = _Collect(member_end, min(_SNIFF, size), lambda b, c: self._member(b, c, data, member_end),
@@ -315,7 +273,7 @@ class Scanner:
         return [sniff, _Raw(padded), after]
 
     def _member(self, head: bytes, more: bool, start: int, end: int) -> list | int:
-        if head.startswith(NPY_MAGIC):
+        if head.startswith(npy.NPY_MAGIC):
             return self._npy(head, more, start, end)
         if _safetensors_like(head):
             return self._safetensors(head, more, start, end)
@@ -325,38 +283,3 @@ class Scanner:
 def _safetensors_like(head: bytes) -> bool:
     """A plausible header length (the format's 100 MB limit) followed by ``{``."""
     return len(head) >= _SNIFF and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES and head[8:9] == b"{"
-
-
-def _tar_number(field: bytes) -> int | None:
-    """A tar size field: octal digits, or base-256 when the top bit of its first byte is set."""
-    if field[:1] and field[0] & 0x80:
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        return None
-
-
-def _pax_size(raw: bytes) -> int | None:
-    """The ``size`` record of a pax extended header (``"%d key=value\\n"`` records), if any."""
-    pos = 0
-    size = None
-    while pos < len(raw):
-        space = raw.find(b" ", pos)
-        if space < 0:
-            break
-        try:
-            length = int(raw[pos:space])
-        except ValueError:
-            break
-        if length <= 0:
-            break
-        key, _, value = raw[space + 1:pos + length - 1].partition(b"=")
-        if key == b"size":
-            try:
-                size = int(value)
-            except ValueError:
-                return None
-        pos += length
-    return size
