@@ -57,7 +57,7 @@ def main() -> None:
     from toolkit.bench import machine
     from toolkit.data import scenes
     from toolkit.models import locate
-    from toolkit.vision import TokenDropConfig, drop_vision_tokens, evaluate_vqa, load_vlm
+    from toolkit.vision import TokenDropConfig, drop_vision_tokens_, evaluate_vqa, load_vlm
     from toolkit.vision import mod as M
     from toolkit.vision.measure import decode_step_latency, kv_cache_bytes, prefill_flops, prefill_latency
 
@@ -97,7 +97,8 @@ def main() -> None:
         keep = list(M.mod_config_of(model).keep)
         mods.append(measure(model, name, kind="p-MoD", schedule=keep, training=_history(locate(name).path)))
         rows.append(mods[-1])
-    untrained = M.convert(copy.deepcopy(dense), M.MoDConfig())
+    untrained = copy.deepcopy(dense)
+    M.convert_(untrained, M.MoDConfig())
     rows.append(measure(untrained, "dense + MoD, not fine-tuned", kind="MoD untrained",
                         schedule=list(M.mod_config_of(untrained).keep)))
     del untrained
@@ -106,17 +107,17 @@ def main() -> None:
             goal = target["flops"]["total"]
 
             def flops_at(keep: float, method=method) -> int:
-                with drop_vision_tokens(dense, TokenDropConfig(method, keep=keep, layer=1,
-                                                               proportional_attention=True)):
+                with drop_vision_tokens_(dense, TokenDropConfig(method, keep=keep, layer=1,
+                                                                proportional_attention=True)):
                     return flops_of(dense)["total"]
 
             keep = _match(flops_at, goal)
-            with drop_vision_tokens(dense, TokenDropConfig(method, keep=keep, layer=1, proportional_attention=True)):
+            with drop_vision_tokens_(dense, TokenDropConfig(method, keep=keep, layer=1, proportional_attention=True)):
                 rows.append(measure(dense, f"{label} at {target['model']}'s FLOPs", kind="training-free",
                                     method=label, keep=keep))
     # the rest of the training-free curve, for the accuracy-against-FLOPs plot
     for keep in (float(k) for k in args.sweep.split(",") if k):
-        with drop_vision_tokens(dense, TokenDropConfig("visionzip", keep=keep, layer=1, proportional_attention=True)):
+        with drop_vision_tokens_(dense, TokenDropConfig("visionzip", keep=keep, layer=1, proportional_attention=True)):
             rows.append(measure(dense, f"visionzip+prop at {keep:.1%}", kind="training-free sweep",
                                 method="visionzip+prop", keep=keep))
     full = rows[0]

@@ -63,7 +63,7 @@ def main() -> None:
 
     from toolkit.bench import machine
     from toolkit.data import scenes
-    from toolkit.vision import TokenDropConfig, drop_vision_tokens, evaluate_vqa, load_vlm
+    from toolkit.vision import TokenDropConfig, drop_vision_tokens_, evaluate_vqa, load_vlm
     from toolkit.vision.measure import decode_step_latency, kv_cache_bytes, prefill_flops, prefill_latency
 
     model, proc = load_vlm(args.model)  # a shipped name or a directory
@@ -74,7 +74,7 @@ def main() -> None:
     probe = proc([test[0].image], [test[0].question])
 
     def measure(cfg) -> dict:
-        handle = drop_vision_tokens(model, cfg) if cfg is not None else None
+        handle = drop_vision_tokens_(model, cfg) if cfg is not None else None
         try:
             t = time.perf_counter()
             ev = evaluate_vqa(model, proc, test, batch_size=args.batch)

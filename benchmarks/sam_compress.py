@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.data import segments  # noqa: E402
 from toolkit.models.store import list_models, model_entry  # noqa: E402
+from toolkit.recipes.ship_sam import ShipSamConfig, ship  # noqa: E402
 from toolkit.vision import sam  # noqa: E402
-from toolkit.vision.sam.ship import as_stored, ship  # noqa: E402
 
 KINDS = ("box", "point", "points")
 
@@ -116,14 +116,15 @@ def main(argv=None) -> int:
         seconds = time.time() - t
         # Evaluated as it is stored (float16 weights, computed in float32), so the
         # table and a shipped model's manifest give the same figures.
-        stored = as_stored(model, torch.float16)
+        stored = sam.as_stored(model, torch.float16)
         res = sam.evaluate(stored, held, teacher=teacher)
         rows.append(row(name, res, t_res, seconds))
         print(json.dumps(rows[-1]), flush=True)
         if args.save is not None:
             model.save_pretrained(args.save / suffix)
         if args.ship:
-            ship(model, f"{args.teacher}-{suffix}", command, figures=res, eval_images=len(held),
+            ship(model, ShipSamConfig(name=f"{args.teacher}-{suffix}", command=command, eval_images=len(held)),
+                 figures=res,
                  extra={"teacher": str(args.teacher), "compression_images": len(train),
                         "compression_data": "toolkit.data.segments split='train' seeds 0.. (the teacher's own "
                                             "first training images; masks unused)",

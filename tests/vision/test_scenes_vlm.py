@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from toolkit.data import scenes
+from toolkit.errors import ConfigError
 
 
 def test_items_are_pure_functions_of_their_seed():
@@ -93,32 +95,48 @@ def test_processor_pads_on_the_left_and_checks_images(built):
     assert proc.decode_answer(proc.answer_ids("purple")) == "purple"
 
 
+def test_the_command_line_keeps_the_flags_of_the_recorded_commands():
+    from toolkit.recipes.common import parse_config
+    from toolkit.recipes.train_vlm import TrainVLMConfig
+
+    argv = ["--out", "runs/ft", "--init", "vlm-scenes", "--steps", "300", "--seed", "1", "--lr", "5e-5",
+            "--lm-lr-scale", "0.4", "--router-lr-scale", "20", "--eval-every", "50", "--mod", '{"mean": 0.4}']
+    cfg = parse_config(TrainVLMConfig, argv)
+    assert cfg == TrainVLMConfig(out=Path("runs/ft"), init="vlm-scenes", steps=300, seed=1, lr=5e-5, lm_lr_scale=0.4,
+                                 router_lr_scale=20.0, eval_every=50, mod='{"mean": 0.4}')
+    assert cfg.mod_config().mean == 0.4
+    for bad, match in [({"mod": "{mean: 0.4}"}, "JSON"), ({"mod": '{"mean": 1.5}'}, "mean must be"),
+                       ({"precision": "fp16"}, "precision")]:
+        with pytest.raises(ConfigError, match=match):
+            TrainVLMConfig(out=Path("x"), **bad)
+
+
 @pytest.mark.slow
-def test_training_command_runs_and_resumes(tmp_path):
-    from toolkit.vision import train_vlm
-    args = ["--out", str(tmp_path), "--minutes", "0.15", "--batch", "4", "--eval-every", "1000",
-            "--final-items", "8", "--checkpoint-every", "1"]
-    assert train_vlm.main(args) == 0
+def test_training_runs_and_resumes(tmp_path):
+    from toolkit.recipes.train_vlm import TrainVLMConfig, run
+    from toolkit.vision import evaluate_vqa, load_vlm
+    config = TrainVLMConfig(out=tmp_path, minutes=0.15, batch=4, eval_every=1000, final_items=8, checkpoint_every=1)
+    assert run(config) == tmp_path / "model"
     first = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"]
     assert first > 0
-    assert train_vlm.main(args[:3] + ["0.3"] + args[4:] + ["--resume"]) == 0
+    assert run(config.replace(minutes=0.3, resume=True)) == tmp_path / "model"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] > first
     history = json.loads((tmp_path / "history.json").read_text())
-    assert history[-1]["final"] and 0 <= history[-1]["accuracy"] <= 1
-    assert (tmp_path / "model" / "config.json").exists()
+    model, proc = load_vlm(str(tmp_path / "model"))
+    assert history[-1]["final"] and history[-1]["accuracy"] == evaluate_vqa(model, proc, scenes.items(8, "test"))[
+        "accuracy"]
 
 
 @pytest.mark.slow
 def test_fine_tuning_to_mixture_of_depths_runs_and_resumes(tmp_path):
-    from toolkit.vision import load_vlm, train_vlm
+    from toolkit.recipes.train_vlm import TrainVLMConfig, run
+    from toolkit.vision import load_vlm
     from toolkit.vision import mod as M
-    args = ["--out", str(tmp_path), "--init", "vlm-scenes", "--mod", '{"mean": 0.4}', "--steps", "2",
-            "--batch", "2", "--eval-every", "1000", "--final-items", "4", "--checkpoint-every", "0"]
-    assert train_vlm.main(args) == 0
+    config = TrainVLMConfig(out=tmp_path, init="vlm-scenes", mod='{"mean": 0.4}', steps=2, batch=2, eval_every=1000,
+                            final_items=4, checkpoint_every=0)
+    run(config)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
-    more = list(args)
-    more[more.index("--steps") + 1] = "3"
-    assert train_vlm.main(more + ["--resume"]) == 0
+    run(config.replace(steps=3, resume=True))
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["step"] == 3 and any(".mod_router." in k for k in state["model"])
     history = json.loads((tmp_path / "history.json").read_text())

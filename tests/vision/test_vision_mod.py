@@ -9,8 +9,8 @@ import pytest
 import torch
 from llava_tiny import IMAGE_ID, N_VIS, batch, generate, make_tiny_llava
 
-from toolkit.errors import ModelMismatchError, ToolkitError, UnsupportedInputError
-from toolkit.vision import TokenDropConfig, drop_vision_tokens
+from toolkit.errors import ConfigError, ModelMismatchError, ToolkitError, UnsupportedInputError
+from toolkit.vision import TokenDropConfig, drop_vision_tokens_
 from toolkit.vision import mod as M
 from toolkit.vision.measure import kv_cache_bytes, prefill_flops
 
@@ -24,7 +24,8 @@ def dense(tmp_path_factory):
 
 def converted(dense, keep=SCHEDULE, tanh_scale=0.2, seed=3):
     """A converted copy with random router weights (a fresh router is all zeros: every token ties)."""
-    m = M.convert(copy.deepcopy(dense), M.MoDConfig(keep=keep, tanh_scale=tanh_scale))
+    m = copy.deepcopy(dense)
+    M.convert_(m, M.MoDConfig(keep=keep, tanh_scale=tanh_scale))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in M.router_parameters(m):
@@ -51,7 +52,7 @@ def test_shifted_cosine_schedule():
     ({"keep": lambda i: 2.0}, "share must be in"),
 ])
 def test_bad_schedules(kwargs, match):
-    with pytest.raises(ToolkitError, match=match):
+    with pytest.raises(ConfigError, match=match):
         M.MoDConfig(**kwargs).keep_schedule(3)
 
 
@@ -61,7 +62,7 @@ def test_bad_schedules(kwargs, match):
     ({"tanh_scale": 1.0}, "tanh_scale"),
 ])
 def test_bad_configs(kwargs, match):
-    with pytest.raises(ToolkitError, match=match):
+    with pytest.raises(ConfigError, match=match):
         M.MoDConfig(**kwargs)
 
 
@@ -123,12 +124,33 @@ def test_layer_is_gather_compute_scatter(dense, tanh_scale):
 
 
 def test_fresh_conversion_weighs_every_token_by_one(dense):
-    m = M.convert(copy.deepcopy(dense), M.MoDConfig(keep=SCHEDULE))
+    m = copy.deepcopy(dense)
+    handle = M.convert_(m, M.MoDConfig(keep=SCHEDULE))
     assert all(int(torch.count_nonzero(p)) == 0 for p in M.router_parameters(m))
     with torch.no_grad():
         m(**batch())
-    for w in m._toolkit_mod.state.weights.values():
+    for w in handle.state.weights.values():
         assert torch.equal(w, torch.ones_like(w))
+
+
+def test_remove_gives_back_the_dense_model(dense):
+    m = copy.deepcopy(dense)
+    inputs = batch((5, 3))
+    with torch.no_grad():
+        ref = m(**inputs).logits
+    handle = M.convert_(m, M.MoDConfig(keep=SCHEDULE))
+    with torch.no_grad():
+        for p in M.router_parameters(m):
+            p.normal_()
+        assert not torch.allclose(m(**inputs).logits, ref)
+    handle.remove()
+    assert not M.is_converted(m) and not hasattr(m.config, M.CONFIG_KEY)
+    assert not any(hasattr(layer, "mod_router") or "forward" in vars(layer) for layer in m.model.language_model.layers)
+    assert m.state_dict().keys() == dense.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(m(**inputs).logits, ref)
+    handle.remove()  # a second remove changes nothing
+    assert M.convert_(m, M.MoDConfig(keep=SCHEDULE)).shares == list(SCHEDULE)  # and it converts again
 
 
 def test_skipped_tokens_stay_out_of_the_cache(dense):
@@ -201,7 +223,8 @@ def test_text_only_prompt_runs_dense(dense):
 
 def test_routers_learn_from_skipped_tokens(dense):
     """STRing: a loss on a skipped token's output reaches the router through its weight ``w``."""
-    m = M.convert(copy.deepcopy(dense), M.MoDConfig(keep=(1.0, 0.25, 0.25, 0.25)))
+    m = copy.deepcopy(dense)
+    M.convert_(m, M.MoDConfig(keep=(1.0, 0.25, 0.25, 0.25)))
     last = m.model.language_model.layers[3]
     captured = {}
     hook = last.register_forward_hook(lambda mod, a, out: captured.setdefault("y", out))
@@ -227,7 +250,8 @@ def test_save_and_load(dense, tmp_path):
 
 def test_router_weights_of_another_shape(dense, tmp_path):
     converted(dense).save_pretrained(tmp_path)
-    other = M.convert(make_tiny_llava(tmp_path / "other", layers=4, seed=1), M.MoDConfig(keep=(1.0, 0.5, 0.5, 1.0)))
+    other = make_tiny_llava(tmp_path / "other", layers=4, seed=1)
+    M.convert_(other, M.MoDConfig(keep=(1.0, 0.5, 0.5, 1.0)))
     with pytest.raises(ModelMismatchError, match="do not fit"):
         M.load_routers(other, tmp_path)
     bigger = converted(dense)
@@ -239,20 +263,20 @@ def test_router_weights_of_another_shape(dense, tmp_path):
 def test_bad_input(dense):
     m = converted(dense)
     with pytest.raises(ToolkitError, match="already a Mixture-of-Depths"):
-        M.convert(m, M.MoDConfig(keep=SCHEDULE))
+        M.convert_(m, M.MoDConfig(keep=SCHEDULE))
     with pytest.raises(ToolkitError, match="token dropping attaches to dense models only"):
-        drop_vision_tokens(m, TokenDropConfig("fastv"))
+        drop_vision_tokens_(m, TokenDropConfig("fastv"))
     with pytest.raises(UnsupportedInputError, match="not a LLaVA-style model"):
-        M.convert(torch.nn.Linear(2, 2))
+        M.convert_(torch.nn.Linear(2, 2))
     plain = copy.deepcopy(dense)
     plain.config.image_token_id = None  # a model without vision tokens
     with pytest.raises(UnsupportedInputError, match="image_token_id"):
-        M.convert(plain)
+        M.convert_(plain)
     assert not M.is_converted(plain)
     fresh = copy.deepcopy(dense)
-    with drop_vision_tokens(fresh, TokenDropConfig("random")):
+    with drop_vision_tokens_(fresh, TokenDropConfig("random")):
         with pytest.raises(ToolkitError, match="token dropping is attached"):
-            M.convert(fresh)
+            M.convert_(fresh)
     assert not M.is_converted(fresh) and not hasattr(fresh.model.language_model.layers[1], "mod_router")
     inputs = batch((3, 3))
     inputs["input_ids"][1, -1] = IMAGE_ID  # one more vision token in the second row

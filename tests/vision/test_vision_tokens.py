@@ -6,8 +6,8 @@ import pytest
 import torch
 from llava_tiny import IMAGE_ID, N_VIS, batch, generate, make_tiny_llava
 
-from toolkit.errors import ToolkitError, UnsupportedInputError
-from toolkit.vision import TokenDropConfig, drop_vision_tokens
+from toolkit.errors import ConfigError, ToolkitError, UnsupportedInputError
+from toolkit.vision import TokenDropConfig, drop_vision_tokens_
 from toolkit.vision.measure import kv_cache_bytes, prefill_flops
 
 
@@ -25,7 +25,7 @@ def last_logits(model, inputs):
 def test_keep_all_is_identical(model, method):
     inputs = batch()
     ref = generate(model, inputs)
-    with drop_vision_tokens(model, TokenDropConfig(method, keep=1.0, layer=1)):
+    with drop_vision_tokens_(model, TokenDropConfig(method, keep=1.0, layer=1)):
         out = generate(model, inputs)
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.scores, ref.scores, strict=True):
@@ -41,7 +41,7 @@ def test_batched_rows_match_single_rows(model, method):
     lengths = (5, 3, 7)
     inputs = batch(lengths)
     cfg = TokenDropConfig(method, keep=0.25, layer=1)
-    with drop_vision_tokens(model, cfg):
+    with drop_vision_tokens_(model, cfg):
         both = generate(model, inputs, n=3)
         for r, q in enumerate(lengths):
             width = 1 + N_VIS + q
@@ -54,7 +54,7 @@ def test_batched_rows_match_single_rows(model, method):
 def test_pre_lm_drop_equals_the_shorter_prompt(model):
     """Dropping before the LM is the same as feeding the LM only the kept embeddings at their old positions."""
     inputs = batch((4,))
-    with drop_vision_tokens(model, TokenDropConfig("random", keep=0.5, seed=3)) as h:
+    with drop_vision_tokens_(model, TokenDropConfig("random", keep=0.5, seed=3)) as h:
         got = last_logits(model, inputs)
         kept = h.kept[0]
     assert kept.shape == (8,)
@@ -77,7 +77,7 @@ def test_cache_shrinks_with_the_tokens_dropped(model, method, early_full):
     inputs = batch((4, 4))
     full = generate(model, inputs, n=1)
     full_bytes = kv_cache_bytes(full.cache if hasattr(full, "cache") else full.past_key_values)
-    with drop_vision_tokens(model, TokenDropConfig(method, keep=0.25, layer=1)):
+    with drop_vision_tokens_(model, TokenDropConfig(method, keep=0.25, layer=1)):
         out = generate(model, inputs, n=1)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     lengths = [layer.keys.shape[-2] for layer in cache.layers]
@@ -100,18 +100,18 @@ def test_fastv_keeps_the_most_attended_tokens(model):
     def spy(module, args, kwargs):
         calls["hidden"] = (args[0] if args else kwargs["hidden_states"]).clone()
     h0 = layer.register_forward_pre_hook(spy, with_kwargs=True)
-    with drop_vision_tokens(model, TokenDropConfig("fastv", keep=0.25, layer=1)) as h:
+    with drop_vision_tokens_(model, TokenDropConfig("fastv", keep=0.25, layer=1)) as h:
         last_logits(model, inputs)
         kept = h.kept[0]
     h0.remove()
     assert kept.shape == (4,) and kept.unique().numel() == 4
     # the kept tokens are the top-4 by the recomputed attention (checked against eager attention weights)
-    from toolkit.vision.tokens import _question_attention
+    from toolkit.vision.fastv import question_attention
     with torch.no_grad():
         hidden = calls["hidden"]
         pos = torch.arange(hidden.shape[1])[None]
         pe = model.model.language_model.rotary_emb(hidden, position_ids=pos)
-        probs = _question_attention(layer, hidden, pe, torch.ones(1, 3, dtype=torch.bool),
+        probs = question_attention(layer, hidden, pe, torch.ones(1, 3, dtype=torch.bool),
                                     torch.ones(1, hidden.shape[1], dtype=torch.bool))
     vis = (inputs["input_ids"][0] == IMAGE_ID).nonzero().flatten()
     score = probs.mean(1)[0][:, vis].mean(0)
@@ -120,7 +120,7 @@ def test_fastv_keeps_the_most_attended_tokens(model):
 
 def test_attention_scores_match_eager_attention(model):
     """The scoring's attention weights equal those of the layer run eagerly with output_attentions."""
-    from toolkit.vision.tokens import _question_attention
+    from toolkit.vision.fastv import question_attention
     inputs = batch((3,))
     lm = model.model.language_model
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_attention_scores_match_eager_attention(model):
         L = hidden.shape[1]
         causal = torch.full((L, L), float("-inf")).triu(1)[None, None]
         _, weights = eager_attention_forward(attn, q, k, v, causal, scaling=attn.scaling)
-        got = _question_attention(layer, hidden, pe, torch.ones(1, 3, dtype=torch.bool),
+        got = question_attention(layer, hidden, pe, torch.ones(1, 3, dtype=torch.bool),
                                   torch.ones(1, L, dtype=torch.bool))
     torch.testing.assert_close(got, weights[:, :, -3:], atol=1e-6, rtol=1e-5)
     del inputs
@@ -149,7 +149,7 @@ def test_attention_scores_match_eager_attention(model):
 def test_flops_fall_with_the_tokens_kept(model):
     inputs = batch((4,))
     full = prefill_flops(model, inputs)
-    with drop_vision_tokens(model, TokenDropConfig("visionzip", keep=0.25)):
+    with drop_vision_tokens_(model, TokenDropConfig("visionzip", keep=0.25)):
         few = prefill_flops(model, inputs)
     # the tower does the same work plus VisionZip's scoring (one layer's q, k and attention again)
     assert full["vision_tower"] < few["vision_tower"] < 1.25 * full["vision_tower"]
@@ -168,19 +168,19 @@ def test_sdpa_is_counted(model):
 
 def test_bad_input_leaves_the_model_alone(model):
     before = (len(model.model._forward_pre_hooks), len(model.model.language_model._forward_pre_hooks))
-    with pytest.raises(ToolkitError, match="unknown token-dropping method"):
+    with pytest.raises(ConfigError, match="unknown token-dropping method"):
         TokenDropConfig("tome")
     for keep in (0.0, -0.5, 1.5):
-        with pytest.raises(ToolkitError, match="keep must be"):
+        with pytest.raises(ConfigError, match="keep must be"):
             TokenDropConfig("fastv", keep=keep)
-    with pytest.raises(ToolkitError, match="beyond the language model's depth"):
-        drop_vision_tokens(model, TokenDropConfig("fastv", layer=3))
+    with pytest.raises(ConfigError, match="beyond the language model's depth"):
+        drop_vision_tokens_(model, TokenDropConfig("fastv", layer=3))
     with pytest.raises(UnsupportedInputError, match="not a LLaVA-style model"):
-        drop_vision_tokens(torch.nn.Linear(2, 2), TokenDropConfig("fastv"))
+        drop_vision_tokens_(torch.nn.Linear(2, 2), TokenDropConfig("fastv"))
     assert (len(model.model._forward_pre_hooks), len(model.model.language_model._forward_pre_hooks)) == before
-    h = drop_vision_tokens(model, TokenDropConfig("random"))
+    h = drop_vision_tokens_(model, TokenDropConfig("random"))
     with pytest.raises(ToolkitError, match="already attached"):
-        drop_vision_tokens(model, TokenDropConfig("fastv"))
+        drop_vision_tokens_(model, TokenDropConfig("fastv"))
     text_only = batch((4,))
     text_only["input_ids"][text_only["input_ids"] == IMAGE_ID] = 5
     text_only.pop("pixel_values")
@@ -189,13 +189,22 @@ def test_bad_input_leaves_the_model_alone(model):
     h.remove()
     assert (len(model.model._forward_pre_hooks), len(model.model.language_model._forward_pre_hooks)) == before
     assert torch.equal(last_logits(model, batch()), last_logits(model, batch()))
+    h.remove()  # a second remove changes nothing
+    assert (len(model.model._forward_pre_hooks), len(model.model.language_model._forward_pre_hooks)) == before
+
+
+def test_config_round_trips_through_its_dict():
+    cfg = TokenDropConfig("visionzip", keep=0.125, contextual=0.3, proportional_attention=True)
+    assert TokenDropConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="keep must be"):
+        TokenDropConfig.from_dict({**cfg.to_dict(), "keep": 2.0})
 
 
 @pytest.mark.parametrize("method", ["visionzip", "multistage"])
 def test_proportional_attention_keep_all_is_identical(model, method):
     inputs = batch()
     ref = generate(model, inputs)
-    with drop_vision_tokens(model, TokenDropConfig(method, keep=1.0, layer=1, proportional_attention=True)):
+    with drop_vision_tokens_(model, TokenDropConfig(method, keep=1.0, layer=1, proportional_attention=True)):
         out = generate(model, inputs)
     assert torch.equal(out.sequences, ref.sequences)
 
@@ -210,7 +219,7 @@ def test_proportional_attention_biases_merged_keys_by_log_size(model):
     spies = [layer.self_attn.register_forward_pre_hook(spy, with_kwargs=True)
              for layer in model.model.language_model.layers]
     cfg = TokenDropConfig("visionzip", keep=0.5, contextual=0.5, proportional_attention=True)
-    with drop_vision_tokens(model, cfg) as handle:
+    with drop_vision_tokens_(model, cfg) as handle:
         generate(model, inputs, n=2)
         kept, merged = handle.kept, handle.merged_into
         cols = handle.state.lm_cols

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["COLOURS", "SHAPES", "KINDS", "Obj", "Scene", "VQAItem", "make_scene", "make_question",
+__all__ = ["COLOURS", "SHAPES", "KINDS", "Obj", "Scene", "VQAItem", "shape_mask", "make_scene", "make_question",
            "make_item", "items", "answer_vocabulary", "text_only_accuracy"]
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -75,7 +75,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img
 
 
-def _mask(shape: str, x: float, y: float, r: float, size: int) -> np.ndarray:
+def shape_mask(shape: str, x: float, y: float, r: float, size: int) -> np.ndarray:
+    """(size, size) bool: the pixels of a ``shape`` centred at (x, y) of half-size ``r``, as scenes draw it."""
     yy, xx = np.mgrid[0:size, 0:size] + 0.5
     dx, dy = xx - x, yy - y
     if shape == "circle":
@@ -102,7 +103,7 @@ def make_scene(rng: np.random.Generator, size: int = 64, max_objects: int = 6) -
     img = _background(rng, size)
     for o in objs:
         colour = np.array(COLOURS[o.colour], dtype=np.float64) + rng.normal(0, 8, size=3)
-        img[_mask(o.shape, o.x, o.y, o.r, size)] = colour
+        img[shape_mask(o.shape, o.x, o.y, o.r, size)] = colour
     img = np.clip(img + rng.normal(0, 2, size=img.shape), 0, 255).astype(np.uint8)
     return Scene(img, objs)
 

@@ -32,9 +32,10 @@ Decoding: new tokens are text, so they run through every layer; each MoD
 layer's cache holds its prefill's kept tokens only, and the attention mask
 each layer receives is cut to the same columns.
 
->>> convert(model, MoDConfig())          # in place; the model stays a LlavaForConditionalGeneration
->>> model.save_pretrained(d)             # routers in the weights, the schedule in config.json
+>>> handle = convert_(model, MoDConfig())   # in place; the model stays a LlavaForConditionalGeneration
+>>> model.save_pretrained(d)                 # routers in the weights, the schedule in config.json
 >>> model, processor = load_vlm(model_dir=d)   # converted again on load
+>>> handle.remove()                          # the dense model again
 """
 
 from __future__ import annotations
@@ -42,25 +43,24 @@ from __future__ import annotations
 import math
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from toolkit.errors import ModelMismatchError, ToolkitError, UnsupportedInputError
-from toolkit.vision.tokens import _ATTR as _DROP_ATTR
-from toolkit.vision.tokens import _core, _gather_rows, prompt_vision
+from toolkit.config import Config, check
+from toolkit.errors import ConfigError, ModelMismatchError, UnsupportedInputError
+from toolkit.vision.llava import DROP_MARKER, MOD_MARKER, gather_rows, language_core, prompt_vision
 
-__all__ = ["MoDConfig", "convert", "from_pretrained", "is_converted", "mod_config_of", "load_routers",
-           "kept_tokens", "router_parameters", "CONFIG_KEY"]
+__all__ = ["MoDConfig", "MoDHandle", "convert_", "from_pretrained", "is_converted", "mod_config_of",
+           "load_routers", "kept_tokens", "router_parameters", "CONFIG_KEY"]
 
 CONFIG_KEY = "toolkit_mod"
 SCHEDULES = ("shifted_cos", "shifted_linear")
-_ATTR = "_toolkit_mod"
 
 
 @dataclass(frozen=True)
-class MoDConfig:
+class MoDConfig(Config):
     """The share of vision tokens each decoder layer processes.
 
     ``mean`` shifts the schedule (p-MoD's average ratio); ``max_keep`` is the
@@ -78,30 +78,24 @@ class MoDConfig:
     tanh_scale: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ToolkitError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        check(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         for name in ("mean", "max_keep", "min_keep"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise ToolkitError(f"{name} must be a share in [0, 1], got {v!r}")
-        if self.min_keep > self.max_keep:
-            raise ToolkitError(f"min_keep ({self.min_keep}) is above max_keep ({self.max_keep})")
-        if not isinstance(self.tanh_scale, (int, float)) or not 0.0 <= self.tanh_scale < 1.0:
-            raise ToolkitError(f"tanh_scale must be in [0, 1) so that routing weights stay positive, "
-                               f"got {self.tanh_scale!r}")
+            check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, f"{name} must be a share in [0, 1], got {v!r}")
+        check(self.min_keep <= self.max_keep, f"min_keep ({self.min_keep}) is above max_keep ({self.max_keep})")
+        check(isinstance(self.tanh_scale, (int, float)) and 0.0 <= self.tanh_scale < 1.0,
+              f"tanh_scale must be in [0, 1) so that routing weights stay positive, got {self.tanh_scale!r}")
         if self.keep is not None and not callable(self.keep):
             object.__setattr__(self, "keep", tuple(self.keep))
 
     def keep_schedule(self, n_layers: int) -> list[float]:
         """The share of vision tokens each of ``n_layers`` layers processes (1.0 = dense)."""
-        if n_layers < 2:
-            raise ToolkitError(f"Mixture-of-Depths needs at least two decoder layers, the model has {n_layers}")
+        check(n_layers >= 2, f"Mixture-of-Depths needs at least two decoder layers, the model has {n_layers}")
         if callable(self.keep):
             shares = [self.keep(i) for i in range(n_layers)]
         elif self.keep is not None:
             shares = list(self.keep)
-            if len(shares) != n_layers:
-                raise ToolkitError(f"keep lists {len(shares)} shares for a model of {n_layers} layers")
+            check(len(shares) == n_layers, f"keep lists {len(shares)} shares for a model of {n_layers} layers")
         else:
             shares = []
             for i in range(n_layers):
@@ -110,15 +104,14 @@ class MoDConfig:
                 r = self.mean + decay
                 shares.append(1.0 if (i == 0 or r > self.max_keep) else max(r, self.min_keep))
         for i, s in enumerate(shares):
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0.0 <= s <= 1.0:
-                raise ToolkitError(f"layer {i} would keep {s!r} of its vision tokens; a share must be in [0, 1]")
-        if shares[0] != 1.0:
-            raise ToolkitError(f"the first layer must stay dense (keep 1.0), the schedule gives {shares[0]}")
+            check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0,
+                  f"layer {i} would keep {s!r} of its vision tokens; a share must be in [0, 1]")
+        check(shares[0] == 1.0, f"the first layer must stay dense (keep 1.0), the schedule gives {shares[0]}")
         return [float(s) for s in shares]
 
     def resolved(self, n_layers: int) -> MoDConfig:
         """The same config with ``keep`` fixed to the per-layer list (what is saved with the model)."""
-        return replace(self, keep=tuple(self.keep_schedule(n_layers)))
+        return self.replace(keep=tuple(self.keep_schedule(n_layers)))
 
 
 @dataclass
@@ -133,29 +126,60 @@ class _State:
     weights: dict = field(default_factory=dict)  # layer -> (B, n) routing weights
 
 
-class _MoD:
+class MoDHandle:
+    """Returned by :func:`convert_`; ``remove()`` turns the model back into the dense one (a second call does nothing).
+
+    ``config`` is the conversion's config with ``keep`` resolved to one share
+    per layer, ``shares`` that list. The routers are the model's own
+    parameters (``layers[i].mod_router``), so they train and save with it;
+    ``remove()`` drops them.
+    """
+
     def __init__(self, model, core, config: MoDConfig, shares: list[float]) -> None:
         self.model, self.core, self.config, self.shares = model, core, config, shares
         self.state = _State()
-        self.hooks: list = []
+        self._hooks: list = []
+        self._layers: list = []
+
+    @property
+    def kept(self) -> dict[int, torch.Tensor]:
+        """After a prefill: for each MoD layer, the (B, k) vision-token indices (row-major patches) it processed."""
+        return dict(self.state.kept)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for layer in self._layers:
+            for name in ("forward", "mod_router", "mod_keep", "_mod_index", "_mod"):
+                delattr(layer, name)
+        self._layers.clear()
+        if getattr(self.model, MOD_MARKER, None) is self:
+            delattr(self.model, MOD_MARKER)
+            if hasattr(self.model.config, CONFIG_KEY):
+                delattr(self.model.config, CONFIG_KEY)
 
 
 def _layers(core):
     return core.language_model.layers
 
 
+def _handle(model) -> MoDHandle | None:
+    return getattr(model, MOD_MARKER, None)
+
+
 def is_converted(model) -> bool:
-    return getattr(model, _ATTR, None) is not None
+    return _handle(model) is not None
 
 
 def mod_config_of(model) -> MoDConfig | None:
-    m = getattr(model, _ATTR, None)
+    m = _handle(model)
     return None if m is None else m.config
 
 
 def router_parameters(model) -> list[torch.nn.Parameter]:
     """The routers' parameters (for a learning rate of their own)."""
-    m = getattr(model, _ATTR, None)
+    m = _handle(model)
     if m is None:
         return []
     return [p for layer in _layers(m.core) if hasattr(layer, "mod_router") for p in layer.mod_router.parameters()]
@@ -163,30 +187,30 @@ def router_parameters(model) -> list[torch.nn.Parameter]:
 
 def kept_tokens(model) -> dict[int, torch.Tensor]:
     """After a prefill: for each MoD layer, the (B, k) vision-token indices (row-major patches) it processed."""
-    m = getattr(model, _ATTR, None)
+    m = _handle(model)
     if m is None:
-        raise ToolkitError("the model is not a Mixture-of-Depths model; convert() it first")
-    return dict(m.state.kept)
+        raise UnsupportedInputError("the model is not a Mixture-of-Depths model; convert_() it first")
+    return m.kept
 
 
-def convert(model, config: MoDConfig | None = None):
-    """Turn a LLaVA-class model's decoder layers into Mixture-of-Depths layers, in place; returns the model.
+def convert_(model, config: MoDConfig | None = None) -> MoDHandle:
+    """Turn a LLaVA-class model's decoder layers into Mixture-of-Depths layers, in place; returns the handle.
 
     Everything is checked before the model changes, so a refused call leaves
-    it as it was.
+    it as it was. ``handle.remove()`` makes it the dense model again.
     """
     config = MoDConfig() if config is None else config
     if not isinstance(config, MoDConfig):
-        raise ToolkitError(f"config must be a MoDConfig, got {type(config).__name__}")
+        raise ConfigError(f"config must be a MoDConfig, got {type(config).__name__}")
     if is_converted(model):
-        raise ToolkitError("the model is already a Mixture-of-Depths model; convert it once")
-    if getattr(model, _DROP_ATTR, None) is not None:
-        raise ToolkitError("token dropping is attached to this model; remove() it before converting")
-    core = _core(model)  # refuses a model without a vision tower or image token
+        raise UnsupportedInputError("the model is already a Mixture-of-Depths model; convert it once")
+    if getattr(model, DROP_MARKER, None) is not None:
+        raise UnsupportedInputError("token dropping is attached to this model; remove() it before converting")
+    core = language_core(model)  # refuses a model without a vision tower or image token
     layers = _layers(core)
     shares = config.keep_schedule(len(layers))
     resolved = config.resolved(len(layers))
-    m = _MoD(model, core, resolved, shares)
+    m = MoDHandle(model, core, resolved, shares)
     for i, (layer, share) in enumerate(zip(layers, shares, strict=True)):
         if share >= 1.0:
             continue
@@ -199,21 +223,22 @@ def convert(model, config: MoDConfig | None = None):
         layer._mod_index = i
         layer._mod = m
         layer.forward = types.MethodType(_mod_forward, layer)
-    m.hooks.append(core.register_forward_pre_hook(lambda mod, a, kw: _on_model(m, a, kw), with_kwargs=True))
+        m._layers.append(layer)
+    m._hooks.append(core.register_forward_pre_hook(lambda mod, a, kw: _on_model(m, a, kw), with_kwargs=True))
+    # the form saved in config.json: the dataclass's fields, the schedule as a list
     entry = asdict(resolved)
     entry["keep"] = list(resolved.keep)
     setattr(model.config, CONFIG_KEY, entry)
-    setattr(model, _ATTR, m)
-    return model
+    setattr(model, MOD_MARKER, m)
+    return m
 
 
 def load_routers(model, directory: str | Path) -> None:
     """Load the routers of a converted model from the safetensors files ``save_pretrained`` wrote."""
     from safetensors import safe_open
 
-    m = getattr(model, _ATTR, None)
-    if m is None:
-        raise ToolkitError("convert() the model before loading router weights into it")
+    if not is_converted(model):
+        raise UnsupportedInputError("convert_() the model before loading router weights into it")
     files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise ModelMismatchError(f"no safetensors weights in {directory}")
@@ -245,7 +270,7 @@ def _tail(name: str) -> str:
 
 # -- the forward passes --------------------------------------------------------------------------------------------
 
-def _on_model(m: _MoD, args, kw):
+def _on_model(m: MoDHandle, args, kw):
     ids, vision, past = prompt_vision(m.core, args, kw, "a Mixture-of-Depths model")
     if past == 0:
         m.state = _State(vision=vision, n_vision=int(vision[0].sum()), length=ids.shape[1])
@@ -263,7 +288,7 @@ def _dense(layer, hidden, attention_mask, position_ids, cache, use_cache, positi
 
 def _mod_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                  position_embeddings=None, past_key_values=None, **kwargs):
-    m: _MoD = self._mod
+    m: MoDHandle = self._mod
     st, i = m.state, self._mod_index
     cache = cache if cache is not None else past_key_values
     past = cache.get_seq_length(self.self_attn.layer_idx) if cache is not None else 0
@@ -283,29 +308,29 @@ def _mod_forward(self, hidden_states, attention_mask=None, position_ids=None, ca
     vis = st.vision.expand(b, t) if st.vision.shape[0] == 1 else st.vision
     k = min(n, int(self.mod_keep * n))
     vis_pos = torch.arange(t).expand(b, t)[vis].view(b, n)
-    logits = self.mod_router(_gather_rows(hidden_states, vis_pos, 1)).squeeze(-1).float()   # (B, n)
+    logits = self.mod_router(gather_rows(hidden_states, vis_pos, 1)).squeeze(-1).float()   # (B, n)
     w = 1.0 + m.config.tanh_scale * torch.tanh(logits)
     chosen = logits.topk(k, dim=1).indices.sort(1).values if k else vis_pos[:, :0]
     keep = ~vis.clone()
-    keep.scatter_(1, _gather_rows(vis_pos, chosen, 1), True)
+    keep.scatter_(1, gather_rows(vis_pos, chosen, 1), True)
     cols = torch.arange(t).expand(b, t)[keep].view(b, -1)
     st.cols[i], st.kept[i], st.weights[i] = cols, chosen, w.detach()
 
-    x = _gather_rows(hidden_states, cols, 1)
+    x = gather_rows(hidden_states, cols, 1)
     cos, sin = position_embeddings
-    pe = (_gather_rows(cos, cols, 1), _gather_rows(sin, cols, 1))
-    pos = None if position_ids is None else _gather_rows(position_ids.expand(b, -1), cols, 1)
+    pe = (gather_rows(cos, cols, 1), gather_rows(sin, cols, 1))
+    pos = None if position_ids is None else gather_rows(position_ids.expand(b, -1), cols, 1)
     mask = attention_mask
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
-        mask = _gather_rows(mask.expand(b, *mask.shape[1:]), cols, 2)
-        mask = _gather_rows(mask, cols, 3)
+        mask = gather_rows(mask.expand(b, *mask.shape[1:]), cols, 2)
+        mask = gather_rows(mask, cols, 3)
     attn, _ = self.self_attn(hidden_states=self.input_layernorm(x), attention_mask=mask, position_ids=pos,
                              cache=cache, use_cache=use_cache, position_embeddings=pe, **kwargs)
     h = x + attn
     f = self.mlp(self.post_attention_layernorm(h))
     # per-token weights: TanhNorm's w on vision tokens, 1 on text
     weight = torch.ones((b, t), dtype=w.dtype).masked_scatter(vis, w)
-    y = h + _gather_rows(weight, cols, 1)[..., None].to(f.dtype) * f
+    y = h + gather_rows(weight, cols, 1)[..., None].to(f.dtype) * f
     skipped = hidden_states * weight[..., None].to(hidden_states.dtype)   # STRing: w * x for every vision token
     return skipped.scatter(1, cols[..., None].expand(-1, -1, d), y.to(skipped.dtype))
 
@@ -316,7 +341,7 @@ def _decode(self, st: _State, hidden, attention_mask, position_ids, cache, use_c
     if cols is not None and isinstance(mask, torch.Tensor) and mask.dim() == 4:
         b = hidden.shape[0]
         new = torch.arange(st.length, mask.shape[-1]).expand(b, -1)
-        mask = _gather_rows(mask.expand(b, *mask.shape[1:]), torch.cat([cols.expand(b, -1), new], 1), 3)
+        mask = gather_rows(mask.expand(b, *mask.shape[1:]), torch.cat([cols.expand(b, -1), new], 1), 3)
     return _dense(self, hidden, mask, position_ids, cache, use_cache, position_embeddings, kwargs)
 
 
@@ -337,16 +362,16 @@ def from_pretrained(directory: str | Path, **kwargs):
         hf_logging.set_verbosity(verbosity)
     entry = getattr(model.config, CONFIG_KEY, None)
     if entry is not None:
-        restore(model, entry)
+        _restore(model, entry)
         load_routers(model, directory)
     return model.eval()
 
 
-def restore(model, entry: dict):
+def _restore(model, entry: dict) -> MoDHandle:
     """Convert ``model`` with the schedule saved in its config (``config.toolkit_mod``)."""
     try:
-        cfg = MoDConfig(**entry)
-    except TypeError as e:
+        cfg = MoDConfig.from_dict(entry)
+    except ConfigError as e:
         raise ModelMismatchError(f"the saved Mixture-of-Depths entry does not fit this version: {e}") from None
-    delattr(model.config, CONFIG_KEY)  # convert() writes it back, resolved
-    return convert(model, cfg)
+    delattr(model.config, CONFIG_KEY)  # convert_() writes it back, resolved
+    return convert_(model, cfg)

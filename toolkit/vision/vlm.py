@@ -23,13 +23,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["VLMSpec", "VLMProcessor", "build_vlm", "load_vlm", "save_vlm", "answer_questions", "evaluate_vqa"]
+from toolkit.config import Config, check
+
+__all__ = ["VLMSpec", "ProcessorConfig", "VLMProcessor", "build_vlm", "load_vlm", "read_vlm", "save_vlm",
+           "answer_questions", "evaluate_vqa"]
 
 PROCESSOR_FILE = "vlm_processor.json"
 
 
+def _positive(config: Config, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(config, name)
+        check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              f"{name} must be a positive integer, got {v!r}")
+
+
 @dataclass(frozen=True)
-class VLMSpec:
+class VLMSpec(Config):
+    """The vision tower's shape: ``image_size`` pixels square in ``patch_size`` patches, a small CLIP encoder.
+
+    CLIP's attention needs ``vision_hidden`` to be a multiple of ``vision_heads``.
+    """
+
     image_size: int = 64
     patch_size: int = 4
     vision_hidden: int = 128
@@ -37,14 +52,32 @@ class VLMSpec:
     vision_heads: int = 4
     vision_intermediate: int = 512
 
+    def __post_init__(self) -> None:
+        _positive(self, ("image_size", "patch_size", "vision_hidden", "vision_layers", "vision_heads",
+                         "vision_intermediate"))
+        check(self.vision_hidden % self.vision_heads == 0,
+              f"vision_hidden {self.vision_hidden} is not a multiple of vision_heads {self.vision_heads}")
+
 
 @dataclass(frozen=True)
-class ProcessorConfig:
+class ProcessorConfig(Config):
+    """What the processor needs: image size, how many placeholders an image takes, and the special ids.
+
+    Saved as ``vlm_processor.json`` beside the model (the dataclass's fields).
+    """
+
     image_size: int
     num_image_tokens: int
     image_token_id: int
     pad_token_id: int
     bos_token_id: int
+
+    def __post_init__(self) -> None:
+        _positive(self, ("image_size", "num_image_tokens"))
+        for name in ("image_token_id", "pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                  f"{name} must be a token id (a non-negative integer), got {v!r}")
 
 
 class VLMProcessor:
@@ -101,7 +134,7 @@ class VLMProcessor:
     @classmethod
     def load(cls, directory: str | Path) -> VLMProcessor:
         from toolkit.models.tokenizer import ByteTokenizer
-        cfg = ProcessorConfig(**json.loads(Path(directory, PROCESSOR_FILE).read_text()))
+        cfg = ProcessorConfig.from_dict(json.loads(Path(directory, PROCESSOR_FILE).read_text()))
         return cls(ByteTokenizer.load(directory), cfg)
 
 
@@ -154,10 +187,14 @@ def save_vlm(model, processor: VLMProcessor, directory: str | Path, dtype: torch
     processor.save(directory)
 
 
-def _load(where):
-    from toolkit.vision.mod import from_pretrained  # a Mixture-of-Depths model is converted again on load
-    model = from_pretrained(where.path, dtype=torch.float32, attn_implementation="sdpa")
-    return model, VLMProcessor.load(where.path)
+def read_vlm(directory: str | Path):
+    """``(model, processor)`` read afresh from a directory written by :func:`save_vlm` (not shared: train it).
+
+    A Mixture-of-Depths model is converted again on load.
+    """
+    from toolkit.vision.mod import from_pretrained
+    model = from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    return model, VLMProcessor.load(directory)
 
 
 def load_vlm(name: str = "vlm-scenes", model_dir: str | Path | None = None):
@@ -167,7 +204,7 @@ def load_vlm(name: str = "vlm-scenes", model_dir: str | Path | None = None):
     cache); attach hooks to it with a handle and remove them after.
     """
     from toolkit.models import store
-    return store.load("vlm", _load, name, model_dir)
+    return store.load("vlm", lambda where: read_vlm(where.path), name, model_dir)
 
 
 @torch.no_grad()

@@ -56,11 +56,10 @@ def _fit(items: list[SegImage], size: int) -> list[SegImage]:
 
 
 @torch.no_grad()
-@torch.no_grad()
-def miou(model, items: list[SegImage], kind: str, per_image: int = 4, seed: int = 0, batch: int = 16,
+def miou(model, images: list[SegImage], kind: str, per_image: int = 4, seed: int = 0, batch: int = 16,
          teacher=None) -> dict:
     """mIoU of one prompt kind against the true masks (and the teacher's masks, given one)."""
-    items = _fit(items, image_size_of(model))
+    items = _fit(images, image_size_of(model))
     if not items:
         raise ValueError("no images with objects to evaluate on")
     gt_ious, t_ious = [], []
@@ -100,11 +99,11 @@ def encoder_cost(model, repeats: int = 20) -> dict:
             "latency_ms": float(np.median(times) * 1000)}
 
 
-def evaluate(model, items: list[SegImage], teacher=None, kinds: tuple[str, ...] = KINDS, per_image: int = 4,
+def evaluate(model, images: list[SegImage], teacher=None, kinds: tuple[str, ...] = KINDS, per_image: int = 4,
              seed: int = 0, cost: bool = True) -> dict:
     """mIoU per prompt kind (boxes, one point, three points), against truth and teacher, plus the encoder's cost.
 
-    ``items`` are images with known masks (:class:`toolkit.data.segments.SegImage`);
+    ``images`` are images with known masks (:class:`toolkit.data.segments.SegImage`);
     images of another size or channel count are resized and converted to RGB first.
     """
     for k in kinds:
@@ -113,7 +112,7 @@ def evaluate(model, items: list[SegImage], teacher=None, kinds: tuple[str, ...] 
     was = model.training
     model.eval()
     try:
-        res: dict = {k: miou(model, items, k, per_image, seed, teacher=teacher) for k in kinds}
+        res: dict = {k: miou(model, images, k, per_image, seed, teacher=teacher) for k in kinds}
         if cost:
             res["encoder"] = encoder_cost(model)
     finally:

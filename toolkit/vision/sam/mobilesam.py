@@ -20,20 +20,24 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from toolkit.config import Config, check
 from toolkit.data.segments import SegImage
+from toolkit.errors import ConfigError
+from toolkit.progress import Progress, reporter
 from toolkit.vision.sam.model import check_images, to_pixels
 
 __all__ = ["DistillConfig", "distill", "student_config"]
 
 
-@dataclass
-class DistillConfig:
+@dataclass(frozen=True)
+class DistillConfig(Config):
     """Training of the student encoder: ``steps`` of ``batch`` views, ``views`` augmentations per image."""
 
     steps: int = 1500
@@ -44,9 +48,8 @@ class DistillConfig:
     seed: int = 0
     threads: int | None = None
 
-    def __post_init__(self):
-        if self.steps < 0 or self.batch < 1 or self.views < 1:
-            raise ValueError("steps must be >= 0, batch and views >= 1")
+    def __post_init__(self) -> None:
+        check(self.steps >= 0 and self.batch >= 1 and self.views >= 1, "steps must be >= 0, batch and views >= 1")
 
 
 def student_config(teacher, hidden: int = 96, layers: int = 4, heads: int = 3, mlp: int | None = None,
@@ -88,19 +91,21 @@ def _views(items: list[SegImage], views: int, seed: int) -> torch.Tensor:
     return to_pixels(out)
 
 
-def distill(teacher, student, config: DistillConfig, images: list[SegImage], log=None):
+def distill(teacher, student, config: DistillConfig, images: list[SegImage],
+            log: Callable[[dict], None] | None = None, progress: Progress = False):
     """A ``SamModel``: ``teacher`` with its image encoder replaced by ``student``, trained on ``images``.
 
     ``student`` is a ``SamVisionConfig`` (for example from :func:`student_config`)
     or a ``SamVisionEncoder``. Its embeddings must have the teacher's shape
     (channels and grid), or a ``ValueError`` says which differs. Only the images
-    are used, never their masks. ``teacher`` is not changed.
+    are used, never their masks. ``teacher`` is not changed. ``log`` receives
+    ``{"step", "loss"}`` every hundred steps; ``progress`` counts the steps.
     """
     from transformers import SamVisionConfig
     from transformers.models.sam.modeling_sam import SamVisionEncoder
 
     if not isinstance(config, DistillConfig):
-        raise TypeError("config must be a DistillConfig")
+        raise ConfigError(f"config must be a DistillConfig, got {type(config).__name__}")
     if isinstance(student, SamVisionConfig):
         torch.manual_seed(config.seed)
         student = SamVisionEncoder(student)
@@ -129,6 +134,7 @@ def distill(teacher, student, config: DistillConfig, images: list[SegImage], log
         std2 = float(target.float().var())
         opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.05)
         rng = np.random.default_rng(config.seed)
+        report = reporter(progress, config.steps, "distill")
         student.train()
         for step in range(config.steps):
             if step < config.warmup:
@@ -146,6 +152,7 @@ def distill(teacher, student, config: DistillConfig, images: list[SegImage], log
             opt.step()
             if log is not None and (step % 100 == 0 or step == config.steps - 1):
                 log({"step": step, "loss": float(loss.detach())})
+            report(step + 1, config.steps)
         student.eval()
     finally:
         torch.set_num_threads(threads)

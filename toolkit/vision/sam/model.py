@@ -15,6 +15,7 @@ highest predicted IoU is taken (``multimask`` below).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHIPPED", "sam_config", "build_sam", "load_sam", "make_processor", "to_pixels", "Prompts", "segment",
-           "predict", "image_size_of", "check_images"]
+__all__ = ["SHIPPED", "sam_config", "build_sam", "load_sam", "as_stored", "make_processor", "to_pixels", "Prompts",
+           "segment", "predict", "image_size_of", "check_images"]
 
 SHIPPED = "sam-shapes"
 # ImageNet statistics, SAM's (and SamImageProcessor's) normalisation.
@@ -85,6 +86,21 @@ def load_sam(name: str = SHIPPED, dtype: torch.dtype = torch.float32):
         return SamModel.from_pretrained(str(where.path), dtype=dtype).eval()
 
     return store.load(f"sam:{dtype}", loader, str(name) if isinstance(name, Path) else name)
+
+
+def as_stored(model, dtype: torch.dtype):
+    """A copy of ``model`` as it loads after being stored in ``dtype``: the values ``from_pretrained`` gives.
+
+    Evaluating this copy gives the figures of the stored model without writing it.
+    """
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.to(dtype).float())
+        for b in out.buffers():
+            if b.is_floating_point():
+                b.copy_(b.to(dtype).float())
+    return out.eval()
 
 
 def image_size_of(model) -> int:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,14 +46,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.config import Config, check
 from toolkit.data.segments import SegImage
+from toolkit.errors import ConfigError
+from toolkit.progress import Progress, reporter
 from toolkit.vision.sam.model import check_images, to_pixels
 
 __all__ = ["SlimConfig", "slim", "importance", "widths_for", "encoder_params", "taylor_scores"]
 
 
-@dataclass
-class SlimConfig:
+@dataclass(frozen=True)
+class SlimConfig(Config):
     """``ratio``: the share of the teacher encoder's parameters to keep, in (0, 1).
 
     ``steps``: distillation steps after each pruning step; ``noise``: the
@@ -73,11 +77,11 @@ class SlimConfig:
     seed: int = 0
     threads: int | None = None
 
-    def __post_init__(self):
-        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1):
-            raise ValueError(f"ratio must lie strictly between 0 and 1, got {self.ratio!r}")
-        if self.steps < 0 or self.batch < 1 or self.score_batches < 1:
-            raise ValueError("steps must be >= 0, batch and score_batches >= 1")
+    def __post_init__(self) -> None:
+        check(isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1,
+              f"ratio must lie strictly between 0 and 1, got {self.ratio!r}")
+        check(self.steps >= 0 and self.batch >= 1 and self.score_batches >= 1,
+              "steps must be >= 0, batch and score_batches >= 1")
 
 
 # ---------------------------------------------------------------------------
@@ -127,7 +131,7 @@ def widths_for(vision_config, ratio: float) -> tuple[int, int]:
             if best is None or err < best[0]:
                 best = (err, hidden, mlp)
     if best is None or ratio * full < _count(vc, heads, 1):
-        raise ValueError(f"ratio {ratio} leaves no room: the neck alone is "
+        raise ConfigError(f"ratio {ratio} leaves no room: the neck alone is "
                          f"{_count(vc, heads, 1) / full:.1%} of the encoder")
     return best[1], best[2]
 
@@ -237,12 +241,13 @@ def taylor_scores(enc, targets: _Targets, kept: torch.Tensor, cfg: SlimConfig) -
     return {"embed": embed, "qk": torch.stack(qk), "v": torch.stack(v), "mlp": torch.stack(mlp)}
 
 
-def importance(model, images: list[SegImage], config: SlimConfig | None = None) -> dict[str, torch.Tensor]:
+def importance(model, config: SlimConfig, images: list[SegImage]) -> dict[str, torch.Tensor]:
     """The disturbed Taylor scores :func:`slim` starts from, for ``model``'s unpruned encoder on ``images``.
 
     Keys as in :func:`taylor_scores`; ``model`` is not changed.
     """
-    config = config or SlimConfig()
+    if not isinstance(config, SlimConfig):
+        raise ConfigError(f"config must be a SlimConfig, got {type(config).__name__}")
     check_images(model, images, "importance")
     enc = copy.deepcopy(model.vision_encoder).eval()
     for p in enc.parameters():
@@ -358,7 +363,7 @@ def _rebuild(model, hidden: int, mlp: int):
 # distillation and the whole procedure
 
 
-def _distill(enc, targets: _Targets, kept: torch.Tensor, cfg: SlimConfig, stage: int, log) -> None:
+def _distill(enc, targets: _Targets, kept: torch.Tensor, cfg: SlimConfig, stage: int, log, report) -> None:
     params = [p for p in enc.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng([cfg.seed, stage])
@@ -375,21 +380,25 @@ def _distill(enc, targets: _Targets, kept: torch.Tensor, cfg: SlimConfig, stage:
         opt.step()
         if log is not None and (step % 10 == 0 or step == cfg.steps - 1):
             log({"stage": stage, "step": step, "loss": loss.item()})
+        report((stage - 1) * cfg.steps + step + 1, 2 * cfg.steps)
     enc.eval()
 
 
-def slim(model, config: SlimConfig, images: list[SegImage], log=None):
+def slim(model, config: SlimConfig, images: list[SegImage], log: Callable[[dict], None] | None = None,
+         progress: Progress = False):
     """A SlimSAM-compressed copy of ``model`` (a ``SamModel``), distilled on ``images`` without labels.
 
     ``images`` are only looked at, never their masks. Returns a plain ``SamModel``;
-    ``model`` is not changed.
+    ``model`` is not changed. ``log`` receives ``{"stage", "step", "loss"}``
+    every ten distillation steps; ``progress`` counts the steps of both stages.
     """
     if not isinstance(config, SlimConfig):
-        raise TypeError("config must be a SlimConfig")
+        raise ConfigError(f"config must be a SlimConfig, got {type(config).__name__}")
     check_images(model, images, "slim")
     vc = model.config.vision_config
     hidden, mlp = widths_for(vc, config.ratio)
     heads = vc.num_attention_heads
+    report = reporter(progress, 2 * config.steps, "slim")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -407,7 +416,7 @@ def slim(model, config: SlimConfig, images: list[SegImage], log=None):
         scores = taylor_scores(enc, targets, all_channels, config)
         kept = _top(scores["embed"], hidden)
         prune_embedding(enc, kept)
-        _distill(enc, targets, kept, config, 1, log)
+        _distill(enc, targets, kept, config, 1, log, report)
         # 2: attention and MLP widths, rebuilt as the plain smaller config, then distil again.
         scores = taylor_scores(enc, targets, kept, config)
         prune_bottleneck(enc, scores, hidden // heads, mlp)
@@ -416,7 +425,7 @@ def slim(model, config: SlimConfig, images: list[SegImage], log=None):
             p.requires_grad_(False)
         for p in student.vision_encoder.parameters():
             p.requires_grad_(True)
-        _distill(student.vision_encoder, targets, kept, config, 2, log)
+        _distill(student.vision_encoder, targets, kept, config, 2, log, report)
         for p in student.parameters():
             p.requires_grad_(True)
         student.shared_image_embedding.positional_embedding.requires_grad_(False)
