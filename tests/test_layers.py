@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"text", "llm", "circuits", "weights", "image", "vision", "audio"},
     {"models", "data", "formats"},
     {"entropy", "kernels"},
-    {"errors", "numerics", "config", "progress", "notebook", "_lazy"},
+    {"errors", "numerics", "config", "progress", "schedule", "notebook", "_lazy"},
 ]
 LIBRARIES = LAYERS[3]
 #: imports within one layer that the design allows: libraries use one another (public names only);

@@ -16,8 +16,8 @@ __version__ = "0.2.0"
 __getattr__, __dir__, __all__ = attach(
     __name__,
     submodules=["api", "audio", "bench", "circuits", "codecs", "config", "data", "entropy", "errors",
-                "formats", "kernels", "llm", "models", "notebook", "numerics", "progress", "text", "vision",
-                "weights"],
+                "formats", "kernels", "llm", "models", "notebook", "numerics", "progress", "schedule", "text",
+                "vision", "weights"],
     submod_attrs={
         "api": ["compress", "decompress", "compress_stream", "decompress_stream", "info", "choose_codec",
             "Choice"],

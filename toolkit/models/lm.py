@@ -23,6 +23,7 @@ from toolkit.config import Config, check
 from toolkit.models.store import ASSETS as ASSETS_DIR
 from toolkit.models.tokenizer import ByteTokenizer
 from toolkit.progress import Progress, reporter
+from toolkit.schedule import lr_at, step_progress
 
 logger = logging.getLogger(__name__)
 
@@ -200,12 +201,8 @@ def train_small_lm(
     report = reporter(progress, steps, "training")
     warmup = max(1, steps // 10)
     for step in range(steps):
-        if step < warmup:
-            scale = (step + 1) / warmup
-        else:
-            scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for g in opt.param_groups:
-            g["lr"] = lr * scale
+            g["lr"] = lr_at(step, step_progress(step, steps, warmup), lr=lr, warmup=warmup)
         starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen)
         x = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()])
         logits = model(input_ids=x[:, :-1]).logits

@@ -1,5 +1,6 @@
 """What every recipe shares, written once: the command line over a config, threads, the
-learning-rate schedule, the time budget, and atomic checkpoints that resume.
+learning-rate schedule (:mod:`toolkit.schedule`, shared with the libraries that train), the
+time budget, and atomic checkpoints that resume.
 
 A recipe is a module of :mod:`toolkit.recipes` with a frozen ``*Config``
 (:class:`toolkit.config.Config`) and ``run(config) -> Path``; its ``main`` is
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -24,8 +24,10 @@ from typing import Any, TypeVar
 
 from toolkit.config import Config
 from toolkit.errors import ConfigError, ToolkitError
+from toolkit.schedule import lr_at, step_progress
 
-__all__ = ["TimeBudget", "cli", "load_checkpoint", "lr_at", "parse_config", "save_checkpoint", "set_threads"]
+__all__ = ["TimeBudget", "cli", "load_checkpoint", "lr_at", "parse_config", "save_checkpoint", "set_threads",
+           "step_progress"]
 
 C = TypeVar("C", bound=Config)
 
@@ -38,20 +40,6 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise ConfigError(f"threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
-
-
-def lr_at(step: int, progress: float, *, lr: float, warmup: int, min_ratio: float = 0.0) -> float:
-    """Linear warmup over ``warmup`` steps, then a cosine from ``lr`` to ``lr * min_ratio`` as
-    ``progress`` (steps or seconds done after warmup, as a share of the total) goes from 0 to 1."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = min(1.0, max(0.0, progress))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def step_progress(step: int, total: int, warmup: int) -> float:
-    """The cosine's progress at ``step`` of a ``total``-step run whose first ``warmup`` steps warm up."""
-    return (step - warmup) / max(1, total - warmup)
 
 
 class TimeBudget:

@@ -50,6 +50,7 @@ from toolkit.config import Config, check
 from toolkit.data.segments import SegImage
 from toolkit.errors import ConfigError
 from toolkit.progress import Progress, reporter
+from toolkit.schedule import lr_at
 from toolkit.vision.sam.model import check_images, to_pixels
 
 __all__ = ["SlimConfig", "slim", "importance", "widths_for", "encoder_params", "taylor_scores"]
@@ -371,7 +372,7 @@ def _distill(enc, targets: _Targets, kept: torch.Tensor, cfg: SlimConfig, stage:
     for step in range(cfg.steps):
         frac = step / max(1, cfg.steps)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+            g["lr"] = lr_at(step, frac, lr=cfg.lr, warmup=0)
         idx = torch.from_numpy(rng.choice(len(targets), min(cfg.batch, len(targets)), replace=False))
         loss = _loss(enc, targets, idx, kept, align=cfg.align * (1 - frac))
         opt.zero_grad(set_to_none=True)
