@@ -136,3 +136,22 @@ def test_lm_codec_with_the_shipped_model_imports_no_torch(tmp_path):
     # auto decides from the classic codecs' sizes: no model loads on its way to a choice
     (tmp_path / "auto.txt").write_bytes(text[:2048])
     assert _heavy_after(["compress", "auto.txt", "-q"], tmp_path) == []
+
+
+def test_every_package_lists_every_module_it_has():
+    """A module on disk that its package's table leaves out does not resolve from ``import toolkit``."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    import toolkit
+
+    # the command and the recipes sit at the top: nothing reaches them through the package
+    top_only = {"toolkit": {"cli", "recipes"}}
+    for init in sorted(Path(toolkit.__file__).parent.rglob("__init__.py")):
+        name = ".".join(init.parent.relative_to(Path(toolkit.__file__).parent.parent).parts)
+        if name.startswith("toolkit.recipes") or "assets" in name:
+            continue
+        package = importlib.import_module(name)
+        on_disk = {m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")}
+        assert on_disk - set(package.__all__) - top_only.get(name, set()) == set(), name

@@ -60,12 +60,21 @@ def _module_name(path: Path, root: Path) -> tuple[str, bool]:
 
 
 def _targets(tree: ast.AST, module: str, is_pkg: bool, root_name: str) -> list[tuple[str, list[str], int]]:
-    """(imported module, names taken from it, line) for every toolkit import in ``tree``."""
+    """(imported module, names taken from it, line) for every toolkit import in ``tree``: import statements,
+    ``importlib.import_module("toolkit...")`` calls, and underscore attributes of an imported module."""
     out = []
     package = module if is_pkg else module.rsplit(".", 1)[0]
+    aliases: dict[str, str] = {}  # a local name -> the toolkit module or name it was imported as
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(a.name, [], node.lineno) for a in node.names if a.name.split(".")[0] == root_name]
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.split(".")[0] == root_name})
+        elif isinstance(node, ast.Call) and (getattr(node.func, "attr", None) == "import_module"
+                                             or getattr(node.func, "id", None) == "import_module"):
+            arg = node.args[0] if node.args else None
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and \
+                    arg.value.split(".")[0] == root_name:
+                out.append((arg.value, [], node.lineno))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -80,6 +89,11 @@ def _targets(tree: ast.AST, module: str, is_pkg: bool, root_name: str) -> list[t
                             for n in names]
                 else:
                     out.append((target, names, node.lineno))
+                aliases.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                and node.attr.startswith("_") and not node.attr.startswith("__"):
+            out.append((aliases[node.value.id], [node.attr], node.lineno))
     return out
 
 
@@ -106,8 +120,8 @@ def violations(root: Path = PACKAGE) -> list[str]:
                 problems.append(f"{where}: imports {target}, a part in no layer")
             elif dst not in ALLOWED[src]:
                 problems.append(f"{where}: {src} imports {target} ({dst} is not below {src})")
-            elif dst != src and src in LIBRARIES and (
-                    any(p.startswith("_") for p in parts[2:]) or any(n.startswith("_") for n in names)):
+            elif dst != src and (any(p.startswith("_") and p != "__init__" for p in parts[2:])
+                                 or any(n.startswith("_") and not n.startswith("__") for n in names)):
                 problems.append(f"{where}: {src} uses a private name of {dst} ({target}: {', '.join(names)})")
     return problems
 
@@ -143,11 +157,20 @@ def _fake_package(tmp_path: Path, files: dict[str, str]) -> Path:
     ("from toolkit.text.tokens import _private\n", "private name"),
     ("from toolkit.text._engine import run\n", "private name"),
     ("from toolkit.shiny import thing\n", "in no layer"),
+    ("import importlib\nimportlib.import_module('toolkit.codecs.lm')\n", "not below"),
+    ("from toolkit.text import tokens\ntokens._private()\n", "private name"),
 ])
 def test_the_check_finds_a_wrong_way_import_in_a_temporary_module(tmp_path, source, reason):
     root = _fake_package(tmp_path, {"weights/bad.py": source, "text/tokens.py": "", "codecs/lm.py": ""})
     found = violations(root)
     assert len(found) == 1 and reason in found[0] and "weights/bad.py" in found[0]
+
+
+def test_a_private_name_is_private_to_its_part_on_every_layer(tmp_path):
+    root = _fake_package(tmp_path, {"api.py": "from toolkit.codecs import container\ncontainer._read_full(1)\n",
+                                    "codecs/container.py": ""})
+    found = violations(root)
+    assert len(found) == 1 and "private name" in found[0] and "api.py" in found[0]
 
 
 def test_the_check_accepts_imports_that_point_down(tmp_path):

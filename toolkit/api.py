@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from toolkit.codecs import container
@@ -68,19 +67,20 @@ def decompress(blob: bytes, allow_mismatch: bool = False, **local: Any) -> bytes
     return out.getvalue()
 
 
-def _bytes_done(progress: Progress, total: int | None, desc: str) -> Callable[[int], None] | None:
-    """The container's per-piece byte counts summed into ``progress(done, total)`` (total 0: unknown)."""
-    if progress is False or progress is None:
-        return None
-    report = reporter(progress, total or 0, desc)
-    done = 0
+class _BytesDone:
+    """The container's per-piece byte counts summed into ``progress(done, total)`` (total 0: not known)."""
 
-    def add(n: int) -> None:
-        nonlocal done
-        done += n
-        report(done, total or 0)
+    def __init__(self, progress: Progress, total: int | None, desc: str) -> None:
+        self.report = reporter(progress, total or 0, desc)
+        self.total, self.done = total or 0, 0
 
-    return add
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.report(self.done, self.total)
+
+    def finish(self) -> None:
+        """The work is over, so its total is what was done (a bar closes)."""
+        self.report(self.done, self.done)
 
 
 def compress_stream(
@@ -97,19 +97,26 @@ def compress_stream(
     With ``auto`` the summary also holds ``auto`` (the reason) and ``hint``.
     ``progress``: True for a bar on stderr, or ``progress(bytes done, size or 0)``.
     """
-    progress = _bytes_done(progress, size, "compress")
+    counter = _BytesDone(progress, size, "compress")
+    summary = _compress_stream(src, dst, codec, settings, size, counter, best)
+    counter.finish()
+    return summary
+
+
+def _compress_stream(src: BinaryIO, dst: BinaryIO, codec: str | Codec, settings: dict | None, size: int | None,
+                     progress: _BytesDone, best: bool) -> dict:
     if codec != "auto":
         if best:
             raise ConfigError("best is for codec='auto' (it lets lm compete on long text)")
         return container.write_stream(make_codec(codec, settings), src, dst, size=size, progress=progress)
     if settings:
         raise ConfigError("--set needs an explicit --codec (auto picks per input)")
-    head = container._read_full(src, AUTO_SAMPLE)
+    head = container.read_full(src, AUTO_SAMPLE)
     if size is None and len(head) < AUTO_SAMPLE:
         size = len(head)  # the sample is the whole input
     choice = choose_codec(head, size=size, best=best)
     logger.info("auto: %s (%s)", choice.codec, choice.reason)
-    src = container._Prefixed(head, src)
+    src = container.Prefixed(head, src)
     if choice.fallback:
         summary = _whole_or_fallback(choice, src, dst, size, progress)
     else:
@@ -118,20 +125,19 @@ def compress_stream(
 
 
 def _whole_or_fallback(choice: Choice, src: BinaryIO, dst: BinaryIO, size: int | None,
-                       progress: Callable[[int], None] | None) -> dict:
+                       progress: _BytesDone) -> dict:
     """Code with ``choice.codec`` (a whole-file codec); where it refuses the input, with the fallback."""
-    data = container._read_full(src, container.MAX_CHUNK + 1)
+    data = container.read_full(src, container.MAX_CHUNK + 1)
     out = io.BytesIO()
     try:
         summary = container.write_stream(make_codec(choice.codec), io.BytesIO(data), out, size=size)
     except (UnsupportedInputError, DependencyError) as e:
         logger.info("auto: %s refused the input (%s); using %s", choice.codec, e, choice.fallback)
         choice.reason += f"; {choice.codec} refused it ({e}), so {choice.fallback}"
-        rest = container._Prefixed(data, src)
+        rest = container.Prefixed(data, src)
         return container.write_stream(make_codec(choice.fallback), rest, dst, size=size, progress=progress)
     dst.write(out.getvalue())
-    if progress:
-        progress(len(data))
+    progress(len(data))
     return summary
 
 
@@ -143,8 +149,10 @@ def decompress_stream(src: BinaryIO, dst: BinaryIO, progress: Progress = False,
     stderr, or ``progress(bytes written, 0)`` (the total is known only at the end).
     """
     local = {k: str(v) for k, v in (settings or {}).items()}
-    return container.read_stream(src, dst, progress=_bytes_done(progress, None, "decompress"), local=local,
-                                 allow_mismatch=allow_mismatch)
+    counter = _BytesDone(progress, None, "decompress")
+    header = container.read_stream(src, dst, progress=counter, local=local, allow_mismatch=allow_mismatch)
+    counter.finish()
+    return header
 
 
 def info(file: bytes | str | os.PathLike | BinaryIO) -> dict:

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from toolkit.errors import InputError, ToolkitError
+from toolkit.progress import Progress, reporter
 
 __all__ = ["RIVALS", "LONG_RIVALS", "run_bench", "format_table", "speed", "write_json", "machine", "demo",
            "sample_files"]
@@ -105,11 +106,12 @@ def _row(file: str, name: str, kind: str, data: bytes, enc, dec) -> dict:
 
 
 def run_bench(files: list[str | Path], codecs: list[str] | None = None, rivals: bool | list[str] = True,
-              quiet: bool = True) -> list[dict]:
+              progress: Progress = False) -> list[dict]:
     """Rows of (file, codec, bytes, bpb, MB/s) for every file and codec, each round-trip verified.
 
     ``codecs`` are registered codec names (``auto`` allowed); the default is
     every lossless registered codec except ``store``. ``rivals`` selects classic tools.
+    ``progress`` counts the files done.
     """
     from toolkit.api import compress, decompress, info
     from toolkit.codecs.registry import list_codecs
@@ -117,7 +119,8 @@ def run_bench(files: list[str | Path], codecs: list[str] | None = None, rivals: 
     names = codecs or [n for n, c in list_codecs().items() if n != "store" and not c.lossy]
     rival_names = list(RIVALS) if rivals is True else list(rivals or [])
     rows = []
-    for path in files:
+    report = reporter(progress, len(files), "bench")
+    for done, path in enumerate(files, 1):
         try:
             data = Path(path).read_bytes()
         except OSError as e:
@@ -136,8 +139,7 @@ def run_bench(files: list[str | Path], codecs: list[str] | None = None, rivals: 
         for name in rival_names:
             enc, dec = RIVALS[name]()
             rows.append(_row(label, name, "rival", data, enc, dec))
-        if not quiet:
-            print(f"benchmarked {label}", flush=True)
+        report(done, len(files))
     return rows
 
 
@@ -172,9 +174,9 @@ def sample_files() -> list[Path]:
     return sorted(Path(str(p)) for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def demo(quiet: bool = True) -> str:
+def demo(progress: Progress = False) -> str:
     """Compress the shipped samples with ``auto``, verify every byte, and compare with zstd and xz."""
-    rows = run_bench(sample_files(), codecs=["auto"], rivals=["zstd -19", "xz -9e"], quiet=quiet)
+    rows = run_bench(sample_files(), codecs=["auto"], rivals=["zstd -19", "xz -9e"], progress=progress)
     total_in = sum(r["in_bytes"] for r in rows if r["codec"].startswith("auto"))
     lines = [format_table(rows), "",
              f"{len(sample_files())} sample files, {total_in} bytes: every round trip verified byte for byte."]

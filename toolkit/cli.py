@@ -267,7 +267,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from toolkit.bench import format_table, run_bench
 
-    rows = run_bench(args.files, codecs=args.codec, rivals=not args.no_rivals, quiet=args.quiet)
+    rows = run_bench(args.files, codecs=args.codec, rivals=not args.no_rivals, progress=not args.quiet)
     print(format_table(rows))
     if args.json:
         from toolkit.bench import write_json
@@ -279,7 +279,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from toolkit.bench import demo
 
-    print(demo(quiet=args.quiet))
+    print(demo(progress=not args.quiet))
     return 0
 
 

@@ -8,6 +8,7 @@ after each unit of work.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Union
 
@@ -24,9 +25,9 @@ def reporter(progress: Progress, total: int, desc: str = "") -> Callable[[int, i
     if progress is None or progress is False:
         return lambda done, total: None
     if progress is True:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
-        bar = tqdm(total=total or None, desc=desc or None, leave=False)  # tqdm writes to stderr
+        bar = tqdm(total=total or None, desc=desc or None, leave=False, file=sys.stderr)
 
         def update(done: int, total: int) -> None:
             bar.total = total or None

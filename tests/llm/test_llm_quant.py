@@ -433,6 +433,18 @@ def test_remove_puts_the_float_layers_back(method) -> None:
     assert all(model.get_submodule(n) is before[n] for n in before)
 
 
+@pytest.mark.gpu
+def test_remove_after_quantizing_on_another_device_leaves_the_model_where_it_was() -> None:
+    model = tiny_llama(False)
+    ids = calib_batches(1)[0]
+    want = logits(model, ids)
+    handle = quantize_(model, GPTQConfig(bits=4, group_size=32), calib_batches(2), device="cuda", progress=False)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    handle.remove()
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert torch.equal(logits(model, ids), want)
+
+
 def test_progress_callback_counts_the_layers() -> None:
     seen = []
     quantize_(tiny_llama(False), GPTQConfig(bits=4, group_size=32), calib_batches(2),

@@ -476,10 +476,13 @@ def test_weights_coded_in_memory_give_the_same_outputs(level):
     from toolkit.weights import InMemoryConfig, compress_weights_
 
     model = _tiny_llama()
+    model.model.norm.weight.requires_grad_(False)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         dense = model(ids).logits
         before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
     coded = compress_weights_(model, InMemoryConfig(level=level))
     assert all(p.numel() == 0 for m, n, _ in coded.owners for p in [m._parameters[n]])  # nothing dense is left
     assert coded.coded_bytes < 0.8 * coded.dense_bytes
@@ -495,6 +498,8 @@ def test_weights_coded_in_memory_give_the_same_outputs(level):
     coded.remove()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again, as it was
+    assert {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)} == grads
     assert torch.equal(model(ids).logits, dense)
     coded.remove()  # a second remove does nothing
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -85,13 +85,13 @@ def digest_size(total: int) -> int:
 
 # --------------------------------------------------------------------------- small helpers
 def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
-    buf = _read_full(f, n)
+    buf = read_full(f, n)
     if len(buf) != n:
         raise FormatError(f"truncated file: {what} ends early")
     return buf
 
 
-def _read_full(f: BinaryIO, n: int) -> bytes:
+def read_full(f: BinaryIO, n: int) -> bytes:
     """Read up to ``n`` bytes, looping over short reads (pipes)."""
     parts, got = [], 0
     while got < n:
@@ -184,7 +184,7 @@ def _encode_header(codec: Codec, chunk_size: int, batch_chunks: int, extra: dict
 
 
 def _read_header(src: BinaryIO) -> dict:
-    prelude = _read_full(src, len(MAGIC) + 1)
+    prelude = read_full(src, len(MAGIC) + 1)
     if not prelude:
         raise FormatError("empty input: not a .tkz file")
     if prelude[: len(MAGIC)] != MAGIC[: len(prelude)]:
@@ -259,7 +259,7 @@ def _batches(src: BinaryIO, codec: Codec, chunk_size: int, batch_chunks: int) ->
     while True:
         batch = []
         for _ in range(batch_chunks):
-            raw = _read_full(src, chunk_size)
+            raw = read_full(src, chunk_size)
             if not raw:
                 break
             batch.append(raw)
@@ -425,7 +425,7 @@ def _iter_records(src: BinaryIO, chunk_size: int, skip_payload: bool = False) ->
     while True:
         if not (peek := src.read(1)):
             raise FormatError("truncated file: end record missing")
-        tag = _read_varint(_Prefixed(peek, src), f"chunk {index}")
+        tag = _read_varint(Prefixed(peek, src), f"chunk {index}")
         raw_len, method = tag >> 2, tag & 3
         if tag == TAG_END:
             digest = _read_exact(src, digest_size(total), "end record")
@@ -455,7 +455,7 @@ def _iter_records(src: BinaryIO, chunk_size: int, skip_payload: bool = False) ->
         total += raw_len
 
 
-class _Prefixed(io.RawIOBase):
+class Prefixed(io.RawIOBase):
     """``head`` and then the rest of ``tail``: a record's first byte read to tell the end from EOF,
     or a sniffed sample put back in front of stdin."""
 

@@ -5,6 +5,4 @@ from toolkit._lazy import attach
 __getattr__, __dir__, __all__ = attach(
     __name__,
     submodules=["audio", "corpus", "recall", "scenes", "segments"],
-    submod_attrs={
-    },
 )

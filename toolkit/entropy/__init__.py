@@ -10,7 +10,7 @@ from toolkit._lazy import attach
 
 __getattr__, __dir__, __all__ = attach(
     __name__,
-    submodules=["coder", "core", "lanes", "varint"],
+    submodules=["coder", "core", "lanes", "tables", "varint"],
     submod_attrs={
         "coder": ["CATEGORICAL", "DEFAULT_TOTAL_BITS", "MAX_TOTAL_BITS", "RangeCoder"],
         "core": ["StreamDecoder", "decode_bytes", "decode_iid", "decode_iid_groups",

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,7 +55,7 @@ from toolkit.audio.network import InferenceCodec, SEANetCodec
 from toolkit.config import Config, check
 from toolkit.data.audio import load_split
 from toolkit.errors import ConfigError, InputError
-from toolkit.recipes.common import cli, load_checkpoint, lr_at, save_checkpoint, set_threads, step_progress
+from toolkit.recipes.common import TimeBudget, cli, load_checkpoint, lr_at, save_checkpoint, set_threads, step_progress
 
 __all__ = ["Batches", "TrainAudioConfig", "export", "main", "run", "train", "validate"]
 
@@ -315,7 +314,7 @@ def train(config: TrainAudioConfig) -> Path:
     log = open(run_dir / "log.jsonl", "a") if rank == 0 else None  # noqa: SIM115 - closed at the end
     bar = tqdm(total=config.steps, initial=step, desc="audio codec", mininterval=5,
                disable=rank != 0 or config.quiet)
-    t0 = time.time() - elapsed
+    clock = TimeBudget(float("inf"), elapsed)  # no budget: the clock of training time across resumes
     net.train()
     while step < config.steps:
         lr = lr_at(step, step_progress(step, config.steps, config.warmup), lr=config.lr, warmup=config.warmup,
@@ -358,7 +357,7 @@ def train(config: TrainAudioConfig) -> Path:
         if rank == 0 and (step % config.log_every == 0 or step == config.steps):
             terms = {"mel": rec_mel, "stft": rec_stft, "commit": commit, "wave": rec_wave, "stoi": rec_stoi,
                      "adv": adv, "fm": fm, "disc": d_loss}
-            rec = {"step": step, "minutes": round((time.time() - t0) / 60, 2),
+            rec = {"step": step, "minutes": round(clock.elapsed / 60, 2),
                    **{k: round(v.item(), 4) for k, v in terms.items()}}
             if step % config.valid_every == 0 or step == config.steps:
                 net.eval()
@@ -370,7 +369,7 @@ def train(config: TrainAudioConfig) -> Path:
         if rank == 0 and (step % config.ckpt_every == 0 or step == config.steps):
             # "args": the run's settings, under the key earlier runs' checkpoints use, so they resume
             save_checkpoint(ckpt, {"net": net.state_dict(), "disc": disc.state_dict(), "opt_g": opt_g.state_dict(),
-                                   "opt_d": opt_d.state_dict(), "step": step, "elapsed": time.time() - t0,
+                                   "opt_d": opt_d.state_dict(), "step": step, "elapsed": clock.elapsed,
                                    "torch_rng": torch.get_rng_state(), "config": cfg.to_dict(),
                                    "args": config.to_dict()})
     bar.close()

@@ -421,8 +421,10 @@ def _after_lm(handle: TokenDropHandle, kw, out):
 
 
 @torch.no_grad()
-def vision_token_scores(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B, n) the attention VisionZip ranks by: [CLS]'s (or the mean received) in the tower's feature layer."""
+def vision_token_scores(model, images: torch.Tensor) -> torch.Tensor:
+    """(B, n) the attention VisionZip ranks by: [CLS]'s (or the mean received) in the tower's feature layer.
+
+    ``images``: the processor's ``pixel_values`` for the batch."""
     core = language_core(model)
     attn, has_cls = tower_attention_layer(core)
     seen: list[torch.Tensor] = []
@@ -430,7 +432,7 @@ def vision_token_scores(model, pixel_values: torch.Tensor) -> torch.Tensor:
         lambda m, a, kw: seen.append(visionzip.tower_scores(m, kw.get("hidden_states", a[0] if a else None),
                                                             has_cls)[0]), with_kwargs=True)
     try:
-        core.vision_tower(pixel_values)
+        core.vision_tower(images)
     finally:
         hook.remove()
     return seen[0]

@@ -108,6 +108,7 @@ class CodedModel:
     model: torch.nn.Module
     coded: dict[int, CodedTensor]  # by id of the original parameter (tied weights coded once)
     owners: list[tuple[torch.nn.Module, str, int]]  # (module, parameter name, coded key)
+    requires_grad: dict[int, bool] = field(default_factory=dict)  # each original parameter's, by coded key
     handles: list = field(default_factory=list)
     #: the most weight bytes held dense at once during a forward, measured by the hooks
     peak_dense_bytes: int = 0
@@ -123,15 +124,21 @@ class CodedModel:
         return sum(c.dense_bytes for c in self.coded.values())
 
     def remove(self) -> None:
-        """Decode every weight back into the model for good and remove the hooks; a second call does nothing."""
+        """Decode every weight back into the model for good and remove the hooks; a second call does nothing.
+
+        Each original parameter comes back as one parameter, shared again by every module that
+        shared it (tied embeddings), with the ``requires_grad`` it had.
+        """
         if self._removed:
             return
         self._removed = True
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        dense = {key: torch.nn.Parameter(c.decode(), requires_grad=self.requires_grad.get(key, False))
+                 for key, c in self.coded.items()}
         for module, name, key in self.owners:
-            module._parameters[name] = torch.nn.Parameter(self.coded[key].decode(), requires_grad=False)
+            module._parameters[name] = dense[key]
             module._toolkit_coded = False
 
 
@@ -158,12 +165,14 @@ def compress_weights_(model: torch.nn.Module, config: InMemoryConfig | None = No
     report = reporter(progress, len(found), "coding weights")
     coded: dict[int, CodedTensor] = {}
     owners: list[tuple[torch.nn.Module, str, int]] = []
+    grads: dict[int, bool] = {}
     for done, (module, name, p) in enumerate(found, 1):
         if id(p) not in coded:
             coded[id(p)] = CodedTensor.encode(p, config.level)
+            grads[id(p)] = p.requires_grad
         owners.append((module, name, id(p)))
         report(done, len(found))
-    handle = CodedModel(model, coded, owners)
+    handle = CodedModel(model, coded, owners, grads)
     by_module: dict[int, list[tuple[str, int]]] = {}
     modules: dict[int, torch.nn.Module] = {}
     for module, name, key in owners:

@@ -381,8 +381,9 @@ def _sequential(model, targets, configs, batches, device, swaps: _Swaps, report)
                     h.remove()
             for name in names:
                 h = hess.get(name)
-                swaps.replace(name, _quantize_linear(model.get_submodule(name), configs[name],
-                                                     None if h is None else h.h, device))
+                lin = model.get_submodule(name)
+                swaps.replace(name, _quantize_linear(lin, configs[name], None if h is None else h.h, device))
+                lin.to(home)  # the handle keeps the float layer where the model had it, for remove()
             del hess
             # The next layer sees what this one computes once quantized.
             inputs = [_replace_hidden(args, kwargs, _first(block(*args, **kwargs))) for args, kwargs in inputs]
