@@ -58,6 +58,7 @@ from toolkit.entropy import (
     logits_to_freqs,
 )
 from toolkit.errors import ConfigError, FormatError, UnsupportedInputError
+from toolkit.formats.binary import ByteReader
 from toolkit.kernels.sum_layer import sum_layer
 
 __all__ = ["encode_records", "decode_records", "model_bits", "METHODS"]
@@ -306,9 +307,8 @@ def decode_records(
     damaged range-coded stream still decodes (to wrong symbols), and a
     damaged method byte could turn a quick decode into a naive one.
     """
-    if len(data) < _HEADER.size:
-        raise FormatError("PC stream too short for its header")
-    magic, version, meth, total_bits, count, d, k, batch = _HEADER.unpack_from(data)
+    r = ByteReader(data, "PC stream")
+    magic, version, meth, total_bits, count, d, k, batch = _HEADER.unpack(r.take(_HEADER.size))
     if magic != _MAGIC or version != _VERSION:
         raise FormatError("not a version-1 PC record stream")
     if meth >= len(METHODS) or not 8 <= total_bits <= 24 or not 1 <= batch <= MAX_BATCH:
@@ -324,12 +324,10 @@ def decode_records(
             f"stream is for {d} variables x {k} categories, the circuit has "
             f"{circuit.num_vars} x {circuit.num_cats}"
         )
+    # one u32 per batch: the reader refuses a table longer than the stream before it is unpacked
     nb = -(-count // batch)
-    pos = _HEADER.size + 4 * nb
-    if len(data) < pos:
-        raise FormatError("PC stream truncated in its length table")
-    lengths = struct.unpack_from(f"<{nb}I", data, _HEADER.size)
-    if pos + sum(lengths) != len(data) or any(ln % 4 for ln in lengths):
+    lengths = struct.unpack(f"<{nb}I", r.take(4 * nb))
+    if sum(lengths) != r.remaining or any(ln % 4 for ln in lengths):
         raise FormatError("PC stream lengths do not match its size")
     # A batch of records always codes to at least one word; empty batches would let a
     # few bytes claim any number of records.
@@ -345,8 +343,7 @@ def decode_records(
     for j, ln in enumerate(lengths):
         lo = j * batch
         bsz = min(batch, count - lo)
-        words = np.frombuffer(data, dtype=np.uint32, count=ln // 4, offset=pos).copy()
-        pos += ln
+        words = np.frombuffer(r.take(ln), dtype=np.uint32).copy()
         dec = constriction.stream.queue.RangeDecoder(words)
         state = _STATES[METHODS[meth]](circuit, bsz, plan)
         part = np.zeros((bsz, d), dtype=dtype)

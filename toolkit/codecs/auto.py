@@ -34,6 +34,7 @@ from toolkit.codecs.registry import get_codec
 from toolkit.errors import ToolkitError
 from toolkit.formats.npy import NPY_MAGIC
 from toolkit.formats.png import PNG_SIGNATURE
+from toolkit.formats.safetensors import SNIFF_BYTES, header_size, is_safetensors
 from toolkit.formats.tar import is_tar
 from toolkit.text.detect import looks_like_text  # the lm codec's own test: auto offers lm what lm codes
 
@@ -69,15 +70,6 @@ def _classic(sample: bytes) -> tuple[str, float]:
     return name, 8 * sizes[name] / len(sample)
 
 
-def _header_len(sample: bytes) -> int:
-    return int.from_bytes(sample[:8], "little")
-
-
-def _looks_like_safetensors(sample: bytes) -> bool:
-    """An 8-byte little-endian JSON length (at most the format's 100 MB) followed by ``{``."""
-    return len(sample) >= 10 and 2 <= _header_len(sample) <= 100_000_000 and sample[8:9] == b"{"
-
-
 def _float_share(sample: bytes) -> float:
     """The share of ``sample`` that the weights codec reads as float values (0 for other formats)."""
     from toolkit.weights.layout import Scanner
@@ -99,11 +91,12 @@ def choose_codec(sample: bytes, size: int | None = None, best: bool = False) -> 
     classic, classic_bpb = _classic(sample)
     if sample.startswith(PNG_SIGNATURE):
         return Choice("pc", "a PNG image: probabilistic circuits", fallback=classic)
-    if _looks_like_safetensors(sample):
+    # the sniffed bytes alone are too few for a safetensors file: the smallest JSON, "{}", ends a byte later
+    if len(sample) > SNIFF_BYTES and is_safetensors(sample):
         try:
             from toolkit.weights.checkpoint import parse_header
 
-            header = parse_header(sample, size) if len(sample) >= 8 + _header_len(sample) else None
+            header = parse_header(sample, size) if len(sample) >= header_size(sample) else None
         except ToolkitError as e:
             return Choice(classic, f"a safetensors-like header that does not parse ({e}): {classic}")
         what = f"{len(header.tensors)} tensors" if header else "a header longer than the sample"

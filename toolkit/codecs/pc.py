@@ -43,6 +43,7 @@ from toolkit.circuits.settings import MAX_BATCH, METHODS
 from toolkit.codecs.registry import Codec, register_codec
 from toolkit.config import Config, check
 from toolkit.errors import FormatError, ModelMismatchError, UnsupportedInputError
+from toolkit.formats.binary import ByteReader
 from toolkit.formats.npy import NPY_MAGIC, check_uint8_records, npy_records, read_npy_header, rebuild_npy
 from toolkit.formats.png import (
     MAX_INFLATE_RATIO,
@@ -69,6 +70,8 @@ _LEN = struct.Struct("<I")
 
 @dataclass(frozen=True)
 class PCConfig(Config):
+    versioned = False  # a header's config: the codec's version is the header's
+
     #: a saved circuit (dataset mode) or patch-model directory (image mode); "": the shipped patch model.
     model: str = ""
     #: ``context``, ``partial`` or ``naive`` (same bits up to rounding; speed differs).
@@ -78,7 +81,7 @@ class PCConfig(Config):
 
     def __post_init__(self):
         check(self.method in METHODS, f"pc method must be one of {METHODS}, got {self.method!r}")
-        check(isinstance(self.batch, int) and 1 <= self.batch <= MAX_BATCH, f"pc batch must be in 1..{MAX_BATCH}")
+        check(1 <= self.batch <= MAX_BATCH, f"pc batch must be in 1..{MAX_BATCH}")
 
 
 def _load_model(where: Located) -> tuple:
@@ -123,14 +126,11 @@ def _one_thread():
 
 
 def _split_payload(payload: bytes) -> tuple[bytes, bytes, bytes]:
-    """(kind, side data, record stream) of a payload."""
-    if len(payload) < 1 + _LEN.size:
-        raise FormatError("pc payload too short")
-    (n,) = _LEN.unpack_from(payload, 1)
-    head = payload[1 + _LEN.size : 1 + _LEN.size + n]
-    if len(head) != n:
-        raise FormatError("pc payload truncated")
-    return payload[:1], head, payload[1 + _LEN.size + n :]
+    """(kind, side data, record stream) of a payload; the side data's length is checked against what is left."""
+    r = ByteReader(payload, "pc payload")
+    kind = bytes(r.take(1))
+    head = bytes(r.take(r.u32()))
+    return kind, head, bytes(r.take(r.remaining))
 
 
 def _layout_limit(size: int) -> int:

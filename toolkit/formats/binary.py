@@ -61,9 +61,9 @@ class ByteReader:
         return self.view[self.pos - n:self.pos]
 
     def blob(self, limit: int | None = None) -> memoryview:
-        """A varint length then that many bytes; the length is capped by ``limit`` and by what is left."""
-        cap = self.remaining if limit is None else min(limit, self.remaining)
-        return self.take(self.varint(cap))
+        """A varint length then that many bytes; a length over ``limit`` (or the whole buffer) is refused as
+        a count that cannot fit, one over what is left as truncated."""
+        return self.take(self.varint(len(self.view) if limit is None else limit))
 
     def done(self) -> None:
         """Refuse trailing bytes: a parser that stops early has read a different structure."""

@@ -40,8 +40,8 @@ import re
 import numpy as np
 
 from toolkit import entropy
-from toolkit.entropy.varint import read_varint, varint
 from toolkit.errors import FormatError
+from toolkit.formats.binary import ByteReader, varint
 
 __all__ = ["forward", "inverse", "unwrap", "rewrap", "choose_width", "line_break", "unnumber", "renumber"]
 
@@ -87,7 +87,7 @@ class _Counts:
         return sym
 
 
-def _decoder(words: bytes, what: str) -> entropy.RangeCoder:
+def _decoder(words: bytes | memoryview, what: str) -> entropy.RangeCoder:
     if len(words) % 4:
         raise FormatError(f"{what} side data is not whole 32-bit words")
     return entropy.RangeCoder.decoder(words)
@@ -221,11 +221,12 @@ def rewrap(text: bytes, side: bytes) -> bytes:
     """The inverse of :func:`unwrap`: ``rewrap(*unwrap(data)) == data`` for all bytes."""
     if not side:
         return text
-    code, used = read_varint(side, "text-transform side data")
+    r = ByteReader(side, "line-wrap side data")
+    code = r.varint(2 * MAX_WIDTH + 1)
     width, eol = code >> 1, b"\r\n" if code & 1 else b"\n"
     if not 1 <= width <= MAX_WIDTH:
         raise FormatError(f"line-wrap side data gives a width of {width}")
-    dec = _decoder(side[used:], "line-wrap")
+    dec = _decoder(r.take(r.remaining), "line-wrap")
     wrap = _Counts(_CONTEXTS, 3, 0.4)
     indents = _Counts(1, MAX_INDENT + 1, 1.0 / 64)
     lines = _Lines(_SPACES.match(text, 0).end())
@@ -365,8 +366,6 @@ def inverse(text: bytes, side: bytes) -> bytes:
     """The inverse of :func:`forward`."""
     if not side:
         return text
-    k, used = read_varint(side, "text-transform side data")
-    if used + k > len(side):
-        raise FormatError("text-transform side data is truncated")
-    w, n = side[used : used + k], side[used + k :]
-    return rewrap(renumber(text, n), w)
+    r = ByteReader(side, "text-transform side data")
+    w = bytes(r.blob())
+    return rewrap(renumber(text, bytes(r.take(r.remaining))), w)

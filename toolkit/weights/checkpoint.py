@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass
 
 from toolkit.errors import UnsupportedInputError
+from toolkit.formats.safetensors import LENGTH_BYTES, header_json
 
-__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "row_length", "TensorEntry", "SafetensorsHeader", "parse_header",
-           "header_length", "MAX_HEADER_BYTES"]
+__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "row_length", "TensorEntry", "SafetensorsHeader", "parse_header"]
 
 #: bytes per element of every safetensors dtype this codec takes (sub-byte types are refused)
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 #: the dtypes coded as floats; the others (integers, bools, 8-bit floats) go to zstd
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
-#: the safetensors library's own limit on the header
-MAX_HEADER_BYTES = 100_000_000
 
 
 def row_length(shape: tuple[int, ...]) -> int:
@@ -66,36 +63,21 @@ class SafetensorsHeader:
         return self.tensors[-1].end if self.tensors else self.size
 
 
-def header_length(prefix: bytes, file_size: int | None = None) -> int:
-    """The JSON length from the first 8 bytes, checked against the library's limit and the file."""
-    if len(prefix) < 8:
-        raise UnsupportedInputError("not a safetensors file: shorter than its 8-byte header length")
-    (n,) = struct.unpack("<Q", prefix[:8])
-    if n < 2 or n > MAX_HEADER_BYTES:
-        raise UnsupportedInputError(f"not a safetensors file: header length {n} outside 2..{MAX_HEADER_BYTES:,}")
-    if file_size is not None and 8 + n > file_size:
-        raise UnsupportedInputError(f"not a safetensors file: header of {n:,} bytes in a file of {file_size:,}")
-    return n
-
-
 def _bad(why: str) -> UnsupportedInputError:
     return UnsupportedInputError(f"invalid safetensors header: {why}")
 
 
-def parse_header(head: bytes, file_size: int | None = None) -> SafetensorsHeader:
+def parse_header(head: bytes | memoryview, file_size: int | None = None) -> SafetensorsHeader:
     """Parse the length prefix and JSON at the start of ``head`` (which must hold both).
 
     ``file_size`` (None where unknown, as on a pipe) must then equal the end of
     the last tensor; the streaming coder checks the end itself.
     """
-    n = header_length(head, file_size)
-    if len(head) < 8 + n:
-        raise _bad("truncated")
-    raw = head[8:8 + n]
+    raw = header_json(head, file_size)
     if raw[:1] != b"{":
         raise UnsupportedInputError("not a safetensors file: the header is not a JSON object")
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(str(raw, "utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad(f"not JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -104,7 +86,7 @@ def parse_header(head: bytes, file_size: int | None = None) -> SafetensorsHeader
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                  for k, v in metadata.items()):
         raise _bad("__metadata__ must map strings to strings")
-    start = 8 + n
+    start = LENGTH_BYTES + len(raw)
     entries = []
     for name, info in doc.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:

@@ -25,26 +25,19 @@ array's rows run along its first axis).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from toolkit.errors import UnsupportedInputError
 from toolkit.formats import npy, tar
-from toolkit.weights.checkpoint import (
-    DTYPE_BYTES,
-    FLOAT_DTYPES,
-    MAX_HEADER_BYTES,
-    header_length,
-    parse_header,
-    row_length,
-)
+from toolkit.formats.safetensors import SNIFF_BYTES, header_size, is_safetensors
+from toolkit.weights.checkpoint import DTYPE_BYTES, FLOAT_DTYPES, parse_header, row_length
 
 __all__ = ["Span", "Scanner", "NPY_FLOATS"]
 
 #: ``.npy`` descriptors coded as floats, by the safetensors name of their dtype
 NPY_FLOATS = {"<f2": "F16", "<f4": "F32", "<f8": "F64"}
-_SNIFF = 9  # a safetensors length and its "{"; the npy magic and version
+_SNIFF = SNIFF_BYTES  # a safetensors length and its "{"; also holds the npy magic and version
 
 
 @dataclass(frozen=True)
@@ -187,7 +180,7 @@ class Scanner:
         start = self.pos - len(head)
         if head.startswith(npy.NPY_MAGIC):
             return self._npy(head, more, start, None)
-        if _safetensors_like(head):
+        if is_safetensors(head):
             return self._safetensors(head, more, start, None)
         if len(head) < tar.BLOCK and not more:
             raise UnsupportedInputError("not a safetensors, .npy or tar file")
@@ -202,7 +195,7 @@ class Scanner:
     def _safetensors(self, head: bytes, more: bool, start: int, end: int | None) -> list | int:
         strict = end is None
         try:
-            need = 8 + header_length(head[:8])
+            need = header_size(head)
             if len(head) < need:
                 if more:
                     return need
@@ -275,11 +268,7 @@ class Scanner:
     def _member(self, head: bytes, more: bool, start: int, end: int) -> list | int:
         if head.startswith(npy.NPY_MAGIC):
             return self._npy(head, more, start, end)
-        if _safetensors_like(head):
+        if is_safetensors(head):
             return self._safetensors(head, more, start, end)
         return [_Raw(end)]
 
-
-def _safetensors_like(head: bytes) -> bool:
-    """A plausible header length (the format's 100 MB limit) followed by ``{``."""
-    return len(head) >= _SNIFF and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES and head[8:9] == b"{"

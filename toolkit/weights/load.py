@@ -26,8 +26,7 @@ _SAFETENSORS = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": 
 
 def _tensors(buf: memoryview, base: int, size: int, device: str) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file at ``buf[base:base + size]``, as views where they stay on the CPU."""
-    head = bytes(buf[base:base + min(size, 8 + int.from_bytes(bytes(buf[base:base + 8]), "little"))])
-    header = parse_header(head, size)
+    header = parse_header(buf[base:base + size], size)
     out = {}
     for t in header.tensors:
         dtype = _SAFETENSORS.get(t.dtype)
