@@ -23,7 +23,8 @@ AUTO_SAMPLE = 64 << 10
 
 
 def make_codec(codec: str | Codec, settings: dict | None = None) -> Codec:
-    """Build a named codec with its settings (``auto`` is resolved by :func:`choose_codec` first)."""
+    """Build a named codec with its settings, typed values of its config's fields (a string where the field
+    is an integer is a ConfigError, not parsed); ``auto`` is resolved by :func:`choose_codec` first."""
     if isinstance(codec, Codec):
         if settings:
             raise ConfigError("settings are given with a codec name, not an instance")
@@ -47,7 +48,8 @@ def compress(data: bytes, codec: str | Codec = "auto", best: bool = False, **set
     """Compress ``data`` into a complete .tkz file (bytes).
 
     ``best``: with ``auto``, let the slow lm codec compete on text of any length.
-    ``settings``: the codec's config fields as typed values (``orders=(1, 2)``, ``kbps=6``).
+    ``settings``: the codec's config fields as typed values (``orders=(1, 2)``, ``kbps=6``); strings are
+    parsed only on the command line (``--set``).
     """
     data = _as_bytes(data, "compress")
     out = io.BytesIO()

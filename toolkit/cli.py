@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from toolkit import __version__
 from toolkit.errors import ConfigError, InputError, OutputError, ToolkitError
@@ -27,14 +27,21 @@ logger = logging.getLogger("toolkit.cli")
 SUFFIX = ".tkz"
 
 
-def _parse_sets(items: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _parse_sets(items: list[str] | None, codec: str | None = None) -> dict[str, Any]:
+    """The ``--set key=value`` pairs. For compressing with a named ``codec`` they are typed by its config's
+    fields (the Python API takes typed values only); decode-time settings (``model_dir``) stay strings, and
+    with ``auto`` they are left for compress to refuse."""
+    out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         out[key.strip()] = value
-    return out
+    if not out or codec in (None, "auto"):
+        return out
+    from toolkit.codecs.registry import get_codec, parse_settings
+
+    return parse_settings(get_codec(codec).Config, out)
 
 
 @contextlib.contextmanager
@@ -189,9 +196,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from toolkit.api import compress_stream
 
     out = args.output or _default_compress_out(args.input)
-    settings = _parse_sets(args.set)
     if args.best and args.codec != "auto":
         raise ConfigError("--best is for --codec auto (it lets lm compete on long text)")
+    settings = _parse_sets(args.set, args.codec)
     with _open_input(args.input) as (src, size):
         with _open_output(out, args.force, args.input) as dst, _progress(size, args.quiet, "compress") as bar:
             summary = compress_stream(src, dst, codec=args.codec, settings=settings, size=size,

@@ -363,13 +363,15 @@ def test_configs_check_their_values_and_round_trip():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.dim = 64
     for bad in ({"decoder": "wavenet"}, {"decoder": "istft", "decoder_upsample": 3}, {"codebook_size": 1000},
-                {"ratios": ()}, {"channels": 0}, {"dropout_multiple": 25}):
+                {"ratios": ()}, {"channels": 0}, {"dropout_multiple": 25}, {"ema_decay": 1.5}, {"ema_decay": -0.1},
+                {"ema_decay": float("nan")}, {"dead_code_threshold": -1.0}, {"dead_code_threshold": float("inf")},
+                {"channels": "16"}, {"ratios": (2, "4")}):
         with pytest.raises(ConfigError):
             AudioNetConfig(**bad)
     with pytest.raises(ConfigError, match="not a bitrate"):
         cfg.quantizers_for(5)
     # the file codec's settings are its header's "config", field for field
-    assert dataclasses.asdict(AudioFileConfig()) == {"kbps": 6.0, "model": ""}
+    assert AudioFileConfig().to_dict() == {"kbps": 6.0, "model": ""}
     for bad in ({"kbps": "six"}, {"model": 3}):
         with pytest.raises(ConfigError):
             AudioFileConfig(**bad)
@@ -383,7 +385,7 @@ def _compress(data: bytes, model, kbps: float = 32) -> tuple[bytes, dict]:
     from toolkit.api import compress_stream
 
     out = io.BytesIO()
-    summary = compress_stream(io.BytesIO(data), out, codec="audio", settings={"kbps": str(kbps), "model": str(model)})
+    summary = compress_stream(io.BytesIO(data), out, codec="audio", settings={"kbps": kbps, "model": str(model)})
     return out.getvalue(), summary
 
 

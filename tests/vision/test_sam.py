@@ -159,6 +159,26 @@ def test_ratio_outside_the_open_interval_is_an_error(ratio):
         sam.SlimConfig(ratio=ratio)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: sam.SlimConfig(steps="300"), lambda: sam.SlimConfig(batch=2.0), lambda: sam.SlimConfig(lr=-1e-3),
+    lambda: sam.SlimConfig(lr=float("nan")), lambda: sam.SlimConfig(noise=-0.1), lambda: sam.SlimConfig(align=-1.0),
+    lambda: sam.SlimConfig(align=float("nan")), lambda: sam.SlimConfig(flip="no"),
+    lambda: sam.DistillConfig(steps="1500"), lambda: sam.DistillConfig(batch=None), lambda: sam.DistillConfig(lr=0.0),
+    lambda: sam.DistillConfig(lr=float("nan")), lambda: sam.DistillConfig(warmup=-1),
+])
+def test_bad_training_settings_are_config_errors(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+def test_recipe_configs_refuse_a_negative_budget(tmp_path):
+    from toolkit.recipes.train_sam import TrainSamConfig
+
+    with pytest.raises(ConfigError, match="minutes must be positive"):
+        TrainSamConfig(out=tmp_path, minutes=-5.0)
+    assert TrainSamConfig(out=str(tmp_path), minutes=None).out == tmp_path  # a path given as a string
+
+
 def test_slim_rejects_images_of_the_wrong_size():
     with pytest.raises(ValueError, match="32 x 32"):
         sam.slim(tiny(), sam.SlimConfig(ratio=0.5), segments.images(2, "train", size=64))

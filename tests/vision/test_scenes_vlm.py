@@ -98,15 +98,21 @@ def test_processor_pads_on_the_left_and_checks_images(built):
 def test_the_command_line_keeps_the_flags_of_the_recorded_commands():
     from toolkit.recipes.common import parse_config
     from toolkit.recipes.train_vlm import TrainVLMConfig
+    from toolkit.vision import MoDConfig
 
     argv = ["--out", "runs/ft", "--init", "vlm-scenes", "--steps", "300", "--seed", "1", "--lr", "5e-5",
             "--lm-lr-scale", "0.4", "--router-lr-scale", "20", "--eval-every", "50", "--mod", '{"mean": 0.4}']
     cfg = parse_config(TrainVLMConfig, argv)
     assert cfg == TrainVLMConfig(out=Path("runs/ft"), init="vlm-scenes", steps=300, seed=1, lr=5e-5, lm_lr_scale=0.4,
-                                 router_lr_scale=20.0, eval_every=50, mod='{"mean": 0.4}')
-    assert cfg.mod_config().mean == 0.4
-    for bad, match in [({"mod": "{mean: 0.4}"}, "JSON"), ({"mod": '{"mean": 1.5}'}, "mean must be"),
-                       ({"precision": "fp16"}, "precision")]:
+                                 router_lr_scale=20.0, eval_every=50, mod=MoDConfig(mean=0.4))
+    assert TrainVLMConfig.from_dict(cfg.to_dict()) == cfg  # the nested config travels as its dict
+    base = argv[:-2]
+    for flag, match in [("{mean: 0.4}", "mod must be MoDConfig fields as JSON"), ('{"mean": 1.5}', "mean must be"),
+                        ('{"avg": 0.4}', "unknown setting")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_config(TrainVLMConfig, base + ["--mod", flag])
+    for bad, match in [({"mod": '{"mean": 0.4}'}, "mod=.* is not a MoDConfig"), ({"precision": "fp16"}, "precision"),
+                       ({"minutes": -5.0}, "minutes must be positive")]:
         with pytest.raises(ConfigError, match=match):
             TrainVLMConfig(out=Path("x"), **bad)
 

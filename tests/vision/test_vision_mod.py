@@ -59,7 +59,8 @@ def test_bad_schedules(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({"mean": 1.2}, "mean must be"), ({"min_keep": -0.1}, "min_keep must be"),
     ({"min_keep": 0.9, "max_keep": 0.5}, "above max_keep"), ({"schedule": "cosine"}, "unknown schedule"),
-    ({"tanh_scale": 1.0}, "tanh_scale"),
+    ({"tanh_scale": 1.0}, "tanh_scale"), ({"keep": "zzz"}, "keep must be a list of shares"),
+    ({"keep": (1.0, "0.5")}, "keep must be a list of shares"), ({"mean": "0.4"}, "mean='0.4' is not a number"),
 ])
 def test_bad_configs(kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -48,17 +48,21 @@ class AudioNetConfig(Config):
     decoder_upsample: int = 2
 
     def __post_init__(self):
-        object.__setattr__(self, "ratios", tuple(self.ratios))  # a list from the command line or JSON
         for name in ("sample_rate", "channels", "dim", "residual_layers", "max_channels", "num_quantizers",
                      "block_frames", "decoder_channels", "decoder_layers", "decoder_upsample"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"{name} must be a positive whole number, not {value!r}")
-        check(len(self.ratios) > 0 and all(isinstance(r, int) and r >= 1 for r in self.ratios),
+            check(value >= 1, f"{name} must be a positive whole number, not {value!r}")
+        check(len(self.ratios) > 0 and all(r >= 1 for r in self.ratios),
               f"ratios must be positive whole numbers, not {self.ratios!r}")
         check(self.codebook_size >= 2 and self.codebook_size & (self.codebook_size - 1) == 0,
               f"codebook_size must be a power of 2 (whole bits per code), not {self.codebook_size}")
         check(1 <= self.dropout_multiple <= self.num_quantizers,
               f"dropout_multiple must lie in 1..num_quantizers ({self.num_quantizers}), not {self.dropout_multiple}")
+        check(0 <= self.ema_decay < 1, f"ema_decay must lie in [0, 1), not {self.ema_decay}")
+        check(0 <= self.dead_code_threshold < math.inf,
+              f"dead_code_threshold must be a finite number >= 0 (uses per step), not {self.dead_code_threshold}")
+        check(0 <= self.commitment_weight < math.inf,
+              f"commitment_weight must be a finite number >= 0, not {self.commitment_weight}")
         check(self.decoder in ("seanet", "istft"), f"decoder must be 'seanet' or 'istft', not {self.decoder!r}")
         check(self.decoder != "istft" or self.hop % self.decoder_upsample == 0,
               f"decoder_upsample must divide the hop ({self.hop}), got {self.decoder_upsample}")

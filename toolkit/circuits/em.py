@@ -30,10 +30,6 @@ __all__ = ["EMConfig", "expected_flows", "em_update", "fit_em", "mean_log_likeli
 log = logging.getLogger(__name__)
 
 
-def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class EMConfig(Config):
     """Settings of :func:`fit_em` (and of the EM in :func:`~toolkit.circuits.fit_hclt`)."""
@@ -49,19 +45,14 @@ class EMConfig(Config):
     seed: int = 0
 
     def __post_init__(self):
-        check(_count(self.epochs) and self.epochs >= 0, f"epochs must be an integer >= 0, got {self.epochs!r}")
-        check(_count(self.batch_size) and self.batch_size >= 1,
-              f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+        check(self.epochs >= 0, f"epochs must be an integer >= 0, got {self.epochs!r}")
+        check(self.batch_size >= 1, f"batch_size must be an integer >= 1, got {self.batch_size!r}")
         for name in ("step_size", "step_size_end"):
             value = getattr(self, name)
-            if name == "step_size_end" and value is None:
-                continue
-            check(isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1,
+            check((name == "step_size_end" and value is None) or 0 < value <= 1,
                   f"{name} must be in (0, 1], got {value!r}")
-        check(isinstance(self.pseudocount, int | float) and not isinstance(self.pseudocount, bool)
-              and math.isfinite(self.pseudocount) and self.pseudocount >= 0,
+        check(math.isfinite(self.pseudocount) and self.pseudocount >= 0,
               f"pseudocount must be a finite number >= 0, got {self.pseudocount!r}")
-        check(_count(self.seed), f"seed must be an integer, got {self.seed!r}")
 
 
 def expected_flows(

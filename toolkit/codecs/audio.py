@@ -56,6 +56,8 @@ class AudioFileConfig(Config):
     """The audio file codec's settings, written into every file's header (field names and order are
     the header's ``config``)."""
 
+    versioned = False  # a header's config: the codec's version is the header's
+
     #: bitrate before entropy coding; the model's bitrates (1.5, 3, 6, 12 for the shipped one)
     kbps: float = 6.0
     #: a model directory (``toolkit.recipes.train_audio --export``); "": the shipped model

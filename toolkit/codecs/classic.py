@@ -61,6 +61,8 @@ class _StreamCodec(Codec):
 
 @dataclass(frozen=True)
 class ZstdConfig(Config):
+    versioned = False  # a header's config: the codec's version is the header's
+
     level: int = 19
 
     def __post_init__(self):
@@ -117,6 +119,8 @@ class ZstdCodec(_StreamCodec):
 
 @dataclass(frozen=True)
 class XzConfig(Config):
+    versioned = False  # a header's config: the codec's version is the header's
+
     preset: int = 9
     extreme: bool = True
 

@@ -19,6 +19,7 @@ import json
 import types
 import typing
 from collections.abc import Callable, Iterator
+from pathlib import PurePath
 from typing import Any, BinaryIO, ClassVar
 
 from toolkit.config import Config
@@ -34,14 +35,17 @@ ProgressFn = Callable[[int], None]
 class NoConfig(Config):
     """Codecs without settings use this empty config."""
 
+    versioned = False
+
 
 class Codec:
     """Base class of every codec.
 
     Subclasses set ``name`` (by the decorator), ``version``, ``Config`` (a
-    dataclass whose fields are all JSON-serializable) and implement
-    :meth:`encode_chunks` and :meth:`decode_chunks`. Everything the decoder
-    needs must be in :meth:`header_fields` or derivable from the config.
+    frozen :class:`~toolkit.config.Config` that is not ``versioned``: its
+    ``to_dict`` is the header's ``config``, whose version is the codec's) and
+    implement :meth:`encode_chunks` and :meth:`decode_chunks`. Everything the
+    decoder needs must be in :meth:`header_fields` or derivable from the config.
     """
 
     name: ClassVar[str] = ""
@@ -74,9 +78,9 @@ class Codec:
     # --- construction -------------------------------------------------
     @classmethod
     def from_settings(cls, settings: dict[str, Any] | None = None) -> Codec:
-        """Build from settings: typed values (``orders=(1, 2)``) as they are, ``--set key=value``
-        strings converted to the config's field types."""
-        return cls(parse_settings(cls.Config, settings or {}))
+        """Build from settings, typed values of the config's fields (``orders=(1, 2)``, ``level=3``); the
+        command line's ``--set`` strings are typed by :func:`parse_settings` first."""
+        return cls(cls.Config.from_dict(dict(settings or {})))
 
     @classmethod
     def from_header(cls, header: dict, local: dict[str, str] | None = None) -> Codec:
@@ -85,14 +89,15 @@ class Codec:
         ``local`` holds decode-time settings (only the names in ``decode_settings``).
         """
         check_decode_settings(cls, local)
-        return cls(config_from_dict(cls.Config, header.get("config", {})))
+        return cls(cls.Config.from_dict(header.get("config", {})))
 
     def header_fields(self) -> dict:
         """Extra JSON fields for the file header (model name, weights hash, ...)."""
         return {}
 
     def config_dict(self) -> dict:
-        return dataclasses.asdict(self.config)
+        """The header's ``config``."""
+        return self.config.to_dict()
 
     def environment(self) -> dict:
         """What outside the header's config changes this codec's numbers (library versions,
@@ -216,8 +221,9 @@ def register_codec(name: str) -> Callable[[type[Codec]], type[Codec]]:
     def deco(cls: type[Codec]) -> type[Codec]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"codec {name!r} is already registered")
-        if not dataclasses.is_dataclass(cls.Config):
-            raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+        if not (dataclasses.is_dataclass(cls.Config) and issubclass(cls.Config, Config)) or cls.Config.versioned:
+            raise TypeError(f"{cls.__name__}.Config must be a Config dataclass with versioned = False "
+                            "(the header's codec_version versions it)")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -284,87 +290,43 @@ def environment_mismatch(recorded: dict, here: dict) -> list[str]:
     return out
 
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number"}
 
 
-def _convert(value: str, typ: Any, key: str) -> Any:
-    origin = typing.get_origin(typ)
-    if origin is typing.Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value.lower() in ("none", "null", ""):
+def _from_string(key: str, text: str, tp: Any) -> Any:
+    """One ``--set`` value as its field's type; a type other than bool, int, float, str or a path is JSON."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) < len(typing.get_args(tp)) and text.lower() in ("none", "null", ""):
             return None
-        typ = args[0] if args else str
+        tp = args[0] if len(args) == 1 else Any
     try:
-        if typ is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
                 return True
-            if value.lower() in ("0", "false", "no", "off"):
+            if text.lower() in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(value)
-        if typ is int:
-            return int(value, 0)
-        if typ is float:
-            return float(value)
-        if typ is str:
-            return value
-        return json.loads(value)
-    except (ValueError, json.JSONDecodeError):
-        raise ConfigError(f"setting {key}={value!r} is not {_TYPE_WORDS.get(typ, 'valid JSON')}") from None
+            raise ValueError(text)
+        if tp is int:
+            return int(text, 0)
+        if tp is float:
+            return float(text)
+        if tp is str or (isinstance(tp, type) and issubclass(tp, PurePath)):
+            return text
+        return json.loads(text)
+    except ValueError:  # json.JSONDecodeError is one
+        raise ConfigError(f"setting {key}={text!r} is not {_TYPE_WORDS.get(tp, 'valid JSON')}") from None
 
 
-def _typed(value: Any, typ: Any, key: str) -> Any:
-    """A typed setting checked against its field's type (a sequence becomes the field's list or tuple)."""
-    origin = typing.get_origin(typ)
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None:
-            return None
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        typ = args[0] if len(args) == 1 else Any
-        origin = typing.get_origin(typ)
-    container = origin if origin in (list, tuple) else typ if typ in (list, tuple) else None
-    if container is not None:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"setting {key}={value!r} is not a list")
-        return container(value)
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}.get(typ)
-    if ok is not None and not ok(value):
-        raise ConfigError(f"setting {key}={value!r} is not {_TYPE_WORDS[typ]}")
-    return float(value) if typ is float else value
-
-
-def parse_settings(config_cls: type, settings: dict[str, Any]) -> Any:
-    """Build ``config_cls`` from settings, rejecting unknown keys: a string is parsed as the field's type
-    (the command line's ``--set``), any other value is taken as a typed value (the Python API)."""
+def parse_settings(config_cls: type[Config], strings: dict[str, str]) -> dict[str, Any]:
+    """The command line's ``--set key=value`` strings as typed values of ``config_cls``'s fields (what
+    :meth:`Codec.from_settings` takes); an unknown key is a ConfigError. Only the command line gives strings:
+    the Python API takes typed values, where a string for an integer is an error, not a number."""
     hints = typing.get_type_hints(config_cls)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    kwargs = {}
-    for key, value in settings.items():
+    fields = {f.name for f in dataclasses.fields(config_cls) if f.init}  # type: ignore[arg-type]
+    out = {}
+    for key, text in strings.items():
         if key not in fields:
-            allowed = ", ".join(sorted(fields)) or "none"
-            raise ConfigError(f"unknown setting {key!r} (allowed: {allowed})")
-        if isinstance(value, str):
-            kwargs[key] = _convert(value, hints[key], key)
-        else:
-            kwargs[key] = _typed(value, hints[key], key)
-    return _construct(config_cls, kwargs)
-
-
-def config_from_dict(config_cls: type, data: dict) -> Any:
-    """Build ``config_cls`` from a header's JSON dict, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ConfigError("codec config in header is not an object")
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(data) - fields
-    if unknown:
-        raise ConfigError(f"unknown config keys in header: {sorted(unknown)}")
-    return _construct(config_cls, dict(data))
-
-
-def _construct(config_cls: type, kwargs: dict) -> Any:
-    try:
-        return config_cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid {config_cls.__name__}: {e}") from None
+            raise ConfigError(f"unknown setting {key!r} (allowed: {', '.join(sorted(fields)) or 'none'})")
+        out[key] = _from_string(key, text, hints[key])
+    return out

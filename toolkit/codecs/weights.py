@@ -53,6 +53,8 @@ _SMALL = 1 << 20
 
 @dataclass(frozen=True)
 class WeightsConfig(Config):
+    versioned = False  # a header's config: the codec's version is the header's
+
     #: ``fast`` (zstd byte planes) or ``max`` (context-coded exponents with ANS)
     level: str = "fast"
     #: zstd level of the exponent plane and side data (17 and 19 code it within 1% of its entropy)
@@ -60,8 +62,7 @@ class WeightsConfig(Config):
 
     def __post_init__(self):
         check(self.level in ("fast", "max"), f"weights level must be fast or max, got {self.level!r}")
-        check(isinstance(self.zstd_level, int) and 1 <= self.zstd_level <= 22,
-              f"zstd_level must be in 1..22, got {self.zstd_level}")
+        check(1 <= self.zstd_level <= 22, f"zstd_level must be in 1..22, got {self.zstd_level}")
 
 
 def _pieces(spans, pos: int) -> list[tuple]:

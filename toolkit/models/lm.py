@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,7 +33,9 @@ WEIGHTS_FILE = "model.safetensors"
 
 @dataclass(frozen=True)
 class LMShape(Config):
-    """Size of the Llama; serialises to JSON for manifests and run logs."""
+    """Size of the Llama; serialises to JSON for manifests and run logs (the fields alone, as they always have)."""
+
+    versioned = False
 
     vocab_size: int = 4096
     hidden_size: int = 256
@@ -50,10 +51,6 @@ class LMShape(Config):
         check(self.hidden_size % self.num_heads == 0,
               f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
         check(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields alone, as the manifests and saved runs have always recorded them (no ``version``)."""
-        return asdict(self)
 
 
 def lm_config(shape: LMShape | None = None, **overrides: object) -> LlamaConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -84,12 +85,24 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def _arg_type(tp: Any) -> tuple[Any, bool]:
-    """(argparse type, whether the field takes several values) for a field annotation."""
+def _config_arg(cls: type[Config], name: str) -> Callable[[str], Config]:
+    """The argparse type of a field holding a nested config: its fields as a JSON object."""
+    def parse(text: str) -> Config:
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name} must be {cls.__name__} fields as JSON: {exc}") from None
+        return cls.from_dict(fields)
+
+    return parse
+
+
+def _arg_type(tp: Any, name: str) -> tuple[Any, bool]:
+    """(argparse type, whether the field takes several values) for the annotation of field ``name``."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _arg_type(args[0]) if len(args) == 1 else (str, False)
+        return _arg_type(args[0], name) if len(args) == 1 else (str, False)
     if origin is tuple:
         inner = [a for a in typing.get_args(tp) if a is not Ellipsis]
         return (inner[0] if inner else str), True
@@ -97,6 +110,8 @@ def _arg_type(tp: Any) -> tuple[Any, bool]:
         return tp, False
     if tp is Path or (isinstance(tp, type) and issubclass(tp, os.PathLike)):
         return Path, False
+    if isinstance(tp, type) and issubclass(tp, Config):
+        return _config_arg(tp, name), False
     return str, False
 
 
@@ -116,10 +131,9 @@ def parse_config(cls: type[C], argv: Sequence[str] | None = None, description: s
         if tp is bool:
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, required=required, **kw)
             continue
-        arg_type, many = _arg_type(tp)
+        arg_type, many = _arg_type(tp, f.name)
         ap.add_argument(flag, type=arg_type, nargs="+" if many else None, required=required, **kw)
-    values = vars(ap.parse_args(argv))
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    return cls(**vars(ap.parse_args(argv)))
 
 
 def cli(cls: type[C], run: Callable[[C], Path], argv: Sequence[str] | None = None) -> int:

@@ -114,7 +114,6 @@ class TrainAudioConfig(Config):
         "help": "write the inference model of RUN_DIR/last.pt to this directory and stop"})
 
     def __post_init__(self):
-        object.__setattr__(self, "ratios", tuple(self.ratios))
         for name in ("residual_layers", "decoder_channels", "decoder_layers", "batch", "log_every", "valid_every",
                      "ckpt_every"):
             _positive(name, getattr(self, name))

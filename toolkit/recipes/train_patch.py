@@ -41,8 +41,6 @@ class TrainPatchConfig(Config):
     seed: int = field(default=0, metadata={"help": "seed of the patch subset, the initial parameters and EM"})
 
     def __post_init__(self) -> None:
-        if isinstance(self.out, str):  # from_dict gives strings
-            object.__setattr__(self, "out", Path(self.out))
         check(self.patch >= 1, f"patch must be at least 1, got {self.patch}")
         check(self.latents >= 1, f"latents must be at least 1, got {self.latents}")
         check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")

@@ -67,6 +67,8 @@ class TrainSamConfig(Config):
     def __post_init__(self) -> None:
         check(self.steps >= 0 and self.batch >= 1 and self.per_image >= 1 and self.eval_every >= 1,
               "steps must be >= 0, batch, per_image and eval_every >= 1")
+        check(self.minutes is None or self.minutes > 0,
+              f"minutes must be positive (None: no limit), got {self.minutes}")
 
 
 class _Batches(torch.utils.data.IterableDataset):

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from toolkit.config import Config, check
 from toolkit.data import scenes
-from toolkit.errors import ConfigError
 from toolkit.numerics import cpu_has_bf16
 from toolkit.recipes.common import TimeBudget, cli, load_checkpoint, lr_at, save_checkpoint, set_threads
 from toolkit.vision import mod as mod_lib
@@ -62,8 +61,9 @@ class TrainVLMConfig(Config):
     steps: int | None = field(default=None, metadata={"help": "train this many steps (overrides --minutes)"})
     init: str | None = field(default=None,
                              metadata={"help": "fine-tune this trained model (a shipped name or directory)"})
-    mod: str | None = field(default=None,
-                            metadata={"help": "convert to Mixture-of-Depths first: MoDConfig fields as JSON"})
+    mod: mod_lib.MoDConfig | None = field(default=None, metadata={
+        "help": "convert to Mixture-of-Depths first, with this MoDConfig (on the command line, its fields as "
+                "JSON: '{\"mean\": 0.4}')"})
     router_lr_scale: float = field(default=10.0, metadata={"help": "learning-rate factor for the MoD routers"})
     batch: int = field(default=32, metadata={"help": "questions per step"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
@@ -83,20 +83,9 @@ class TrainVLMConfig(Config):
     def __post_init__(self) -> None:
         check(self.precision in ("auto", "bf16", "fp32"),
               f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check(self.minutes > 0, f"minutes must be positive, got {self.minutes}")
         check(self.steps is None or self.steps >= 0, f"steps must be >= 0, got {self.steps}")
         check(self.batch >= 1 and self.eval_every >= 1, "batch and eval_every must be >= 1")
-        if self.mod is not None:
-            self.mod_config()
-
-    def mod_config(self) -> mod_lib.MoDConfig | None:
-        """``mod`` as a :class:`~toolkit.vision.mod.MoDConfig` (None: stay dense)."""
-        if self.mod is None:
-            return None
-        try:
-            fields = json.loads(self.mod)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"mod must be MoDConfig fields as JSON: {exc}") from None
-        return mod_lib.MoDConfig.from_dict(fields)
 
 
 def patch_labels(objs, size: int, patch: int) -> np.ndarray:
@@ -157,9 +146,8 @@ def run(config: TrainVLMConfig) -> Path:
         aux_weight = 0.0
     else:
         model, processor = build_vlm(spec)
-    mod_config = config.mod_config()
-    if mod_config is not None:
-        mod_lib.convert_(model, mod_config)
+    if config.mod is not None:
+        mod_lib.convert_(model, config.mod)
     width = model.config.vision_config.hidden_size
     heads = torch.nn.ModuleDict({"patch": torch.nn.Linear(width, 1 + len(_LABELS)),
                                  "count": torch.nn.Linear(width, 8 * 7)})

@@ -41,9 +41,10 @@ each layer receives is cut to the same columns.
 from __future__ import annotations
 
 import math
+import numbers
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +60,10 @@ CONFIG_KEY = "toolkit_mod"
 SCHEDULES = ("shifted_cos", "shifted_linear")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class MoDConfig(Config):
     """The share of vision tokens each decoder layer processes.
@@ -67,8 +72,11 @@ class MoDConfig(Config):
     value above which a layer stays dense and ``min_keep`` the floor.
     ``keep`` replaces the schedule: a share per layer (1.0 = dense) or a
     function from the layer index to its share. ``tanh_scale`` is TanhNorm's
-    ``a``.
+    ``a``. Its dict is the fields alone, as a converted model's ``config.json``
+    holds it.
     """
+
+    versioned = False
 
     mean: float = 0.4
     max_keep: float = 0.85
@@ -81,12 +89,16 @@ class MoDConfig(Config):
         check(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
         for name in ("mean", "max_keep", "min_keep"):
             v = getattr(self, name)
-            check(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, f"{name} must be a share in [0, 1], got {v!r}")
+            check(0.0 <= v <= 1.0, f"{name} must be a share in [0, 1], got {v!r}")
         check(self.min_keep <= self.max_keep, f"min_keep ({self.min_keep}) is above max_keep ({self.max_keep})")
-        check(isinstance(self.tanh_scale, (int, float)) and 0.0 <= self.tanh_scale < 1.0,
+        check(0.0 <= self.tanh_scale < 1.0,
               f"tanh_scale must be in [0, 1) so that routing weights stay positive, got {self.tanh_scale!r}")
         if self.keep is not None and not callable(self.keep):
-            object.__setattr__(self, "keep", tuple(self.keep))
+            # numbers here (a string is a sequence too, of characters); keep_schedule checks each share
+            # against the layer it falls on
+            check(isinstance(self.keep, list | tuple) and all(_is_number(s) for s in self.keep),
+                  f"keep must be a list of shares or a function of the layer index, got {self.keep!r}")
+            object.__setattr__(self, "keep", tuple(float(s) for s in self.keep))
 
     def keep_schedule(self, n_layers: int) -> list[float]:
         """The share of vision tokens each of ``n_layers`` layers processes (1.0 = dense)."""
@@ -104,7 +116,7 @@ class MoDConfig(Config):
                 r = self.mean + decay
                 shares.append(1.0 if (i == 0 or r > self.max_keep) else max(r, self.min_keep))
         for i, s in enumerate(shares):
-            check(isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 <= s <= 1.0,
+            check(_is_number(s) and 0.0 <= s <= 1.0,
                   f"layer {i} would keep {s!r} of its vision tokens; a share must be in [0, 1]")
         check(shares[0] == 1.0, f"the first layer must stay dense (keep 1.0), the schedule gives {shares[0]}")
         return [float(s) for s in shares]
@@ -225,10 +237,7 @@ def convert_(model, config: MoDConfig | None = None) -> MoDHandle:
         layer.forward = types.MethodType(_mod_forward, layer)
         m._layers.append(layer)
     m._hooks.append(core.register_forward_pre_hook(lambda mod, a, kw: _on_model(m, a, kw), with_kwargs=True))
-    # the form saved in config.json: the dataclass's fields, the schedule as a list
-    entry = asdict(resolved)
-    entry["keep"] = list(resolved.keep)
-    setattr(model.config, CONFIG_KEY, entry)
+    setattr(model.config, CONFIG_KEY, resolved.to_dict())  # saved in config.json: the schedule as a list
     setattr(model, MOD_MARKER, m)
     return m
 

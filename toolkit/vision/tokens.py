@@ -83,10 +83,8 @@ class TokenDropConfig(Config):
 
     def __post_init__(self) -> None:
         check(self.method in METHODS, f"unknown token-dropping method {self.method!r}; expected one of {METHODS}")
-        check(isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0,
-              f"keep must be a share in (0, 1], got {self.keep!r}")
-        check(isinstance(self.layer, int) and self.layer >= 0,
-              f"layer must be a non-negative integer, got {self.layer!r}")
+        check(0.0 < self.keep <= 1.0, f"keep must be a share in (0, 1], got {self.keep!r}")
+        check(self.layer >= 0, f"layer must be a non-negative integer, got {self.layer!r}")
         check(0.0 <= self.contextual < 1.0, f"contextual must be in [0, 1), got {self.contextual!r}")
         check(-1.0 <= self.merge_threshold <= 1.0,
               f"merge_threshold must be a cosine in [-1, 1], got {self.merge_threshold!r}")

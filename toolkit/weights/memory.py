@@ -46,8 +46,7 @@ class InMemoryConfig(Config):
 
     def __post_init__(self):
         check(self.level in LEVELS, f"weights level must be one of {LEVELS}, got {self.level!r}")
-        check(isinstance(self.min_values, int) and self.min_values >= 1,
-              f"min_values must be a positive integer, got {self.min_values!r}")
+        check(self.min_values >= 1, f"min_values must be a positive integer, got {self.min_values!r}")
 
 
 @dataclass

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from toolkit.config import Config, check
 
 __all__ = ["BitstreamConfig", "GEARConfig", "KIVIConfig", "MiniCacheConfig"]
 
 KV_BITS = (2, 4, 8)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -35,11 +26,10 @@ class KIVIConfig(Config):
     residual_length: int = 128
 
     def __post_init__(self) -> None:
-        check(self.bits in KV_BITS and _is_int(self.bits), f"KV-cache bits must be one of {KV_BITS}, got {self.bits!r}")
+        check(self.bits in KV_BITS, f"KV-cache bits must be one of {KV_BITS}, got {self.bits!r}")
         gs = self.group_size
-        check(_is_int(gs) and gs >= 1 and not gs & (gs - 1), f"group_size must be a power of 2 (32 to 128 is usual), "
-              f"got {gs!r}")
-        check(_is_int(self.residual_length) and self.residual_length >= 0,
+        check(gs >= 1 and not gs & (gs - 1), f"group_size must be a power of 2 (32 to 128 is usual), got {gs!r}")
+        check(self.residual_length >= 0,
               f"residual_length must be a non-negative integer, got {self.residual_length!r}")
         check(self.residual_length % gs == 0,
               f"residual_length {self.residual_length} must be a multiple of group_size {gs}")
@@ -62,11 +52,10 @@ class GEARConfig(KIVIConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(_is_int(self.rank) and self.rank >= 0, f"rank must be a non-negative integer, got {self.rank!r}")
-        check(_is_number(self.outlier_fraction) and 0.0 <= self.outlier_fraction <= 0.1,
+        check(self.rank >= 0, f"rank must be a non-negative integer, got {self.rank!r}")
+        check(0.0 <= self.outlier_fraction <= 0.1,
               f"outlier_fraction must be in [0, 0.1], got {self.outlier_fraction!r}")
-        check(_is_int(self.block_size) and self.block_size >= self.group_size
-              and self.block_size % self.group_size == 0,
+        check(self.block_size >= self.group_size and self.block_size % self.group_size == 0,
               f"block_size {self.block_size!r} must be a multiple of group_size {self.group_size}")
 
 
@@ -86,10 +75,10 @@ class MiniCacheConfig(Config):
     retain_angle: float = 0.2
 
     def __post_init__(self) -> None:
-        check(self.start_layer is None or (_is_int(self.start_layer) and self.start_layer >= 0),
+        check(self.start_layer is None or self.start_layer >= 0,
               f"start_layer must be a non-negative layer index, got {self.start_layer!r}")
-        check(_is_number(self.t) and 0.0 <= self.t <= 1.0, f"t must be in [0, 1], got {self.t!r}")
-        check(_is_number(self.retain_angle) and 0.0 <= self.retain_angle <= 1.0,
+        check(0.0 <= self.t <= 1.0, f"t must be in [0, 1], got {self.t!r}")
+        check(0.0 <= self.retain_angle <= 1.0,
               f"retain_angle must be in [0, 1], got {self.retain_angle!r}")
 
 
@@ -118,6 +107,8 @@ class BitstreamConfig(Config):
     benchmark results hold them.
     """
 
+    versioned = False
+
     key_step: float = 0.7
     value_step: float = 1.0
     pre_rope: bool = True
@@ -130,18 +121,14 @@ class BitstreamConfig(Config):
     def __post_init__(self) -> None:
         for name in ("key_step", "value_step"):
             v = getattr(self, name)
-            check(_is_number(v) and 0.01 <= v <= 16,
+            check(0.01 <= v <= 16,
                   f"{name} must be a number from 0.01 to 16 (standard deviations), got {v!r}")
-        check(isinstance(self.pre_rope, bool), f"pre_rope must be true or false, got {self.pre_rope!r}")
-        check(_is_int(self.sink_tokens) and 0 <= self.sink_tokens <= 64,
+        check(0 <= self.sink_tokens <= 64,
               f"sink_tokens must be an integer from 0 to 64, got {self.sink_tokens!r}")
-        check(_is_number(self.outlier_sd) and (self.outlier_sd == 0 or 2 <= self.outlier_sd <= 64),
+        check(self.outlier_sd == 0 or 2 <= self.outlier_sd <= 64,
               f"outlier_sd must be 0 (off) or from 2 to 64, got {self.outlier_sd!r}")
-        check(_is_int(self.code_bits) and 2 <= self.code_bits <= 8,
+        check(2 <= self.code_bits <= 8,
               f"code_bits must be an integer from 2 to 8, got {self.code_bits!r}")
         check(self.coder in ("zstd", "rans"), f"coder must be 'zstd' or 'rans', got {self.coder!r}")
-        check(_is_int(self.anchor_every) and 1 <= self.anchor_every <= 1024,
+        check(1 <= self.anchor_every <= 1024,
               f"anchor_every must be an integer from 1 to 1024, got {self.anchor_every!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)

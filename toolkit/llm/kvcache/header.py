@@ -34,8 +34,11 @@ class KVHeader(Config):
     other weights), ``bitstream`` the settings it was coded with, and
     ``deltas`` says, per tensor (layer by layer, keys before values), whether
     its codes are stored as anchors and deltas. The defaults describe no
-    cache at all: the header of an empty payload.
+    cache at all: the header of an empty payload. Its dict is the kv codec's header config: the fields
+    alone (the codec's version is the header's).
     """
+
+    versioned = False
 
     model_sha256: str = ""
     layers: int = 0
@@ -48,16 +51,9 @@ class KVHeader(Config):
     deltas: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
-        # Read from JSON, the nested settings and the flags arrive as a mapping and a list.
-        if isinstance(self.bitstream, dict):
-            object.__setattr__(self, "bitstream", BitstreamConfig.from_dict(self.bitstream))
-        if isinstance(self.deltas, list):
-            object.__setattr__(self, "deltas", tuple(self.deltas))
-        check(isinstance(self.bitstream, BitstreamConfig), "bitstream must be a BitstreamConfig")
         for name, top in _LIMITS.items():
             value = getattr(self, name)
-            check(isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= top,
-                  f"{name} must be an integer from 0 to {top:,}, got {value!r}")
+            check(0 <= value <= top, f"{name} must be an integer from 0 to {top:,}, got {value!r}")
         counts = [getattr(self, name) for name in _LIMITS]
         empty = self.layers == 0
         check(all(c == 0 for c in counts) if empty else all(c >= 1 for c in counts),
@@ -65,11 +61,8 @@ class KVHeader(Config):
         check(2 * self.layers * self.batch * self.heads * self.tokens * self.head_dim <= MAX_VALUES,
               f"a cache of more than {MAX_VALUES:,} values is not one this reader rebuilds in memory")
         check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        check(isinstance(self.model_sha256, str) and (self.model_sha256 == "" if empty
-                                                      else bool(_SHA256.fullmatch(self.model_sha256))),
+        check(self.model_sha256 == "" if empty else bool(_SHA256.fullmatch(self.model_sha256)),
               f"model_sha256 must be 64 lowercase hex digits, got {self.model_sha256!r}")
-        check(isinstance(self.deltas, tuple) and all(isinstance(x, bool) for x in self.deltas),
-              "deltas must be a list of true or false")
         check(len(self.deltas) == 2 * self.layers,
               f"deltas must hold one flag per tensor ({2 * self.layers}), not {len(self.deltas)}")
 

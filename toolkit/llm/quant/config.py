@@ -7,7 +7,7 @@ fails before any model is touched.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,14 +21,6 @@ BITS = (2, 3, 4, 8)
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class QuantConfig(Config):
     """Shared fields: code width, group size (None or -1 for one group per output channel), grid.
@@ -37,6 +29,8 @@ class QuantConfig(Config):
     ``quantization_config`` and the benchmark results hold; :meth:`from_dict`
     reads it back into the method's config.
     """
+
+    versioned = False
 
     bits: int = 4
     group_size: int | None = 128
@@ -47,11 +41,10 @@ class QuantConfig(Config):
     needs_data = False
 
     def __post_init__(self) -> None:
-        check(self.bits in BITS and _is_int(self.bits), f"bits must be one of {BITS}, got {self.bits!r}")
+        check(self.bits in BITS, f"bits must be one of {BITS}, got {self.bits!r}")
         gs = self.group_size
-        check(gs is None or gs == -1 or (_is_int(gs) and gs >= 1),
+        check(gs is None or gs == -1 or gs >= 1,
               f"group_size must be a positive integer, -1 or None (per channel), got {gs!r}")
-        check(isinstance(self.symmetric, bool), f"symmetric must be true or false, got {self.symmetric!r}")
         check(self.scale_dtype in _SCALE_DTYPES,
               f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
@@ -64,7 +57,7 @@ class QuantConfig(Config):
         return _SCALE_DTYPES[self.scale_dtype]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **asdict(self)}
+        return {"method": self.method, **super().to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
@@ -106,10 +99,8 @@ class GPTQConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(isinstance(self.act_order, bool) and isinstance(self.static_groups, bool),
-              "act_order and static_groups must be true or false")
-        check(_is_number(self.damp) and 0 < self.damp < 1, f"damp must be in (0, 1), got {self.damp!r}")
-        check(_is_int(self.block_size) and self.block_size >= 1,
+        check(0 < self.damp < 1, f"damp must be in (0, 1), got {self.damp!r}")
+        check(self.block_size >= 1,
               f"block_size must be a positive integer, got {self.block_size!r}")
 
 
@@ -132,9 +123,9 @@ class OutlierConfig(GPTQConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(_is_number(self.outlier_fraction) and 0 < self.outlier_fraction <= 0.1,
+        check(0 < self.outlier_fraction <= 0.1,
               f"outlier_fraction must be in (0, 0.1], got {self.outlier_fraction!r}")
-        check(_is_int(self.stat_bits) and 2 <= self.stat_bits <= 8, f"stat_bits must be 2..8, got {self.stat_bits!r}")
-        check(_is_int(self.stat_group) and self.stat_group >= 1,
+        check(2 <= self.stat_bits <= 8, f"stat_bits must be 2..8, got {self.stat_bits!r}")
+        check(self.stat_group >= 1,
               f"stat_group must be a positive integer, got {self.stat_group!r}")
         check(self.group is not None, "OutlierConfig needs a group size: its statistics are coded per group")

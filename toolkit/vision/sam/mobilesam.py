@@ -50,6 +50,10 @@ class DistillConfig(Config):
 
     def __post_init__(self) -> None:
         check(self.steps >= 0 and self.batch >= 1 and self.views >= 1, "steps must be >= 0, batch and views >= 1")
+        check(0 < self.lr < math.inf, f"lr must be a positive learning rate, got {self.lr!r}")
+        check(self.warmup >= 0, f"warmup must be >= 0 steps, got {self.warmup!r}")
+        check(self.threads is None or self.threads >= 0,
+              f"threads must be >= 0 (0 or None: torch's), got {self.threads!r}")
 
 
 def student_config(teacher, hidden: int = 96, layers: int = 4, heads: int = 3, mlp: int | None = None,

@@ -79,10 +79,15 @@ class SlimConfig(Config):
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        check(isinstance(self.ratio, (int, float)) and 0 < self.ratio < 1,
-              f"ratio must lie strictly between 0 and 1, got {self.ratio!r}")
+        check(0 < self.ratio < 1, f"ratio must lie strictly between 0 and 1, got {self.ratio!r}")
         check(self.steps >= 0 and self.batch >= 1 and self.score_batches >= 1,
               "steps must be >= 0, batch and score_batches >= 1")
+        check(0 < self.lr < math.inf, f"lr must be a positive learning rate, got {self.lr!r}")
+        for name in ("noise", "align"):
+            value = getattr(self, name)
+            check(0 <= value < math.inf, f"{name} must be a finite number >= 0, got {value!r}")
+        check(self.threads is None or self.threads >= 0,
+              f"threads must be >= 0 (0 or None: torch's), got {self.threads!r}")
 
 
 # ---------------------------------------------------------------------------
