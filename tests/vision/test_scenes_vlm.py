@@ -136,9 +136,9 @@ def test_training_runs_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_fine_tuning_to_mixture_of_depths_runs_and_resumes(tmp_path):
     from toolkit.recipes.train_vlm import TrainVLMConfig, run
-    from toolkit.vision import load_vlm
+    from toolkit.vision import MoDConfig, load_vlm
     from toolkit.vision import mod as M
-    config = TrainVLMConfig(out=tmp_path, init="vlm-scenes", mod='{"mean": 0.4}', steps=2, batch=2, eval_every=1000,
+    config = TrainVLMConfig(out=tmp_path, init="vlm-scenes", mod=MoDConfig(mean=0.4), steps=2, batch=2, eval_every=1000,
                             final_items=4, checkpoint_every=0)
     run(config)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +32,9 @@ PROCESSOR_FILE = "vlm_processor.json"
 
 
 def _positive(config: Config, names: tuple[str, ...]) -> None:
-    for name in names:
+    for name in names:  # the shared check has made them integers
         v = getattr(config, name)
-        check(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-              f"{name} must be a positive integer, got {v!r}")
+        check(v > 0, f"{name} must be a positive integer, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +65,7 @@ class ProcessorConfig(Config):
     Saved as ``vlm_processor.json`` beside the model (the dataclass's fields).
     """
 
+    versioned = False  # the file's form since the shipped models were saved
     image_size: int
     num_image_tokens: int
     image_token_id: int
@@ -76,8 +76,7 @@ class ProcessorConfig(Config):
         _positive(self, ("image_size", "num_image_tokens"))
         for name in ("image_token_id", "pad_token_id", "bos_token_id"):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                  f"{name} must be a token id (a non-negative integer), got {v!r}")
+            check(v >= 0, f"{name} must be a token id (a non-negative integer), got {v!r}")
 
 
 class VLMProcessor:
@@ -128,7 +127,7 @@ class VLMProcessor:
         return words[0].lower() if words else ""
 
     def save(self, directory: str | Path) -> None:
-        Path(directory, PROCESSOR_FILE).write_text(json.dumps(asdict(self.config), indent=1) + "\n")
+        Path(directory, PROCESSOR_FILE).write_text(json.dumps(self.config.to_dict(), indent=1) + "\n")
         self.tokenizer.save(directory)
 
     @classmethod
