@@ -79,7 +79,6 @@ def run(config: TrainPatchConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     return cli(TrainPatchConfig, run, argv)
 
 
