@@ -26,6 +26,7 @@ import zlib
 import numpy as np
 
 from toolkit.errors import FormatError, UnsupportedInputError
+from toolkit.formats.binary import ByteReader
 
 __all__ = [
     "PNG_SIGNATURE",
@@ -151,28 +152,17 @@ class PngLayout:
     @classmethod
     def from_bytes(cls, blob: bytes) -> PngLayout:
         """Parse :meth:`to_bytes` output; :class:`FormatError` unless every count fits ``blob``."""
-        if len(blob) < _LAYOUT_HEAD.size:
-            raise FormatError("PNG layout too short")
-        h, w, c, level, mem, strategy, wbits, n = _LAYOUT_HEAD.unpack_from(blob)
+        r = ByteReader(blob, "PNG layout")
+        h, w, c, level, mem, strategy, wbits, n = _LAYOUT_HEAD.unpack(r.take(_LAYOUT_HEAD.size))
         if c not in (1, 3) or not 0 < h * w <= MAX_PIXELS:
             raise FormatError(f"bad image dimensions in PNG layout ({w}x{h}, {c} channels)")
-        pos = _LAYOUT_HEAD.size
-        # lengths, filters and the two u32 sizes must fit before they are read
-        if pos + 4 * n + h + 8 > len(blob):
-            raise FormatError("PNG layout truncated")
-        lengths = list(struct.unpack_from(f"<{n}I", blob, pos))
-        pos += 4 * n
-        filters = np.frombuffer(blob, dtype=np.uint8, count=h, offset=pos).copy()
-        pos += h
-        (np_,) = _U32.unpack_from(blob, pos)
-        prefix = blob[pos + 4 : pos + 4 + np_]
-        pos += 4 + np_
-        if len(prefix) != np_ or pos + 4 > len(blob):
-            raise FormatError("PNG layout truncated")
-        (ns,) = _U32.unpack_from(blob, pos)
-        suffix = blob[pos + 4 : pos + 4 + ns]
-        if len(suffix) != ns or pos + 4 + ns != len(blob) or filters.max(initial=0) > 4:
-            raise FormatError("bad PNG layout")
+        lengths = list(struct.unpack(f"<{n}I", r.take(4 * n)))  # taken (so bounded) before it is unpacked
+        filters = np.frombuffer(r.take(h), dtype=np.uint8).copy()
+        prefix = bytes(r.take(r.u32()))
+        suffix = bytes(r.take(r.u32()))
+        r.done()
+        if filters.max(initial=0) > 4:
+            raise FormatError("bad PNG layout: a row filter above 4")
         if h * (w * c + 1) > MAX_INFLATE_RATIO * sum(lengths):
             raise FormatError(f"a {w}x{h} image cannot come from {sum(lengths)} bytes of PNG image data")
         try:
