@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from toolkit.codecs.registry import Codec, DecodeSession, ProgressFn, SourceSession, register_codec
-from toolkit.config import Config, check
+from toolkit.config import Config
 from toolkit.errors import FormatError, ModelMismatchError, ToolkitError
 from toolkit.formats.binary import ByteReader, varint
 
@@ -62,11 +62,6 @@ class AudioFileConfig(Config):
     kbps: float = 6.0
     #: a model directory (``toolkit.recipes.train_audio --export``); "": the shipped model
     model: str = ""
-
-    def __post_init__(self):
-        check(isinstance(self.kbps, int | float) and not isinstance(self.kbps, bool),
-              f"kbps must be a number, not {self.kbps!r}")
-        check(isinstance(self.model, str), f"model must be a path or a shipped model's name, not {self.model!r}")
 
 
 def _model(config: AudioFileConfig, model_dir: str | None = None):
